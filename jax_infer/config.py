@@ -1,0 +1,306 @@
+"""Architecture description of a Llama-family decoder.
+
+`ModelConfig` is a frozen, hashable dataclass so that it can be a static argument of
+`jax.jit`: every number that decides an array shape or a code path lives here and nowhere
+else. Presets are plain constants; `from_hf_config` and `from_gguf` translate the two
+on-disk descriptions we load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+# HF `architectures` / GGUF `general.architecture` names we can run, mapped to our family tag.
+HF_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 style frequency-dependent RoPE scaling ("llama3") or plain "linear" scaling."""
+
+    rope_type: str = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        if self.rope_type not in ("llama3", "linear"):
+            raise ValueError(
+                f"rope_scaling.rope_type={self.rope_type!r} is not supported: "
+                "allowed are 'llama3' and 'linear'"
+            )
+        if not self.factor > 0:
+            raise ValueError(f"rope_scaling.factor={self.factor} must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Every architectural number of a Llama-family decoder (dimension letters in comments)."""
+
+    vocab_size: int  # V
+    hidden_size: int  # D
+    intermediate_size: int  # F
+    num_layers: int
+    num_heads: int  # N
+    num_kv_heads: int  # K
+    head_dim: int  # H
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
+    sliding_window: int | None = None  # Mistral: attend to at most this many previous tokens
+    family: str = "llama"
+
+    def __post_init__(self):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ModelConfig.{name}={value!r} is invalid: must be an int >= 1")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"ModelConfig.num_heads={self.num_heads} must be a multiple of "
+                f"num_kv_heads={self.num_kv_heads} (grouped-query attention)"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even for RoPE")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"ModelConfig.sliding_window={self.sliding_window} must be >= 1")
+
+    @property
+    def group_size(self) -> int:  # G
+        return self.num_heads // self.num_kv_heads
+
+    def num_params(self) -> int:
+        """Parameter count, counting a tied embedding once."""
+        d, f = self.hidden_size, self.intermediate_size
+        qkv = d * (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        if self.attention_bias:
+            qkv += (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        per_layer = qkv + self.num_heads * self.head_dim * d + 3 * d * f + 2 * d
+        embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * per_layer + embed + d
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        d = dict(d)
+        if d.get("rope_scaling") is not None:
+            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        return cls(**d)
+
+    # -- translations from on-disk descriptions ------------------------------------------
+
+    @classmethod
+    def from_hf_config(cls, config: dict | str | os.PathLike) -> ModelConfig:
+        """From an HF `config.json` (a dict, the file, or its directory)."""
+        if not isinstance(config, dict):
+            path = os.fspath(config)
+            if os.path.isdir(path):
+                path = os.path.join(path, "config.json")
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"HF config not found: {path!r}")
+            with open(path) as f:
+                config = json.load(f)
+        archs = config.get("architectures") or []
+        family = None
+        for arch in archs:
+            family = HF_ARCHITECTURES.get(arch)
+            if family:
+                break
+        if family is None:
+            family = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}.get(
+                config.get("model_type", "")
+            )
+        if family is None:
+            raise ValueError(
+                f"unknown architecture: architectures={archs!r}, "
+                f"model_type={config.get('model_type')!r}; supported: "
+                f"{sorted(HF_ARCHITECTURES)}"
+            )
+        num_heads = config["num_attention_heads"]
+        hidden = config["hidden_size"]
+        head_dim = config.get("head_dim") or hidden // num_heads
+        rope_scaling = None
+        rs = config.get("rope_scaling") or None
+        rope_theta = config.get("rope_theta")
+        # transformers 5 moved rope settings into `rope_parameters`.
+        rp = config.get("rope_parameters") or None
+        if rp:
+            rope_theta = rp.get("rope_theta", rope_theta)
+            if rp.get("rope_type", "default") != "default":
+                rs = rp
+        if rs:
+            rope_type = rs.get("rope_type") or rs.get("type")
+            if rope_type == "llama3":
+                rope_scaling = RopeScaling(
+                    rope_type="llama3",
+                    factor=float(rs["factor"]),
+                    low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
+                    high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
+                    original_max_position_embeddings=int(
+                        rs.get("original_max_position_embeddings", 8192)
+                    ),
+                )
+            elif rope_type == "linear":
+                rope_scaling = RopeScaling(rope_type="linear", factor=float(rs["factor"]))
+            elif rope_type not in (None, "default"):
+                raise ValueError(
+                    f"rope_scaling type {rope_type!r} is not supported: allowed are "
+                    "'llama3', 'linear' and none"
+                )
+        sliding_window = None
+        if family == "mistral":
+            sliding_window = config.get("sliding_window")
+        elif family == "qwen2" and config.get("use_sliding_window"):
+            sliding_window = config.get("sliding_window")
+        return cls(
+            vocab_size=config["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=config["intermediate_size"],
+            num_layers=config["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=config.get("num_key_value_heads") or num_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=config.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            attention_bias=bool(config.get("attention_bias", family == "qwen2")),
+            sliding_window=sliding_window,
+            family=family,
+        )
+
+    @classmethod
+    def from_gguf(cls, metadata: dict, tensor_names: set[str] | None = None) -> ModelConfig:
+        """From GGUF key/value metadata (as returned by `weights.gguf.read_metadata`)."""
+        arch = metadata.get("general.architecture")
+        if arch not in GGUF_ARCHITECTURES:
+            raise ValueError(
+                f"unknown GGUF architecture general.architecture={arch!r}; "
+                f"supported: {list(GGUF_ARCHITECTURES)}"
+            )
+
+        def get(key, default=None):
+            value = metadata.get(f"{arch}.{key}", default)
+            if value is None:
+                raise ValueError(f"GGUF metadata lacks required key {arch}.{key!r}")
+            return value
+
+        hidden = int(get("embedding_length"))
+        num_heads = int(get("attention.head_count"))
+        head_dim = int(metadata.get(f"{arch}.attention.key_length") or hidden // num_heads)
+        vocab = metadata.get(f"{arch}.vocab_size")
+        if vocab is None:
+            vocab = len(metadata["tokenizer.ggml.tokens"])
+        rope_scaling = None
+        scaling_type = metadata.get(f"{arch}.rope.scaling.type")
+        if scaling_type == "linear":
+            rope_scaling = RopeScaling(rope_type="linear", factor=float(get("rope.scaling.factor")))
+        elif scaling_type not in (None, "none"):
+            raise ValueError(
+                f"GGUF {arch}.rope.scaling.type={scaling_type!r} is not supported: "
+                "allowed are 'linear' and 'none'"
+            )
+        tie = tensor_names is not None and "output.weight" not in tensor_names
+        bias = tensor_names is not None and "blk.0.attn_q.bias" in tensor_names
+        context = int(metadata.get(f"{arch}.context_length", 2048))
+        return cls(
+            vocab_size=int(vocab),
+            hidden_size=hidden,
+            intermediate_size=int(get("feed_forward_length")),
+            num_layers=int(get("block_count")),
+            num_heads=num_heads,
+            num_kv_heads=int(metadata.get(f"{arch}.attention.head_count_kv") or num_heads),
+            head_dim=head_dim,
+            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+            rope_theta=float(metadata.get(f"{arch}.rope.freq_base", 10000.0)),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=context,
+            tie_word_embeddings=tie,
+            attention_bias=bias,
+            sliding_window=None,
+            family=arch,
+        )
+
+
+def rope_frequencies(config: ModelConfig) -> Any:
+    """Inverse frequencies f32[H/2] with the configured scaling applied (numpy, computed once)."""
+    import numpy as np
+
+    h = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, h, 2, dtype=np.float64) / h))
+    rs = config.rope_scaling
+    if rs is not None and rs.rope_type == "linear":
+        inv_freq = inv_freq / rs.factor
+    elif rs is not None and rs.rope_type == "llama3":
+        # Long wavelengths are slowed down by `factor`, short ones kept, the band between
+        # interpolated smoothly (Llama 3.1 reference implementation).
+        low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+        high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+            rs.high_freq_factor - rs.low_freq_factor
+        )
+        scaled = np.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
+        mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+        inv_freq = np.where(mid, (1 - smooth) * inv_freq / rs.factor + smooth * inv_freq, scaled)
+    return inv_freq.astype(np.float32)
+
+
+# -- presets ------------------------------------------------------------------------------
+
+SMOLLM2_135M = ModelConfig(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_layers=30,
+    num_heads=9,
+    num_kv_heads=3,
+    head_dim=64,
+    rms_norm_eps=1e-5,
+    rope_theta=100000.0,
+    max_position_embeddings=8192,
+    tie_word_embeddings=True,
+    family="llama",
+)
+
+TINY_LLAMA_TEST = ModelConfig(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    rope_theta=10000.0,
+    max_position_embeddings=256,
+)
+
+PRESETS = {"smollm2-135m": SMOLLM2_135M, "tiny-llama-test": TINY_LLAMA_TEST}

@@ -1,0 +1,211 @@
+"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2) as pure-functional Flax linen.
+
+`Llama.apply({"params": params}, ...)` is a pure function of (params, tokens, positions,
+cache) -> (logits, cache): nothing mutable crosses `jit`, the KV cache goes in and comes back
+out (and is donated by the jitted callers in `model/step.py`).
+
+Layers are an unrolled Python loop over per-layer parameter dicts (`layers_0`, `layers_1`,
+...). On the 2-core CPU this reads the weights at memory bandwidth, while a `lax.scan` over
+stacked weights was 3.5x slower (ARCHITECTURE.md); compile time stays near 2 s.
+
+Parameter layout (all projection kernels are [in, out]: `x @ w`, which XLA:CPU runs 2x faster
+at 32 rows than contracting against an [out, in] matrix):
+
+    embed       [V, D]
+    layers_i    attn_norm [D], wq [D, N*H], wk [D, K*H], wv [D, K*H], (bq, bk, bv if
+                attention_bias), wo [N*H, D], mlp_norm [D], w_gate [D, F], w_up [D, F],
+                w_down [F, D]
+    final_norm  [D]
+    lm_head     [D, V]      (absent when the embedding is tied)
+
+The KV cache is contiguous here: one (k, v) pair per layer, each [B, S, K, H]. The paged
+cache replaces it in the engine.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_infer.config import ModelConfig, rope_frequencies
+from jax_infer.model.layers import linear
+
+KVCache = list  # [(k, v) per layer], each [B, S, K, H]
+
+
+def rms_norm(x, scale, eps: float):
+    """RMSNorm computed in f32 and cast back, as HF does, so bf16 matches HF's rounding."""
+    dtype = x.dtype
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return scale.astype(dtype) * xf.astype(dtype)
+
+
+def apply_rope(x, positions, inv_freq):
+    """Rotary embedding in HF's rotate-half convention.  x [B, T, heads, H], positions i32[B, T]."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # f32[B, T, H/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    x1, x2 = xf[..., :half], xf[..., half:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def attend(q, k, v, q_positions, kv_valid_len, sliding_window: int | None):
+    """Grouped-query attention of new queries over a contiguous cache.
+
+    q [B, T, N, H]; k, v [B, S, K, H]; q_positions i32[B, T]; kv_valid_len i32[B] bounds the
+    cache slots that hold real tokens. Query i may read slot j when j <= position(i) (causal)
+    and j < kv_valid_len, and, with a sliding window W, position(i) - j < W.
+    """
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    g = n // kh
+    qg = q.reshape(b, t, kh, g, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / np.sqrt(h))
+    kv_pos = jnp.arange(k.shape[1], dtype=jnp.int32)
+    mask = kv_pos[None, None, :] <= q_positions[:, :, None]  # bool[B, T, S]
+    mask &= kv_pos[None, None, :] < kv_valid_len[:, None, None]
+    if sliding_window is not None:
+        mask &= q_positions[:, :, None] - kv_pos[None, None, :] < sliding_window
+    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    # A padded query row may see no slot at all; its output is unused, keep it finite.
+    probs = jnp.where(jnp.isnan(probs), 0.0, probs).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(b, t, n * h)
+
+
+def write_cache(cache_x, new_x, start):
+    """Write new_x [B, T, K, H] into cache_x [B, S, K, H] at per-row offsets start i32[B]."""
+
+    def write_row(c, u, s):
+        return jax.lax.dynamic_update_slice(c, u.astype(c.dtype), (s, 0, 0))
+
+    return jax.vmap(write_row)(cache_x, new_x, start)
+
+
+class DecoderLayer(nn.Module):
+    config: ModelConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, positions, start, kv_valid_len, cache, inv_freq, attn_len):
+        c = self.config
+        d, n, kh, h, f = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
+        init = nn.initializers.normal(0.02)
+        p = {
+            "attn_norm": self.param("attn_norm", nn.initializers.ones, (d,)),
+            "wq": self.param("wq", init, (d, n * h)),
+            "wk": self.param("wk", init, (d, kh * h)),
+            "wv": self.param("wv", init, (d, kh * h)),
+            "wo": self.param("wo", init, (n * h, d)),
+            "mlp_norm": self.param("mlp_norm", nn.initializers.ones, (d,)),
+            "w_gate": self.param("w_gate", init, (d, f)),
+            "w_up": self.param("w_up", init, (d, f)),
+            "w_down": self.param("w_down", init, (f, d)),
+        }
+        if c.attention_bias:
+            for name, width in (("bq", n * h), ("bk", kh * h), ("bv", kh * h)):
+                p[name] = self.param(name, nn.initializers.zeros, (width,))
+        b, t, _ = x.shape
+
+        y = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
+        q, k, v = linear(y, p["wq"]), linear(y, p["wk"]), linear(y, p["wv"])
+        if c.attention_bias:
+            q = q + p["bq"].astype(q.dtype)
+            k = k + p["bk"].astype(k.dtype)
+            v = v + p["bv"].astype(v.dtype)
+        q = apply_rope(q.reshape(b, t, n, h), positions, inv_freq)
+        k = apply_rope(k.reshape(b, t, kh, h), positions, inv_freq)
+        v = v.reshape(b, t, kh, h)
+        cache_k = write_cache(cache[0], k, start)
+        cache_v = write_cache(cache[1], v, start)
+        # Only the first attn_len slots can hold tokens this step: reading fewer keeps decode
+        # from paying for the whole max_len cache.
+        attn = attend(
+            q,
+            cache_k[:, :attn_len],
+            cache_v[:, :attn_len],
+            positions,
+            kv_valid_len,
+            c.sliding_window,
+        )
+        x = x + linear(attn.astype(self.dtype), p["wo"])
+
+        y = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
+        gate = linear(y, p["w_gate"])
+        up = linear(y, p["w_up"])
+        x = x + linear(jax.nn.silu(gate) * up, p["w_down"])
+        return x, (cache_k, cache_v)
+
+
+class Llama(nn.Module):
+    """The decoder. `logits_index` selects which positions get logits (i32[B, R]) so prefill
+    pays for the [D, V] head once per sequence, not once per token; None means all."""
+
+    config: ModelConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens,  # i32[B, T]
+        start,  # i32[B]: cache slot (= position) of tokens[:, 0]
+        num_valid,  # i32[B]: tokens[:, :num_valid] are real, the rest is padding
+        cache: KVCache,
+        attn_len: int,  # static: attend to cache slots [0, attn_len)
+        logits_index=None,  # i32[B, R] or None
+    ):
+        c = self.config
+        embed = self.param("embed", nn.initializers.normal(1.0), (c.vocab_size, c.hidden_size))
+        x = jnp.take(embed, tokens, axis=0).astype(self.dtype)
+        t = tokens.shape[1]
+        positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+        kv_valid_len = start + num_valid
+        inv_freq = jnp.asarray(rope_frequencies(c))
+        new_cache = []
+        for i in range(c.num_layers):
+            x, layer_cache = DecoderLayer(c, self.dtype, name=f"layers_{i}")(
+                x, positions, start, kv_valid_len, cache[i], inv_freq, attn_len
+            )
+            new_cache.append(layer_cache)
+        final_norm = self.param("final_norm", nn.initializers.ones, (c.hidden_size,))
+        if logits_index is not None:
+            x = jnp.take_along_axis(x, logits_index[:, :, None], axis=1)
+        x = rms_norm(x, final_norm, c.rms_norm_eps)
+        if c.tie_word_embeddings:
+            logits = jnp.einsum("btd,vd->btv", x, embed.astype(x.dtype))
+        else:
+            head = self.param(
+                "lm_head", nn.initializers.normal(0.02), (c.hidden_size, c.vocab_size)
+            )
+            logits = linear(x, head)
+        return logits.astype(jnp.float32), new_cache
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+    shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers)]
+
+
+def init_params(config: ModelConfig, seed: int = 0, dtype=jnp.float32) -> dict:
+    """Random parameters (tests, pruning experiments); real weights come from `weights/`."""
+    model = Llama(config, dtype)
+    cache = init_cache(config, 1, 4, dtype)
+    variables = model.init(
+        jax.random.key(seed),
+        jnp.zeros((1, 4), jnp.int32),
+        jnp.zeros((1,), jnp.int32),
+        jnp.full((1,), 4, jnp.int32),
+        cache,
+        4,
+    )
+    return jax.tree.map(lambda a: a.astype(dtype), variables["params"])

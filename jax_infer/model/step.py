@@ -1,0 +1,60 @@
+"""Jitted model steps over a contiguous KV cache, with static shapes.
+
+One function serves prefill (T = a prompt-length bucket) and decode (T = 1); the cache is
+donated so XLA updates it in place. Shapes that vary (prompt length, attended cache length,
+batch) are rounded up to buckets by the caller, so a stream of prompts compiles a bounded
+number of programs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jax_infer.config import ModelConfig
+from jax_infer.model.llama import Llama
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("config", "dtype", "attn_len", "all_logits"),
+    donate_argnames=("cache",),
+)
+def forward(
+    params,
+    tokens,
+    start,
+    num_valid,
+    cache,
+    *,
+    config: ModelConfig,
+    dtype,
+    attn_len: int,
+    all_logits: bool = False,
+):
+    """tokens i32[B, T] at cache slots start i32[B].. (first num_valid i32[B] real).
+
+    Returns (logits, cache): logits f32[B, T, V] when all_logits, else f32[B, V] at each row's
+    last real token.
+    """
+    model = Llama(config, dtype)
+    index = None if all_logits else (num_valid - 1)[:, None]
+    logits, cache = model.apply(
+        {"params": params}, tokens, start, num_valid, cache, attn_len, index
+    )
+    if not all_logits:
+        logits = logits[:, 0]
+    return logits, cache
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """Round n up to a power of two (at least `minimum`): few shapes, at most 2x padding."""
+    b = minimum
+    while b < n:
+        b *= 2
+    return b
+
+
+__all__ = ["bucket", "forward", "jnp"]

