@@ -1,0 +1,57 @@
+"""Generate a completion from the command line.
+
+python scripts/generate.py --prompt "The capital of France is" --max_tokens 32
+python scripts/generate.py --chat --prompt "Write a haiku about the sea."
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+from jax_infer import LLM, SamplingParams
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "smollm2-135m", "Model name, .gguf file, HF dir or orbax dir.")
+flags.DEFINE_string(
+    "prompt", "The capital of France is", "Prompt text (the user turn with --chat)."
+)
+flags.DEFINE_bool("chat", False, "Wrap the prompt in the model's chat template.")
+flags.DEFINE_integer("max_tokens", 64, "Tokens to generate at most.")
+flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
+flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off).")
+flags.DEFINE_integer("seed", None, "Sampling seed (same seed, same output).")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and compute dtype.")
+flags.DEFINE_bool("stream", True, "Print tokens as they are generated.")
+
+
+def main(argv):
+    del argv
+    llm = LLM(model=FLAGS.model, dtype=FLAGS.dtype)
+    params = SamplingParams(
+        max_tokens=FLAGS.max_tokens,
+        temperature=FLAGS.temperature,
+        top_p=FLAGS.top_p,
+        top_k=FLAGS.top_k,
+        seed=FLAGS.seed,
+    )
+    if FLAGS.chat:
+        chunks = llm.chat_stream([{"role": "user", "content": FLAGS.prompt}], params)
+    else:
+        chunks = llm.stream(FLAGS.prompt, params)
+        print(FLAGS.prompt, end="")
+    last = None
+    for chunk in chunks:
+        if FLAGS.stream:
+            print(chunk.delta_text, end="", flush=True)
+        last = chunk
+    if not FLAGS.stream:
+        print(last.text, end="")
+    print()
+    print(f"[{len(last.token_ids)} tokens, finish_reason={last.finish_reason}]", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    app.run(main)
