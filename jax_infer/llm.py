@@ -55,6 +55,8 @@ class LLM:
     max_model_len: longest prompt + completion accepted (default: the model's, capped at 4096).
     max_num_seqs: how many prompts run together in one batch.
     seed: seeds the per-request seeds drawn for requests that set none.
+    quantization: None, or a scheme name for `jax_infer.quant.quantize` ("int8", "int4", ...),
+        applied on load.
     """
 
     def __init__(
@@ -65,12 +67,16 @@ class LLM:
         max_model_len: int | None = None,
         max_num_seqs: int = 8,
         seed: int = 0,
+        quantization: str | None = None,
         progress: bool = True,
     ):
         self.dtype = resolve_dtype(dtype)
         config, params, fmt, path, reader = weights.load(model, self.dtype, progress)
-        if any(leaf.dtype != self.dtype for leaf in jax.tree.leaves(params)):
-            params = jax.tree.map(lambda a: a.astype(self.dtype), params)
+        params = jax.tree.map(self._cast_float, params)
+        if quantization is not None:
+            from jax_infer.quant import quantize
+
+            params = quantize(params, quantization)
         self.config = config
         self.params = params
         self.model_path = path
@@ -96,8 +102,19 @@ class LLM:
             config, params, self.tokenizer, self.dtype, max_model_len
         )
 
+    def _cast_float(self, leaf):
+        # Only float leaves follow `dtype`: integer leaves are quantized values.
+        if jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.dtype != self.dtype:
+            return leaf.astype(self.dtype)
+        return leaf
+
     def get_tokenizer(self) -> Tokenizer:
         return self.tokenizer
+
+    def save(self, path: str) -> None:
+        """Write an orbax checkpoint (params, config, tokenizer): `LLM(model=path)` restores it
+        without touching the original weights file."""
+        weights.save_orbax(path, self.params, self.config, tokenizer=self.tokenizer)
 
     # -- requests ----------------------------------------------------------------------
 

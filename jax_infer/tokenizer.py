@@ -255,6 +255,22 @@ class Tokenizer:
     def special_tokens_map(self) -> dict[str, str]:
         return dict(self._special_tokens)
 
+    def save(self, path: str | os.PathLike) -> None:
+        """Write `tokenizer.json`, `tokenizer_config.json` and `generation_config.json` into
+        directory `path`, so that `Tokenizer.from_dir(path)` rebuilds this tokenizer (orbax
+        checkpoints carry their tokenizer this way)."""
+        path = os.fspath(path)
+        os.makedirs(path, exist_ok=True)
+        self._backend.save(os.path.join(path, "tokenizer.json"))
+        config: dict[str, Any] = dict(self._special_tokens)
+        config["clean_up_tokenization_spaces"] = self._clean_up
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)
+        with open(os.path.join(path, "generation_config.json"), "w", encoding="utf-8") as f:
+            json.dump({"eos_token_id": sorted(self.eos_token_ids)}, f)
+
     # ---- construction -------------------------------------------------------------------
 
     @classmethod

@@ -142,3 +142,21 @@ def test_compilations_bounded(smollm2):
     before = forward._cache_size()
     serve([4, 18, 29, 7, 11, 25, 28, 6, 14])
     assert forward._cache_size() == before
+
+
+def test_orbax_checkpoint_of_llm_generates_the_same(smollm2, tmp_path):
+    from jax_infer import LLM
+
+    smollm2.save(str(tmp_path / "ckpt"))
+    restored = LLM(model=str(tmp_path / "ckpt"), progress=False)
+    assert restored.config == smollm2.config
+    text = "x\n\n123 and  42 apples, 😀"
+    assert restored.tokenizer.encode(text) == smollm2.tokenizer.encode(text)
+    chat = [{"role": "user", "content": "hi"}]
+    assert restored.tokenizer.apply_chat_template(chat) == smollm2.tokenizer.apply_chat_template(
+        chat
+    )
+    assert restored.tokenizer.eos_token_ids == smollm2.tokenizer.eos_token_ids
+    a = smollm2.generate("The moon is", GREEDY)[0]
+    b = restored.generate("The moon is", GREEDY)[0]
+    assert a.token_ids == b.token_ids

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_infer.config import ModelConfig, rope_frequencies
-from jax_infer.model.layers import linear
+from jax_infer.model.layers import embed_lookup, linear, linear_transposed
 
 KVCache = list  # [(k, v) per layer], each [B, S, K, H]
 
@@ -166,7 +166,7 @@ class Llama(nn.Module):
     ):
         c = self.config
         embed = self.param("embed", nn.initializers.normal(1.0), (c.vocab_size, c.hidden_size))
-        x = jnp.take(embed, tokens, axis=0).astype(self.dtype)
+        x = embed_lookup(embed, tokens, self.dtype)
         t = tokens.shape[1]
         positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         kv_valid_len = start + num_valid
@@ -182,7 +182,7 @@ class Llama(nn.Module):
             x = jnp.take_along_axis(x, logits_index[:, :, None], axis=1)
         x = rms_norm(x, final_norm, c.rms_norm_eps)
         if c.tie_word_embeddings:
-            logits = jnp.einsum("btd,vd->btv", x, embed.astype(x.dtype))
+            logits = linear_transposed(x, embed)
         else:
             head = self.param(
                 "lm_head", nn.initializers.normal(0.02), (c.hidden_size, c.vocab_size)
