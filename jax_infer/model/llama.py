@@ -92,12 +92,38 @@ def write_cache(cache_x, new_x, start):
     return jax.vmap(write_row)(cache_x, new_x, start)
 
 
+def contiguous_attention(start, kv_valid_len, attn_len: int, sliding_window: int | None):
+    """attend_fn for the contiguous cache: (k, v) per layer, each [B, S, K, H].
+
+    New keys/values land at slots start i32[B].. of each row; queries attend to slots
+    [0, attn_len) (static) that are causal and below kv_valid_len i32[B]. Reading only attn_len
+    slots keeps decode from paying for the whole max_len cache.
+    """
+
+    def attend_fn(q, k, v, layer_cache):
+        b, t = q.shape[:2]
+        positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+        cache_k = write_cache(layer_cache[0], k, start)
+        cache_v = write_cache(layer_cache[1], v, start)
+        out = attend(
+            q,
+            cache_k[:, :attn_len],
+            cache_v[:, :attn_len],
+            positions,
+            kv_valid_len,
+            sliding_window,
+        )
+        return out, (cache_k, cache_v)
+
+    return attend_fn
+
+
 class DecoderLayer(nn.Module):
     config: ModelConfig
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, positions, start, kv_valid_len, cache, inv_freq, attn_len):
+    def __call__(self, x, positions, inv_freq, layer_cache, attend_fn):
         c = self.config
         d, n, kh, h, f = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
         init = nn.initializers.normal(0.02)
@@ -126,25 +152,16 @@ class DecoderLayer(nn.Module):
         q = apply_rope(q.reshape(b, t, n, h), positions, inv_freq)
         k = apply_rope(k.reshape(b, t, kh, h), positions, inv_freq)
         v = v.reshape(b, t, kh, h)
-        cache_k = write_cache(cache[0], k, start)
-        cache_v = write_cache(cache[1], v, start)
-        # Only the first attn_len slots can hold tokens this step: reading fewer keeps decode
-        # from paying for the whole max_len cache.
-        attn = attend(
-            q,
-            cache_k[:, :attn_len],
-            cache_v[:, :attn_len],
-            positions,
-            kv_valid_len,
-            c.sliding_window,
-        )
+        # The cache layout (contiguous rows or a page pool) is the attend_fn's business: it
+        # stores k, v for these positions and attends q over everything cached so far.
+        attn, layer_cache = attend_fn(q, k, v, layer_cache)
         x = x + linear(attn.astype(self.dtype), p["wo"])
 
         y = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
         gate = linear(y, p["w_gate"])
         up = linear(y, p["w_up"])
         x = x + linear(jax.nn.silu(gate) * up, p["w_down"])
-        return x, (cache_k, cache_v)
+        return x, layer_cache
 
 
 class Llama(nn.Module):
@@ -158,23 +175,19 @@ class Llama(nn.Module):
     def __call__(
         self,
         tokens,  # i32[B, T]
-        start,  # i32[B]: cache slot (= position) of tokens[:, 0]
-        num_valid,  # i32[B]: tokens[:, :num_valid] are real, the rest is padding
-        cache: KVCache,
-        attn_len: int,  # static: attend to cache slots [0, attn_len)
+        positions,  # i32[B, T]
+        cache: list,  # one entry per layer, whatever attend_fn keeps there
+        attend_fn,  # (q, k, v, layer_cache) -> (attn [B, T, N*H], layer_cache)
         logits_index=None,  # i32[B, R] or None
     ):
         c = self.config
         embed = self.param("embed", nn.initializers.normal(1.0), (c.vocab_size, c.hidden_size))
         x = embed_lookup(embed, tokens, self.dtype)
-        t = tokens.shape[1]
-        positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-        kv_valid_len = start + num_valid
         inv_freq = jnp.asarray(rope_frequencies(c))
         new_cache = []
         for i in range(c.num_layers):
             x, layer_cache = DecoderLayer(c, self.dtype, name=f"layers_{i}")(
-                x, positions, start, kv_valid_len, cache[i], inv_freq, attn_len
+                x, positions, inv_freq, cache[i], attend_fn
             )
             new_cache.append(layer_cache)
         final_norm = self.param("final_norm", nn.initializers.ones, (c.hidden_size,))
@@ -200,12 +213,12 @@ def init_params(config: ModelConfig, seed: int = 0, dtype=jnp.float32) -> dict:
     """Random parameters (tests, pruning experiments); real weights come from `weights/`."""
     model = Llama(config, dtype)
     cache = init_cache(config, 1, 4, dtype)
+    start, valid = jnp.zeros((1,), jnp.int32), jnp.full((1,), 4, jnp.int32)
     variables = model.init(
         jax.random.key(seed),
         jnp.zeros((1, 4), jnp.int32),
-        jnp.zeros((1,), jnp.int32),
-        jnp.full((1,), 4, jnp.int32),
+        jnp.arange(4, dtype=jnp.int32)[None],
         cache,
-        4,
+        contiguous_attention(start, valid, 4, config.sliding_window),
     )
     return jax.tree.map(lambda a: a.astype(dtype), variables["params"])

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_infer.config import ModelConfig
-from jax_infer.model.llama import Llama
+from jax_infer.model.llama import Llama, contiguous_attention
 
 
 @functools.partial(
@@ -41,9 +41,9 @@ def forward(
     """
     model = Llama(config, dtype)
     index = None if all_logits else (num_valid - 1)[:, None]
-    logits, cache = model.apply(
-        {"params": params}, tokens, start, num_valid, cache, attn_len, index
-    )
+    positions = start[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
+    attend_fn = contiguous_attention(start, start + num_valid, attn_len, config.sliding_window)
+    logits, cache = model.apply({"params": params}, tokens, positions, cache, attend_fn, index)
     if not all_logits:
         logits = logits[:, 0]
     return logits, cache
@@ -57,4 +57,4 @@ def bucket(n: int, minimum: int = 16) -> int:
     return b
 
 
-__all__ = ["bucket", "forward", "jnp"]
+__all__ = ["bucket", "forward"]
