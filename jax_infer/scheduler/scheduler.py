@@ -1,0 +1,508 @@
+"""Continuous-batching scheduler: which tokens of which requests the next model step computes.
+
+Why it is shaped this way:
+
+* Pure Python on the host, no tensors: the engine turns a SchedulerOutput into padded
+  device arrays (an ``i32[B, pages_per_seq]`` block table, token ids, positions) and
+  reports back through update(). Keeping the policy here makes it testable without
+  a model, and keeps device shapes static.
+* One mechanism, no prefill mode: each request computes a chunk of
+  ``all_token_ids[num_computed_tokens:num_tokens]`` per step. A long prompt is split
+  over several steps (chunked prefill), a prefix-cache hit starts with
+  num_computed_tokens already advanced, and a preempted request restarts from 0 with
+  its outputs kept as part of the tokens to recompute.
+* Policy follows vLLM: first come, first served under a per-step token budget and a
+  seat limit. Running requests go first (a decode costs one token), then waiting
+  requests are admitted in arrival order while budget, seats and pages last. The
+  head of the queue is never skipped, so a big request cannot starve.
+* Pages run out only while growing a running request; then the most recently
+  admitted running request is preempted (all pages freed, recomputed later), which
+  keeps the oldest requests progressing. Nothing is admitted in a step that had to
+  preempt: the pool is known to be tight.
+* Strict alternation: every non-empty schedule() must be followed by its update()
+  before the next schedule(), so the host state never runs ahead of the device.
+
+A request's life: WAITING -> RUNNING <-> PREEMPTED -> FINISHED_*. A finished
+request is forgotten by the scheduler: it owns no pages and is in no queue.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+from jax_infer.scheduler.allocator import PageAllocator, page_hashes
+from jax_infer.scheduler.request import FINISH_REASONS, Request, RequestStatus
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+@dataclasses.dataclass
+class ScheduledRequest:
+    """One request's share of a step: compute `token_ids` at positions start, start+1, ..."""
+
+    request: Request
+    start: int  # num_computed_tokens before this step: position of token_ids[0]
+    token_ids: list[int]  # len >= 1; all_token_ids[start : start + len]
+    block_table: list[int]  # snapshot of the request's pages; covers [0, start + len(token_ids))
+    sample: bool  # the chunk reaches the end of the known tokens: sample one after it
+    is_new: bool  # (re)admitted this step: the engine sets up its per-request state
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def end(self) -> int:
+        """One past the last position computed; the K/V of [0, end) is valid after the step."""
+        return self.start + len(self.token_ids)
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    """What to compute in one step.
+
+    ``scheduled[:num_decodes]`` are decodes (one token, request already running),
+    the rest are prompt or recompute chunks, so the engine can batch them separately.
+    """
+
+    scheduled: list[ScheduledRequest]
+    num_decodes: int
+    num_batched_tokens: int  # sum of len(token_ids), <= max_num_batched_tokens
+    preempted: list[str]  # request ids preempted in this step (their device state is void)
+    finished_aborted: list[str]  # ids ended by abort() since the previous schedule()
+    finished_error: list[str]  # ids failed in this step (see Request.error)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    """FCFS continuous batching over a paged KV cache, with chunked prefill and prefix reuse."""
+
+    def __init__(
+        self,
+        *,
+        num_pages: int,
+        page_size: int,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        enable_prefix_caching: bool = True,
+        long_prefill_chunk: int | None = None,
+    ):
+        _check_int("num_pages", num_pages, 2)
+        _check_int("page_size", page_size, 1)
+        _check_int("max_num_seqs", max_num_seqs, 1)
+        _check_int("max_num_batched_tokens", max_num_batched_tokens, 1)
+        # Room for at least one prompt token and one generated token.
+        _check_int("max_model_len", max_model_len, 2)
+        if long_prefill_chunk is not None:
+            _check_int("long_prefill_chunk", long_prefill_chunk, 1)
+        # The newest token of a finishing request is never fed back, so a request of
+        # max_model_len tokens writes K/V for at most max_model_len - 1 of them.
+        need = _cdiv(max_model_len - 1, page_size)
+        if need > num_pages - 1:
+            raise ValueError(
+                f"one request of max_model_len={max_model_len} tokens needs {need} pages of "
+                f"page_size={page_size}, but num_pages={num_pages} leaves {num_pages - 1} "
+                f"(page 0 is the null page); use num_pages >= {need + 1} or a smaller max_model_len"
+            )
+        self.page_size = page_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.long_prefill_chunk = long_prefill_chunk
+        self.enable_prefix_caching = enable_prefix_caching
+        self.allocator = PageAllocator(num_pages, page_size, enable_prefix_caching)
+        self._requests: dict[str, Request] = {}  # every unfinished request
+        # Waiting and preempted requests, served from the left. They hold no pages.
+        self._waiting: collections.deque[Request] = collections.deque()
+        # Running requests in admission order: the last one is preempted first.
+        self._running: list[Request] = []
+        self._pending: SchedulerOutput | None = None  # scheduled, update() not yet called
+        self._aborted_ids: list[str] = []  # for the next SchedulerOutput.finished_aborted
+        self._finished_outside_update: list[Request] = []  # drained by pop_finished()
+
+    # ---- requests in and out -----------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queue a fresh request (WAITING, nothing computed, no output, no pages).
+
+        Service order is the order of add_request() calls; arrival_time is for metrics.
+        """
+        rid = request.request_id
+        if rid in self._requests:
+            raise ValueError(f"request_id {rid!r} is already queued or running")
+        n = len(request.prompt_token_ids)
+        if n == 0:
+            raise ValueError(f"request {rid!r}: prompt_token_ids is empty; need >= 1 token")
+        if not isinstance(request.max_tokens, int) or request.max_tokens < 1:
+            raise ValueError(
+                f"request {rid!r}: max_tokens must be an int >= 1, got {request.max_tokens!r}"
+            )
+        if n + request.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"request {rid!r}: prompt of {n} tokens + max_tokens={request.max_tokens} = "
+                f"{n + request.max_tokens} exceeds max_model_len={self.max_model_len}"
+            )
+        # Within max_model_len it also fits the pool: the constructor checked that a
+        # request of max_model_len tokens does.
+        if (
+            request.status is not RequestStatus.WAITING
+            or request.num_computed_tokens
+            or request.block_table
+            or request.output_token_ids
+        ):
+            raise ValueError(
+                f"request {rid!r} must be fresh (WAITING, no output, nothing computed, no pages), "
+                f"got status={request.status.name}, num_computed_tokens={request.num_computed_tokens}"
+            )
+        self._requests[rid] = request
+        self._waiting.append(request)
+
+    def abort(self, request_id: str) -> bool:
+        """Finish a waiting, running or preempted request now and free its pages.
+
+        Returns False for an unknown or already finished id. If the request is in the
+        output awaiting update(), update() skips it.
+        """
+        req = self._requests.get(request_id)
+        if req is None:
+            return False
+        self._finish(req, RequestStatus.FINISHED_ABORTED)
+        self._aborted_ids.append(request_id)
+        self._finished_outside_update.append(req)
+        return True
+
+    def pop_finished(self) -> list[Request]:
+        """Requests finished outside update() (abort(), errors found by schedule()), once each."""
+        out, self._finished_outside_update = self._finished_outside_update, []
+        return out
+
+    def get_request(self, request_id: str) -> Request | None:
+        """An unfinished request by id, or None."""
+        return self._requests.get(request_id)
+
+    def _finish(self, req: Request, status: RequestStatus, error: str | None = None) -> None:
+        if req.status is RequestStatus.RUNNING:
+            self._running.remove(req)
+        else:
+            self._waiting.remove(req)
+        self._free_pages(req)
+        req.status = status
+        if error is not None:
+            req.error = error
+        del self._requests[req.request_id]
+
+    def _free_pages(self, req: Request) -> None:
+        # Reverse order: the tail pages, least likely to be shared, become the
+        # least recently used and are evicted first.
+        self.allocator.free(reversed(req.block_table))
+        req.block_table = []
+
+    def _preempt(self, req: Request) -> None:
+        """Free all of a running request's pages and put it at the front of the queue."""
+        self._running.remove(req)
+        self._free_pages(req)
+        req.num_computed_tokens = 0  # its outputs stay: they are recomputed with the prompt
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self._waiting.appendleft(req)
+
+    # ---- scheduling --------------------------------------------------------------------
+
+    def _chunk(self, req: Request, budget: int) -> int:
+        n = min(req.num_tokens - req.num_computed_tokens, budget)
+        if self.long_prefill_chunk is not None:
+            n = min(n, self.long_prefill_chunk)
+        assert n >= 1, f"request {req.request_id!r} has nothing to compute"
+        return n
+
+    def _grow(self, req: Request, num_tokens: int) -> bool:
+        """Append pages so the block table covers `num_tokens` positions; False if none are left."""
+        need = _cdiv(num_tokens, self.page_size) - len(req.block_table)
+        if need <= 0:
+            return True
+        pages = self.allocator.allocate(need)
+        if pages is None:
+            return False
+        req.block_table.extend(pages)
+        return True
+
+    def _extend_hashes(self, req: Request, num_pages: int) -> None:
+        """Make req.block_hashes cover its first `num_pages` full pages (tokens must be known)."""
+        if len(req.block_hashes) < num_pages:
+            tokens = req.token_ids_slice(0, num_pages * self.page_size)
+            req.block_hashes = page_hashes(tokens, self.page_size, prefix=req.block_hashes)
+
+    def _scheduled(self, req: Request, n: int, is_new: bool) -> ScheduledRequest:
+        start = req.num_computed_tokens
+        return ScheduledRequest(
+            request=req,
+            start=start,
+            token_ids=req.token_ids_slice(start, start + n),
+            block_table=list(req.block_table),
+            sample=start + n == req.num_tokens,
+            is_new=is_new,
+        )
+
+    def _admit(self, req: Request, budget: int) -> ScheduledRequest | None:
+        """Give the head of the queue its cached prefix and pages for a first chunk, or None."""
+        cached: list[int] = []
+        if self.enable_prefix_caching:
+            # Only pages strictly before the last known token may come from cache: that
+            # token must be computed so that the step samples the next one, and a page
+            # is never written while shared.
+            num_full = (req.num_tokens - 1) // self.page_size
+            self._extend_hashes(req, num_full)
+            cached = self.allocator.lookup_hashes(req.block_hashes[:num_full])
+        start = len(cached) * self.page_size
+        n = min(req.num_tokens - start, budget)
+        if self.long_prefill_chunk is not None:
+            n = min(n, self.long_prefill_chunk)
+        new = self.allocator.allocate(_cdiv(start + n, self.page_size) - len(cached))
+        if new is None:
+            self.allocator.free(reversed(cached))
+            return None
+        if self.enable_prefix_caching:
+            self.allocator.stats.record(
+                query_tokens=req.num_tokens, hit_tokens=start, page_size=self.page_size
+            )
+        if req.status is RequestStatus.WAITING:
+            req.num_cached_tokens = start
+        req.block_table = cached + new
+        req.num_computed_tokens = start
+        req.status = RequestStatus.RUNNING
+        self._running.append(req)
+        return self._scheduled(req, n, is_new=True)
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's chunks. Call update() with the result before the next schedule()."""
+        if self._pending is not None:
+            raise RuntimeError("schedule() called again before update() of the previous output")
+        budget = self.max_num_batched_tokens
+        decodes: list[ScheduledRequest] = []
+        chunks: list[ScheduledRequest] = []
+        preempted: list[str] = []
+        errors: list[str] = []
+
+        # 1. Running requests, oldest first. Victims come from the end of the list, so
+        # they are never requests already scheduled in this step.
+        i = 0
+        while i < len(self._running) and budget > 0:
+            req = self._running[i]
+            n = self._chunk(req, budget)
+            while not self._grow(req, req.num_computed_tokens + n):
+                victim = self._running[-1]
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is req:
+                    break
+            if req.status is not RequestStatus.RUNNING:
+                continue  # it preempted itself; it was the last running request
+            (decodes if n == 1 else chunks).append(self._scheduled(req, n, is_new=False))
+            budget -= n
+            i += 1
+
+        # 2. Waiting requests in order, unless this step showed the pool is tight.
+        if not preempted or not self._running:
+            while self._waiting and budget > 0 and len(self._running) < self.max_num_seqs:
+                req = self._waiting[0]
+                sr = self._admit(req, budget)
+                if sr is not None:
+                    self._waiting.popleft()
+                    chunks.append(sr)
+                    budget -= len(sr.token_ids)
+                elif self._running:
+                    break  # FCFS: wait for running requests to release pages
+                else:
+                    # Nothing holds pages the scheduler could free: it will never fit.
+                    self._finish(
+                        req,
+                        RequestStatus.FINISHED_ERROR,
+                        f"request {req.request_id!r} needs pages for "
+                        f"{req.num_tokens} tokens but only {self.allocator.num_free()} of "
+                        f"{self.allocator.num_pages - 1} pages can be allocated with nothing running",
+                    )
+                    errors.append(req.request_id)
+                    self._finished_outside_update.append(req)
+
+        scheduled = decodes + chunks
+        out = SchedulerOutput(
+            scheduled=scheduled,
+            num_decodes=len(decodes),
+            num_batched_tokens=self.max_num_batched_tokens - budget,
+            preempted=preempted,
+            finished_aborted=self._aborted_ids,
+            finished_error=errors,
+        )
+        self._aborted_ids = []
+        if scheduled:
+            self._pending = out
+        return out
+
+    # ---- results -----------------------------------------------------------------------
+
+    def update(
+        self,
+        output: SchedulerOutput,
+        sampled: Mapping[str, Sequence[int]],
+        finished: Mapping[str, str] | None = None,
+    ) -> list[Request]:
+        """Advance the requests of `output` after the model step; returns those that finished.
+
+        `sampled` maps each request whose ScheduledRequest.sample was set to its new
+        token(s) (may be omitted for a request also in `finished`); tokens past
+        max_tokens are dropped. `finished` maps request ids to "stop", "length",
+        "abort" or "error" as decided by the engine; requests reaching max_tokens
+        are finished with "length" here. Requests aborted since schedule() are skipped.
+        """
+        finished = dict(finished or {})
+        if output.scheduled and output is not self._pending:
+            raise ValueError("update() takes the output of the latest schedule(), once")
+        by_id = {sr.request_id: sr for sr in output.scheduled}
+        # Validate everything before changing anything.
+        for rid, reason in finished.items():
+            if reason not in FINISH_REASONS:
+                raise ValueError(
+                    f"finished[{rid!r}] = {reason!r}; allowed: {sorted(FINISH_REASONS)}"
+                )
+            if rid not in self._requests and rid not in by_id:
+                raise ValueError(f"finished names unknown request {rid!r}")
+        for rid in sampled:
+            if rid not in by_id or not by_id[rid].sample:
+                raise ValueError(
+                    f"sampled has tokens for {rid!r}, which was not scheduled to sample this step"
+                )
+        for rid, sr in by_id.items():
+            live = sr.request.status is RequestStatus.RUNNING
+            if sr.sample and live and rid not in finished and not sampled.get(rid):
+                raise ValueError(f"request {rid!r} was scheduled to sample but got no token")
+        self._pending = None
+
+        done: list[Request] = []
+        for sr in output.scheduled:
+            req = sr.request
+            if req.status is not RequestStatus.RUNNING:
+                continue  # aborted after schedule(); its pages are already free
+            assert req.num_computed_tokens == sr.start, "request advanced outside update()"
+            req.num_computed_tokens = sr.end
+            self._register_full_pages(req, sr.start, sr.end)
+            if sr.sample:
+                room = min(
+                    req.max_tokens - len(req.output_token_ids),
+                    self.max_model_len - req.num_tokens,
+                )
+                req.output_token_ids.extend(list(sampled.get(sr.request_id, ()))[:room])
+            reason = finished.pop(sr.request_id, None)
+            if reason is None and (
+                len(req.output_token_ids) >= req.max_tokens or req.num_tokens >= self.max_model_len
+            ):
+                reason = "length"
+            if reason is not None:
+                self._finish_with(req, reason)
+                done.append(req)
+        for rid, reason in finished.items():  # unscheduled requests the engine ends
+            req = self._requests.get(rid)
+            if req is not None:
+                self._finish_with(req, reason)
+                done.append(req)
+        return done
+
+    def _finish_with(self, req: Request, reason: str) -> None:
+        status = FINISH_REASONS[reason]
+        error = None
+        if status is RequestStatus.FINISHED_ERROR and req.error is None:
+            error = "the engine reported an error for this request"
+        self._finish(req, status, error)
+
+    def _register_full_pages(self, req: Request, start: int, end: int) -> None:
+        """Publish the pages that became full when positions [start, end) were computed."""
+        if not self.enable_prefix_caching:
+            return
+        first, last = start // self.page_size, end // self.page_size
+        if last > first:
+            self._extend_hashes(req, last)
+            for j in range(first, last):
+                self.allocator.register(req.block_table[j], req.block_hashes[j])
+
+    # ---- introspection -----------------------------------------------------------------
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    def num_waiting(self) -> int:
+        """Requests waiting for admission, preempted ones included."""
+        return len(self._waiting)
+
+    def num_running(self) -> int:
+        return len(self._running)
+
+    def kv_usage(self) -> float:
+        """Fraction of allocatable pages referenced by requests (evictable cache counts as free)."""
+        return self.allocator.num_used() / (self.allocator.num_pages - 1)
+
+    def prefix_hit_rate(self) -> float:
+        """Of the tokens known at admissions, the fraction served by the prefix cache."""
+        return self.allocator.stats.hit_rate
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError unless every page is owned exactly as the requests say.
+
+        Assumes the scheduler's requests are the allocator's only users.
+        """
+        alloc, size = self.allocator, self.page_size
+        alloc.check_invariants()
+        running_ids = [r.request_id for r in self._running]
+        waiting_ids = [r.request_id for r in self._waiting]
+        assert len(set(running_ids)) == len(running_ids), "a request is running twice"
+        assert len(set(waiting_ids)) == len(waiting_ids), "a request is waiting twice"
+        assert not set(running_ids) & set(waiting_ids), "a request is running and waiting"
+        assert set(running_ids) | set(waiting_ids) == set(self._requests), "request lost"
+        assert len(self._running) <= self.max_num_seqs, "more running than max_num_seqs"
+        refs: collections.Counter[int] = collections.Counter()
+        for req in self._running:
+            rid, table, nc = req.request_id, req.block_table, req.num_computed_tokens
+            assert req.status is RequestStatus.RUNNING, f"{rid}: status {req.status}"
+            assert 0 <= nc < req.num_tokens, f"{rid}: num_computed_tokens={nc}"
+            assert _cdiv(nc, size) <= len(table) <= _cdiv(req.num_tokens, size), (
+                f"{rid}: {len(table)} pages for {nc} computed of {req.num_tokens} tokens"
+            )
+            assert 0 not in table, f"{rid}: null page in block table"
+            assert len(set(table)) == len(table), f"{rid}: page twice in block table"
+            refs.update(table)
+            # Pages still being written are private and not in the prefix cache.
+            for page in table[nc // size :]:
+                assert alloc.refcount(page) == 1, f"{rid}: page {page} written while shared"
+                assert alloc.page_hash_of(page) is None, f"{rid}: page {page} written while cached"
+            hashes = req.block_hashes
+            assert hashes == page_hashes(req.token_ids_slice(0, len(hashes) * size), size), (
+                f"{rid}: stale block_hashes"
+            )
+            for j, page in enumerate(table[: nc // size]):
+                h = alloc.page_hash_of(page)
+                assert h is None or (j < len(hashes) and hashes[j] == h), (
+                    f"{rid}: page {page} cached under another prefix"
+                )
+        for req in self._running + list(self._waiting):
+            assert len(req.output_token_ids) <= req.max_tokens, f"{req.request_id}: too long"
+            assert req.num_tokens <= self.max_model_len, f"{req.request_id}: past max_model_len"
+        for req in self._waiting:
+            assert req.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED), req.status
+            assert not req.block_table and req.num_computed_tokens == 0, (
+                f"{req.request_id}: waiting request holds pages or computed tokens"
+            )
+        for page in range(1, alloc.num_pages):
+            assert alloc.refcount(page) == refs[page], (
+                f"page {page}: refcount {alloc.refcount(page)} but {refs[page]} block tables"
+            )
