@@ -12,7 +12,6 @@ per-request bookkeeping need them, and at batch 1 it costs well under a millisec
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 
 import jax.numpy as jnp
@@ -21,38 +20,15 @@ import numpy as np
 from jax_infer.config import ModelConfig
 from jax_infer.model.llama import init_cache
 from jax_infer.model.step import bucket, forward
-from jax_infer.outputs import RequestOutput, find_stop_string, stop_holdback
+from jax_infer.outputs import RequestOutput, SequenceState, logprob_entry
 from jax_infer.sampling import (
     SamplerFlags,
     SamplingMetadata,
-    SamplingParams,
     min_tokens_banned_ids,
     sample,
     update_output_counts,
 )
-from jax_infer.tokenizer import IncrementalDetokenizer, Tokenizer
-
-
-@dataclasses.dataclass
-class Sequence:
-    """Host-side state of one request."""
-
-    request_id: str
-    prompt: str | None
-    prompt_ids: list[int]
-    params: SamplingParams
-    seed: int
-    detok: IncrementalDetokenizer
-    out_ids: list[int] = dataclasses.field(default_factory=list)
-    logprobs: list[dict[int, float]] | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    text: str = ""  # visible text (stop string cut off)
-    emitted: int = 0  # characters of `text` already streamed
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
+from jax_infer.tokenizer import Tokenizer
 
 
 def _pad_rows(rows: list, size: int, fill) -> list:
@@ -83,7 +59,7 @@ class StaticBatchGenerator:
 
     # -- one batch ---------------------------------------------------------------------
 
-    def run(self, seqs: list[Sequence]) -> Iterator[RequestOutput]:
+    def run(self, seqs: list[SequenceState]) -> Iterator[RequestOutput]:
         """Prefill then decode `seqs` together; yields a chunk per sequence per step."""
         n = len(seqs)
         b = bucket(n, 1)
@@ -151,8 +127,13 @@ class StaticBatchGenerator:
             for i, s in enumerate(seqs):
                 if s.finished:
                     continue
-                self._append(s, int(token_ids[i]), logprob_rows, i, positions[i] + 1)
-                yield self._chunk(s)
+                token = int(token_ids[i])
+                s.append(
+                    token,
+                    logprob_entry(token, s.params.logprobs, i, logprob_rows),
+                    self.max_model_len,
+                )
+                yield s.chunk()
             if all(s.finished for s in seqs):
                 return
             # Finished rows stay where they are (their writes land in their own dead slot),
@@ -178,63 +159,3 @@ class StaticBatchGenerator:
             )
 
     # -- bookkeeping -------------------------------------------------------------------
-
-    def _append(self, s: Sequence, token: int, logprob_rows, row: int, length: int):
-        p = s.params
-        s.out_ids.append(token)
-        if logprob_rows is not None and p.logprobs is not None:
-            lp, top_ids, top_lps = logprob_rows
-            entry = {
-                int(tid): float(v)
-                for tid, v in zip(top_ids[row, : p.logprobs], top_lps[row, : p.logprobs])
-            }
-            entry[token] = float(lp[row])
-            if s.logprobs is None:
-                s.logprobs = []
-            s.logprobs.append(entry)
-        is_eos = token in self.eos_ids and not p.ignore_eos
-        is_stop_token = token in p.stop_token_ids
-        before = len(s.detok.text)
-        # The eos / stop token itself is not part of the text (vLLM's default).
-        if not (is_eos or is_stop_token) or not p.skip_special_tokens:
-            s.detok.add(token)
-        if is_eos or is_stop_token:
-            s.finish_reason, s.stop_reason = "stop", (token if is_stop_token else None)
-            s.detok.flush()
-            s.text = s.detok.text
-            return
-        full = s.detok.text
-        hit = find_stop_string(full, len(full) - before, p.stop)
-        if hit is not None:
-            index, stop = hit
-            s.text = full[: index + len(stop)] if p.include_stop_str_in_output else full[:index]
-            s.finish_reason, s.stop_reason = "stop", stop
-            return
-        s.text = full
-        if len(s.out_ids) >= p.max_tokens or length >= self.max_model_len:
-            s.finish_reason = "length"
-            # A character cut off mid-way by the length limit comes out as U+FFFD, so the text
-            # equals tokenizer.decode(token_ids).
-            s.detok.flush()
-            s.text = s.detok.text
-
-    def _chunk(self, s: Sequence) -> RequestOutput:
-        if s.finished:
-            visible = len(s.text)
-        else:
-            visible = max(s.emitted, len(s.text) - stop_holdback(s.params.stop))
-        delta = s.text[s.emitted : visible]
-        s.emitted = visible
-        return RequestOutput(
-            request_id=s.request_id,
-            prompt=s.prompt,
-            prompt_token_ids=s.prompt_ids,
-            text=s.text,
-            token_ids=list(s.out_ids),
-            finish_reason=s.finish_reason,
-            stop_reason=s.stop_reason,
-            logprobs=s.logprobs,
-            finished=s.finished,
-            delta_text=delta,
-            delta_token_ids=[s.out_ids[-1]],
-        )

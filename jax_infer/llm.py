@@ -1,9 +1,14 @@
 """`LLM`: the vLLM-style entry point.
 
-from jax_infer import LLM, SamplingParams
-llm = LLM(model="smollm2-135m")
-out = llm.generate(["The capital of France is"], SamplingParams(max_tokens=32))
-print(out[0].text)
+    from jax_infer import LLM, SamplingParams
+    llm = LLM(model="smollm2-135m")
+    out = llm.generate(["The capital of France is"], SamplingParams(max_tokens=32))
+    print(out[0].text)
+
+Requests run through the continuous-batching engine (`engine.LLMEngine`: paged KV cache,
+chunked prefill, prefix caching). `engine="static"` selects the static-batch generator
+instead (padded batches that wait for their slowest member), kept as the baseline the
+benchmark compares against.
 """
 
 from __future__ import annotations
@@ -16,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_infer import weights
-from jax_infer.generation import Sequence as Seq
+from jax_infer.engine import EngineConfig, LLMEngine, prepare_prompt
 from jax_infer.generation import StaticBatchGenerator
-from jax_infer.outputs import RequestOutput
+from jax_infer.outputs import RequestOutput, SequenceState
 from jax_infer.sampling import SamplingParams
 from jax_infer.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -28,6 +33,7 @@ DTYPES = {
     "bfloat16": jnp.bfloat16,
     "bf16": jnp.bfloat16,
 }
+ENGINES = ("continuous", "static")
 
 
 def resolve_dtype(dtype) -> jnp.dtype:
@@ -53,7 +59,12 @@ class LLM:
     model: a name (`smollm2-135m`), a .gguf file, an HF directory or an orbax checkpoint dir.
     dtype: "float32" or "bfloat16" (weights and activations; softmax and norms run in f32).
     max_model_len: longest prompt + completion accepted (default: the model's, capped at 4096).
-    max_num_seqs: how many prompts run together in one batch.
+    max_num_seqs: most requests in one step (a batch, for the static engine).
+    max_num_batched_tokens: token budget of one step (chunked prefill splits longer prompts).
+    page_size, kv_cache_gb, num_pages: the paged KV cache (num_pages overrides kv_cache_gb).
+    enable_prefix_caching: share the KV pages of identical prompt prefixes.
+    attention_backend: "reference", "xla" or "pallas" (default: pallas on TPU/GPU, xla on CPU).
+    engine: "continuous" (default) or "static".
     seed: seeds the per-request seeds drawn for requests that set none.
     quantization: None, or a scheme name for `jax_infer.quant.quantize` ("int8", "int4", ...),
         applied on load.
@@ -65,11 +76,20 @@ class LLM:
         *,
         dtype="float32",
         max_model_len: int | None = None,
-        max_num_seqs: int = 8,
+        max_num_seqs: int = 32,
+        max_num_batched_tokens: int = 512,
+        page_size: int = 16,
+        kv_cache_gb: float = 1.0,
+        num_pages: int | None = None,
+        enable_prefix_caching: bool = True,
+        attention_backend: str | None = None,
+        engine: str = "continuous",
         seed: int = 0,
         quantization: str | None = None,
         progress: bool = True,
     ):
+        if engine not in ENGINES:
+            raise ValueError(f"engine={engine!r} is not one of {ENGINES}")
         self.dtype = resolve_dtype(dtype)
         config, params, fmt, path, reader = weights.load(model, self.dtype, progress)
         params = jax.tree.map(self._cast_float, params)
@@ -81,26 +101,44 @@ class LLM:
         self.params = params
         self.model_path = path
         self.tokenizer = load_tokenizer(fmt, path, reader)
-        limit = min(config.max_position_embeddings, 4096)
         if max_model_len is None:
-            max_model_len = limit
+            max_model_len = min(config.max_position_embeddings, 4096)
         if (
             not isinstance(max_model_len, int)
-            or not 1 <= max_model_len <= config.max_position_embeddings
+            or isinstance(max_model_len, bool)
+            or not 2 <= max_model_len <= config.max_position_embeddings
         ):
             raise ValueError(
                 f"max_model_len={max_model_len!r} is invalid: must be an int in "
-                f"[1, {config.max_position_embeddings}]"
+                f"[2, {config.max_position_embeddings}]"
             )
-        if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs={max_num_seqs!r} is invalid: must be an int >= 1")
         self.max_model_len = max_model_len
-        self.max_num_seqs = max_num_seqs
+        self.engine_config = EngineConfig(
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            page_size=page_size,
+            kv_cache_gb=kv_cache_gb,
+            num_pages=num_pages,
+            enable_prefix_caching=enable_prefix_caching,
+            attention_backend=attention_backend,
+        )
+        self.engine_kind = engine
         self._rng = np.random.default_rng(seed)
         self._ids = itertools.count()
-        self.generator = StaticBatchGenerator(
-            config, params, self.tokenizer, self.dtype, max_model_len
-        )
+        if engine == "continuous":
+            self.engine = LLMEngine(
+                config,
+                params,
+                self.tokenizer,
+                dtype=self.dtype,
+                max_model_len=max_model_len,
+                engine_config=self.engine_config,
+                seed=seed,
+            )
+        else:
+            self.generator = StaticBatchGenerator(
+                config, params, self.tokenizer, self.dtype, max_model_len
+            )
 
     def _cast_float(self, leaf):
         # Only float leaves follow `dtype`: integer leaves are quantized values.
@@ -118,37 +156,9 @@ class LLM:
 
     # -- requests ----------------------------------------------------------------------
 
-    def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            prompt = prompt["prompt_token_ids"]
-        ids = list(prompt)
-        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in ids):
-            raise ValueError("prompt token ids must be ints; got " + repr(ids[:8]))
-        return None, [int(t) for t in ids]
-
-    def _make_sequence(self, prompt, params: SamplingParams) -> Seq:
-        text, ids = self._prompt_ids(prompt)
-        if not ids:
-            raise ValueError("prompt is empty: a request needs at least one prompt token")
-        vocab = self.config.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        if len(ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(
-                f"prompt of {len(ids)} tokens + max_tokens={params.max_tokens} exceeds "
-                f"max_model_len={self.max_model_len}"
-            )
-        seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**32))
-        detok = IncrementalDetokenizer(
-            self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens
-        )
-        return Seq(str(next(self._ids)), text, ids, params, seed % 2**32, detok)
-
-    def _sequences(self, prompts, sampling_params) -> list[Seq]:
-        if isinstance(prompts, str) or (
+    def _requests(self, prompts, sampling_params) -> list[tuple]:
+        """Validate every request before any runs: one bad prompt fails the call cleanly."""
+        if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, (list, tuple))
             and prompts
             and isinstance(prompts[0], (int, np.integer))
@@ -159,33 +169,91 @@ class LLM:
             sampling_params = SamplingParams()
         if isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params] * len(prompts)
+        sampling_params = list(sampling_params)
         if len(sampling_params) != len(prompts):
             raise ValueError(
                 f"sampling_params has {len(sampling_params)} entries for {len(prompts)} prompts; "
                 "give one, or one per prompt"
             )
-        return [self._make_sequence(p, sp) for p, sp in zip(prompts, sampling_params)]
+        out = []
+        for i, (prompt, params) in enumerate(zip(prompts, sampling_params)):
+            try:
+                text, ids = prepare_prompt(
+                    prompt, params, self.tokenizer, self.config.vocab_size, self.max_model_len
+                )
+            except ValueError as e:
+                raise ValueError(f"prompts[{i}]: {e}") from e
+            out.append((text, ids, params))
+        return out
+
+    def _static_sequences(self, requests) -> list[SequenceState]:
+        seqs = []
+        for text, ids, params in requests:
+            seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**32))
+            detok = IncrementalDetokenizer(
+                self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens
+            )
+            seqs.append(
+                SequenceState(
+                    str(next(self._ids)),
+                    text,
+                    ids,
+                    params,
+                    seed % 2**32,
+                    detok,
+                    self.tokenizer.eos_token_ids,
+                )
+            )
+        return seqs
 
     # -- generation --------------------------------------------------------------------
 
-    def _run(self, seqs: list[Seq]) -> Iterator[RequestOutput]:
-        for i in range(0, len(seqs), self.max_num_seqs):
-            yield from self.generator.run(seqs[i : i + self.max_num_seqs])
+    def _run(self, requests) -> tuple[list[str], Iterator[RequestOutput]]:
+        if self.engine_kind == "static":
+            seqs = self._static_sequences(requests)
+            size = self.engine_config.max_num_seqs
+
+            def chunks():
+                for i in range(0, len(seqs), size):
+                    yield from self.generator.run(seqs[i : i + size])
+
+            return [s.request_id for s in seqs], chunks()
+        ids = []
+        for text, token_ids, params in requests:
+            ids.append(self.engine.add_prepared(text, token_ids, params))
+
+        def steps():
+            pending = set(ids)
+            try:
+                while pending:
+                    for chunk in self.engine.step():
+                        if chunk.request_id in pending:
+                            if chunk.finished:
+                                pending.discard(chunk.request_id)
+                            yield chunk
+            finally:
+                # A consumer that stops early (or an exception) must not leave its requests
+                # holding pages in the engine.
+                for rid in pending:
+                    self.engine.abort(rid)
+
+        return ids, steps()
 
     def generate(
         self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
     ) -> list[RequestOutput]:
         """Completions for a prompt or a list of prompts (strings or token-id lists), in order."""
-        seqs = self._sequences(prompts, sampling_params)
+        ids, chunks = self._run(self._requests(prompts, sampling_params))
         final: dict[str, RequestOutput] = {}
-        for chunk in self._run(seqs):
+        for chunk in chunks:
             if chunk.finished:
                 final[chunk.request_id] = chunk
-        return [final[s.request_id] for s in seqs]
+        return [final[i] for i in ids]
 
     def stream(self, prompts, sampling_params=None) -> Iterator[RequestOutput]:
         """Yields RequestOutput chunks as tokens arrive (`delta_text` is the new text)."""
-        yield from self._run(self._sequences(prompts, sampling_params))
+        _, chunks = self._run(self._requests(prompts, sampling_params))
+        yield from chunks
 
     def _chat_prompts(self, messages) -> list[list[int]]:
         conversations = messages if messages and isinstance(messages[0], list) else [messages]

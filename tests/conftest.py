@@ -19,7 +19,7 @@ def gguf_path() -> str:
 def smollm2(gguf_path):
     from jax_infer import LLM
 
-    return LLM(model=gguf_path, max_num_seqs=8, progress=False)
+    return LLM(model=gguf_path, progress=False)
 
 
 @pytest.fixture(scope="session")

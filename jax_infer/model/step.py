@@ -57,4 +57,38 @@ def bucket(n: int, minimum: int = 16) -> int:
     return b
 
 
-__all__ = ["bucket", "forward"]
+__all__ = ["bucket", "forward", "init_paged_cache", "kv_bytes_per_token", "paged_forward"]
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("config", "dtype", "backend"),
+    donate_argnames=("cache",),
+)
+def paged_forward(params, tokens, meta, cache, *, config: ModelConfig, dtype, backend: str):
+    """One ragged step over the page pool: tokens i32[T] laid out by
+    `attention.build_metadata`. Returns (logits f32[S, V] at each sequence row's last token,
+    cache)."""
+    from jax_infer.attention import paged_attend_fn
+
+    model = Llama(config, dtype)
+    attend_fn = paged_attend_fn(meta, backend, config.sliding_window)
+    logits, cache = model.apply(
+        {"params": params},
+        tokens[None],
+        meta.positions[None],
+        cache,
+        attend_fn,
+        meta.logits_index[None],
+    )
+    return logits[0], cache
+
+
+def init_paged_cache(config: ModelConfig, num_pages: int, page_size: int, dtype=jnp.float32):
+    """Per layer (k_pages, v_pages), each [P, L, K, H]. Page 0 is the reserved null page."""
+    shape = (num_pages, page_size, config.num_kv_heads, config.head_dim)
+    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers)]
+
+
+def kv_bytes_per_token(config: ModelConfig, dtype=jnp.float32) -> int:
+    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * jnp.dtype(dtype).itemsize

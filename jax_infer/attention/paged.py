@@ -1,0 +1,154 @@
+"""Paged attention backends over a page pool, behind one interface.
+
+Each layer keeps K and V pools [P, L, K, H] (P pages of L tokens). A step first scatters the
+new tokens' K/V to their slots (`slot_mapping`), then attends every query over its sequence's
+pages, read through the block table. Backends:
+
+  reference  per-token gather of the whole sequence, dense softmax: obviously correct, slow.
+  xla        decode rows as one batched gather + einsum; prefill chunks gathered into a
+             [P_pad, Q] block with a causal mask. Plain jnp, the CPU default.
+  pallas     the ragged paged attention kernel (pallas_kernels/), for TPU/GPU.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_infer.attention.metadata import AttentionMetadata
+
+BACKENDS = ("reference", "xla", "pallas")
+
+
+def write_pages(pages, new, slot_mapping):
+    """Scatter new [T, K, H] into pages [P, L, K, H] at flat slots i32[T] (in place once
+    the pool is donated)."""
+    num_pages, page_size, kh, h = pages.shape
+    flat = pages.reshape(num_pages * page_size, kh, h)
+    flat = flat.at[slot_mapping].set(new.astype(pages.dtype))
+    return flat.reshape(num_pages, page_size, kh, h)
+
+
+def _softmax_attend(scores, mask, v_dtype):
+    scores = jnp.where(mask, scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    # A row with no visible key (padding) has NaN probabilities: zero them, its output is unused.
+    return jnp.where(jnp.isnan(probs), 0.0, probs).astype(v_dtype)
+
+
+def _gather_rows(pages, tables):
+    """pages [P, L, K, H], tables i32[R, pages] -> [R, pages * L, K, H]."""
+    g = pages[tables]
+    rows, num, page_size, kh, h = g.shape
+    return g.reshape(rows, num * page_size, kh, h)
+
+
+def reference_attention(q, k_pages, v_pages, meta: AttentionMetadata, sliding_window=None):
+    """q [T, N, H] -> [T, N, H]: each flat token gathers its own row's pages."""
+    t, n, h = q.shape
+    kh = k_pages.shape[2]
+    g = n // kh
+    cu = meta.cu_q_lens
+    flat = jnp.arange(t)
+    # Row of each flat token: the last row whose cu offset is <= the token index.
+    row = jnp.clip(jnp.searchsorted(cu[1:], flat, side="right"), 0, cu.shape[0] - 2)
+    k = _gather_rows(k_pages, meta.block_tables[row])  # [T, S, K, H]
+    v = _gather_rows(v_pages, meta.block_tables[row])
+    scores = jnp.einsum(
+        "tkgh,tskh->tkgs", q.reshape(t, kh, g, h), k, preferred_element_type=jnp.float32
+    ) / np.sqrt(h)
+    kv_pos = jnp.arange(k.shape[1])
+    pos = meta.positions
+    mask = (kv_pos[None, :] <= pos[:, None]) & (kv_pos[None, :] < meta.kv_lens[row][:, None])
+    if sliding_window is not None:
+        mask &= pos[:, None] - kv_pos[None, :] < sliding_window
+    probs = _softmax_attend(scores, mask[:, None, None, :], v.dtype)
+    return jnp.einsum("tkgs,tskh->tkgh", probs, v).reshape(t, n, h)
+
+
+def xla_attention(q, k_pages, v_pages, meta: AttentionMetadata, sliding_window=None):
+    """q [T, N, H] -> [T, N, H], decode rows and prefill chunks each in one batched einsum."""
+    t, n, h = q.shape
+    kh = k_pages.shape[2]
+    g = n // kh
+    p_pad, q_pad = meta.prefill_token_index.shape
+    d_pad = meta.block_tables.shape[0] - p_pad
+    scale = 1.0 / np.sqrt(h)
+    out = jnp.zeros((t, n, h), q.dtype)
+    s_len = meta.block_tables.shape[1] * k_pages.shape[1]
+    kv_pos = jnp.arange(s_len)
+    if d_pad:
+        # Decode row r's only query is flat token r, at the end of its sequence: causality is
+        # implied by kv_len.
+        tables = meta.block_tables[:d_pad]
+        k = _gather_rows(k_pages, tables)  # [D, S, K, H]
+        v = _gather_rows(v_pages, tables)
+        qd = q[:d_pad].reshape(d_pad, kh, g, h)
+        scores = jnp.einsum("dkgh,dskh->dkgs", qd, k, preferred_element_type=jnp.float32)
+        mask = kv_pos[None, :] < meta.kv_lens[:d_pad, None]  # bool[D, S]
+        if sliding_window is not None:
+            mask &= meta.positions[:d_pad, None] - kv_pos[None, :] < sliding_window
+        probs = _softmax_attend(scores * scale, mask[:, None, None, :], v.dtype)
+        od = jnp.einsum("dkgs,dskh->dkgh", probs, v).reshape(d_pad, n, h)
+        out = out.at[:d_pad].set(od)
+    if p_pad:
+        index = meta.prefill_token_index  # i32[P, Q], t for padding
+        tables = meta.block_tables[d_pad:]
+        k = _gather_rows(k_pages, tables)  # [P, S, K, H]
+        v = _gather_rows(v_pages, tables)
+        qp = jnp.take(q, index, axis=0, mode="fill", fill_value=0)  # [P, Q, N, H]
+        qpos = jnp.take(meta.positions, index, mode="fill", fill_value=-1)  # i32[P, Q]
+        scores = jnp.einsum(
+            "pqkgh,pskh->pkgqs",
+            qp.reshape(p_pad, q_pad, kh, g, h),
+            k,
+            preferred_element_type=jnp.float32,
+        )
+        mask = kv_pos[None, None, :] <= qpos[:, :, None]  # bool[P, Q, S]
+        mask &= kv_pos[None, None, :] < meta.kv_lens[d_pad:, None, None]
+        if sliding_window is not None:
+            mask &= qpos[:, :, None] - kv_pos[None, None, :] < sliding_window
+        probs = _softmax_attend(scores * scale, mask[:, None, None], v.dtype)
+        op = jnp.einsum("pkgqs,pskh->pqkgh", probs, v).reshape(p_pad, q_pad, n, h)
+        out = out.at[index].set(op, mode="drop")
+    return out
+
+
+def pallas_attention(q, k_pages, v_pages, meta: AttentionMetadata, sliding_window=None):
+    from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+
+    return ragged_paged_attention(
+        q,
+        k_pages,
+        v_pages,
+        meta.kv_lens,
+        meta.block_tables,
+        meta.cu_q_lens,
+        meta.num_seqs,
+        sliding_window=sliding_window,
+    )
+
+
+ATTENTION = {"reference": reference_attention, "xla": xla_attention, "pallas": pallas_attention}
+
+
+def default_backend() -> str:
+    """Pallas where a compiler for it exists, the jnp path on CPU."""
+    return "xla" if jax.default_backend() == "cpu" else "pallas"
+
+
+def paged_attend_fn(meta: AttentionMetadata, backend: str, sliding_window: int | None):
+    """attend_fn for the model over a paged cache: (k_pages, v_pages) per layer."""
+    if backend not in ATTENTION:
+        raise ValueError(f"attention backend={backend!r} is not one of {BACKENDS}")
+    attention = ATTENTION[backend]
+
+    def attend_fn(q, k, v, layer_cache):
+        # The model runs the flat tokens as a batch of one: [1, T, heads, H].
+        k_pages = write_pages(layer_cache[0], k[0], meta.slot_mapping)
+        v_pages = write_pages(layer_cache[1], v[0], meta.slot_mapping)
+        out = attention(q[0], k_pages, v_pages, meta, sliding_window)
+        return out.reshape(1, q.shape[1], -1), (k_pages, v_pages)
+
+    return attend_fn

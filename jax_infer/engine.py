@@ -1,0 +1,324 @@
+"""The continuous-batching engine: a paged KV cache, a ragged step, and a host scheduler.
+
+    engine = LLMEngine(config, params, tokenizer, dtype=jnp.float32, max_model_len=2048)
+    engine.add_request("r1", "Hello", SamplingParams(max_tokens=16))
+    while engine.has_unfinished_requests():
+        for chunk in engine.step():
+            print(chunk.request_id, chunk.delta_text)
+
+Each `step()` asks the scheduler what to compute (decodes first, then prefill chunks under
+a token budget), lays the tokens out flat with `attention.build_metadata` (every dimension
+bucketed, so serving compiles a bounded set of programs), runs one jitted `paged_forward`
+over the page pool (donated, updated in place), samples a token for every request whose chunk
+reached its end, applies the stop rules (`outputs.SequenceState`) and reports back to the
+scheduler. A bad request is refused by `add_request` with a ValueError and never reaches the
+batch; aborting frees its pages at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_infer.attention import BACKENDS, build_metadata, default_backend
+from jax_infer.config import ModelConfig
+from jax_infer.model.step import init_paged_cache, kv_bytes_per_token, paged_forward
+from jax_infer.outputs import RequestOutput, SequenceState, logprob_entry
+from jax_infer.sampling import (
+    SamplerFlags,
+    SamplingMetadata,
+    SamplingParams,
+    min_tokens_banned_ids,
+    sample,
+)
+from jax_infer.scheduler import Request, Scheduler
+from jax_infer.tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def prepare_prompt(prompt, params, tokenizer, vocab_size: int, max_model_len: int):
+    """Validate one request; returns (prompt text or None, token ids). Raises ValueError
+    naming what is wrong, before the request touches any engine state."""
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+    if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+        prompt = prompt["prompt_token_ids"]
+    if isinstance(prompt, str):
+        text, ids = prompt, tokenizer.encode(prompt)
+    else:
+        text = None
+        try:
+            ids = list(prompt)
+        except TypeError:
+            raise ValueError(
+                f"prompt must be a string or a list of token ids, got {type(prompt).__name__}"
+            ) from None
+        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in ids):
+            raise ValueError(f"prompt token ids must be ints; got {ids[:8]!r}")
+        ids = [int(t) for t in ids]
+    if not ids:
+        raise ValueError("prompt is empty: a request needs at least one prompt token")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+    if len(ids) + params.max_tokens > max_model_len:
+        raise ValueError(
+            f"prompt of {len(ids)} tokens + max_tokens={params.max_tokens} exceeds "
+            f"max_model_len={max_model_len}"
+        )
+    return text, ids
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Serving knobs (vLLM names where vLLM has one).
+
+    kv_cache_gb sizes the page pool unless num_pages is given; page 0 is reserved.
+    """
+
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 512
+    page_size: int = 16
+    kv_cache_gb: float = 1.0
+    num_pages: int | None = None
+    enable_prefix_caching: bool = True
+    long_prefill_chunk: int | None = None
+    attention_backend: str | None = None  # None: pallas on TPU/GPU, xla on CPU
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "page_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"EngineConfig.{name}={value!r} is invalid: must be an int >= 1")
+        if not (isinstance(self.kv_cache_gb, (int, float)) and self.kv_cache_gb > 0):
+            raise ValueError(f"EngineConfig.kv_cache_gb={self.kv_cache_gb!r} must be > 0")
+        if self.num_pages is not None and (
+            not isinstance(self.num_pages, int) or self.num_pages < 2
+        ):
+            raise ValueError(f"EngineConfig.num_pages={self.num_pages!r} must be an int >= 2")
+        if self.attention_backend is not None and self.attention_backend not in BACKENDS:
+            raise ValueError(
+                f"EngineConfig.attention_backend={self.attention_backend!r} is not one of "
+                f"{BACKENDS} (or None for the platform default)"
+            )
+
+
+class LLMEngine:
+    """Owns params and the page pool; turns scheduler output into jitted steps."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        params,
+        tokenizer: Tokenizer,
+        *,
+        dtype=jnp.float32,
+        max_model_len: int,
+        engine_config: EngineConfig | None = None,
+        seed: int = 0,
+        cache_dtype=None,
+    ):
+        self.config = config
+        self.params = params
+        self.tokenizer = tokenizer
+        self.dtype = dtype
+        self.cache_dtype = cache_dtype or dtype
+        self.max_model_len = max_model_len
+        ec = engine_config or EngineConfig()
+        self.engine_config = ec
+        self.backend = ec.attention_backend or default_backend()
+        per_token = kv_bytes_per_token(config, self.cache_dtype)
+        num_pages = ec.num_pages
+        if num_pages is None:
+            num_pages = int(ec.kv_cache_gb * 2**30) // (per_token * ec.page_size)
+        # Raises (naming the numbers) when one max_model_len request cannot fit.
+        self.scheduler = Scheduler(
+            num_pages=num_pages,
+            page_size=ec.page_size,
+            max_num_seqs=ec.max_num_seqs,
+            max_num_batched_tokens=ec.max_num_batched_tokens,
+            max_model_len=max_model_len,
+            enable_prefix_caching=ec.enable_prefix_caching,
+            long_prefill_chunk=ec.long_prefill_chunk,
+        )
+        self.num_pages = num_pages
+        capacity = (num_pages - 1) * ec.page_size
+        log.info(
+            "KV cache: %d pages of %d tokens = %d tokens (%.2f GB); %.1f requests of "
+            "max_model_len=%d fit at once",
+            num_pages,
+            ec.page_size,
+            capacity,
+            num_pages * ec.page_size * per_token / 1e9,
+            capacity / max_model_len,
+            max_model_len,
+        )
+        self.cache = init_paged_cache(config, num_pages, ec.page_size, self.cache_dtype)
+        self.states: dict[str, SequenceState] = {}
+        self._rng = np.random.default_rng(seed)
+        self._next_id = 0
+        self.num_steps = 0
+        self.num_preemptions = 0
+
+    # -- requests ----------------------------------------------------------------------
+
+    def add_request(
+        self, prompt, sampling_params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
+        """Queue a request (text or token ids); returns its id. Raises ValueError for a bad
+        request without touching the others."""
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        text, ids = prepare_prompt(
+            prompt, params, self.tokenizer, self.config.vocab_size, self.max_model_len
+        )
+        return self.add_prepared(text, ids, params, request_id)
+
+    def add_prepared(
+        self, text: str | None, ids: list[int], params: SamplingParams, request_id=None
+    ) -> str:
+        """add_request for a prompt already checked by `prepare_prompt`."""
+        if request_id is None:
+            request_id = f"req-{self._next_id}"
+            self._next_id += 1
+        if request_id in self.states:
+            raise ValueError(f"request_id={request_id!r} is already in use")
+        seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**32))
+        detok = IncrementalDetokenizer(
+            self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens
+        )
+        state = SequenceState(
+            request_id, text, ids, params, seed % 2**32, detok, self.tokenizer.eos_token_ids
+        )
+        self.scheduler.add_request(Request(request_id, ids, params.max_tokens, payload=state))
+        self.states[request_id] = state
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now; its pages are freed at once. False if it is unknown/finished."""
+        return self.scheduler.abort(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.states)
+
+    # -- one step ----------------------------------------------------------------------
+
+    def _end(self, request_id: str, reason: str, error: str | None = None) -> RequestOutput | None:
+        state = self.states.pop(request_id, None)
+        if state is None:
+            return None
+        if not state.finished:
+            state.finish(reason, error=error)
+        return state.chunk()
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled step; returns a chunk for every request that changed."""
+        out = self.scheduler.schedule()
+        outputs = []
+        # Aborted requests, and requests the scheduler found can never fit (errors).
+        for req in self.scheduler.pop_finished():
+            chunk = self._end(req.request_id, req.status.finish_reason or "error", req.error)
+            if chunk is not None:
+                outputs.append(chunk)
+        self.num_preemptions += len(out.preempted)
+        if out.is_empty:
+            return outputs
+        self.num_steps += 1
+        scheduled = out.scheduled
+        meta, order, offsets = build_metadata(
+            [s.start for s in scheduled],
+            [len(s.token_ids) for s in scheduled],
+            [s.block_table for s in scheduled],
+            self.engine_config.page_size,
+        )
+        tokens = np.zeros(meta.positions.shape[0], np.int32)
+        for s, off in zip(scheduled, offsets):
+            tokens[off : off + len(s.token_ids)] = s.token_ids
+        logits, self.cache = paged_forward(
+            self.params,
+            jnp.asarray(tokens),
+            jax.tree.map(jnp.asarray, meta),
+            self.cache,
+            config=self.config,
+            dtype=self.dtype,
+            backend=self.backend,
+        )
+        sampled, finished = self._sample(logits, scheduled, order, outputs)
+        for req in self.scheduler.update(out, sampled, finished):
+            chunk = self._end(req.request_id, req.status.finish_reason or "length", req.error)
+            if chunk is not None and req.request_id not in finished:
+                outputs.append(chunk)
+        return outputs
+
+    def _sample(self, logits, scheduled, order, outputs):
+        """Sample for rows whose chunk reached the end of their known tokens."""
+        rows = len(order)
+        row_params: list[SamplingParams | None] = [None] * rows
+        seeds, steps = [0] * rows, [0] * rows
+        states: list[SequenceState | None] = [None] * rows
+        for r, i in enumerate(order):
+            if i >= 0 and scheduled[i].sample:
+                st = self.states[scheduled[i].request_id]
+                states[r], row_params[r] = st, st.params
+                seeds[r], steps[r] = st.seed, len(st.out_ids)
+        flags = SamplerFlags.for_batch(row_params)
+        vocab = self.config.vocab_size
+        if flags.use_penalties:
+            counts = np.zeros((rows, vocab), np.int32)
+            prompt_mask = np.zeros((rows, vocab), bool)
+            for r, st in enumerate(states):
+                if st is not None:
+                    np.add.at(counts[r], st.out_ids, 1)
+                    prompt_mask[r, st.prompt_ids] = True
+        else:
+            counts = np.zeros((rows, 1), np.int32)
+            prompt_mask = np.zeros((rows, 1), bool)
+        num_generated = [len(st.out_ids) if st is not None else 0 for st in states]
+        eos = sorted(self.tokenizer.eos_token_ids)
+        banned = min_tokens_banned_ids(row_params, num_generated, eos, rows)
+        res = sample(
+            logits,
+            SamplingMetadata.build(row_params, seeds, steps, rows),
+            jnp.asarray(counts),
+            jnp.asarray(prompt_mask),
+            flags=flags,
+            banned_ids=None if banned is None else jnp.asarray(banned),
+        )
+        token_ids = np.asarray(res.token_ids)
+        lp_rows = None
+        if flags.num_logprobs >= 0:
+            lp_rows = (
+                np.asarray(res.logprob),
+                np.asarray(res.top_ids),
+                np.asarray(res.top_logprobs),
+            )
+        sampled: dict[str, list[int]] = {}
+        finished: dict[str, str] = {}
+        for r, st in enumerate(states):
+            if st is None:
+                continue
+            tok = int(token_ids[r])
+            st.append(tok, logprob_entry(tok, st.params.logprobs, r, lp_rows), self.max_model_len)
+            sampled[st.request_id] = [tok]
+            if st.finished:
+                finished[st.request_id] = st.finish_reason
+                del self.states[st.request_id]
+            outputs.append(st.chunk())
+        return sampled, finished
+
+    # -- introspection -------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        return {
+            "num_steps": self.num_steps,
+            "num_preemptions": self.num_preemptions,
+            "kv_usage": self.scheduler.kv_usage(),
+            "prefix_hit_rate": self.scheduler.prefix_hit_rate(),
+            "num_pages": self.num_pages,
+            "num_waiting": self.scheduler.num_waiting(),
+            "num_running": self.scheduler.num_running(),
+        }
