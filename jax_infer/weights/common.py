@@ -2,6 +2,11 @@
 
 Loaders stream tensors one at a time into a `ParamsBuilder`, which converts each and keeps
 only the result, so at most the source (often a memory map) and one converted copy exist.
+
+Given a mesh, the builder creates each parameter directly in its sharding
+(`jax_infer.sharding`): every device receives only its own slice, read from the source by
+index, so no device holds a whole split tensor, and from a lazy source (a safetensors slice)
+the host reads only the slices its devices hold.
 """
 
 from __future__ import annotations
@@ -9,10 +14,12 @@ from __future__ import annotations
 import sys
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jax_infer.config import ModelConfig
+from jax_infer.sharding import param_sharding
 from jax_infer.weights.names import expected_shapes
 
 
@@ -65,31 +72,105 @@ class Progress:
             sys.stderr.flush()
 
 
-class ParamsBuilder:
-    """Collects converted tensors under their params paths, checking shapes as they come."""
+def transformed_shape(shape: tuple[int, ...], tag: str) -> tuple[int, ...]:
+    """Shape of `transform(w, tag)` for a source of this shape, without reading it."""
+    return shape[::-1] if tag.startswith("T") else shape
 
-    def __init__(self, config: ModelConfig, dtype, source: str, progress: bool = True):
+
+def source_shape(source) -> tuple[int, ...]:
+    """Shape of a numpy array or of a lazy safetensors slice (`get_shape()`)."""
+    if hasattr(source, "shape"):
+        return tuple(int(n) for n in source.shape)
+    return tuple(int(n) for n in source.get_shape())
+
+
+def block_reader(source, tag: str, config: ModelConfig, dtype):
+    """index (a tuple of slices into the converted tensor) -> that block, converted.
+
+    "copy" and "T" blocks are read from the matching source block, so a lazy source reads
+    only that block; the q/k row permutations (GGUF, already in memory) convert the whole
+    tensor once. Blocks are memoized: replicas of a block are read once.
+    """
+    whole = None
+    blocks: dict[tuple, np.ndarray] = {}
+
+    def read(index: tuple) -> np.ndarray:
+        nonlocal whole
+        key = tuple((s.start, s.stop, s.step) for s in index)
+        if key not in blocks:
+            if tag == "copy":
+                block = source[index]
+            elif tag == "T":
+                block = source[index[::-1]].T
+            else:
+                if whole is None:
+                    everything = tuple(slice(None) for _ in index)
+                    whole = transform(np.asarray(source[everything]), tag, config)
+                block = whole[index]
+            blocks[key] = np.ascontiguousarray(block, dtype=dtype)
+        return blocks[key]
+
+    return read
+
+
+class ParamsBuilder:
+    """Collects converted tensors under their params paths, checking shapes as they come.
+
+    `put` takes a numpy array, or with a mesh also a lazy source (a safetensors slice); with
+    `mesh` set every parameter is created in its `jax_infer.sharding` sharding under `rules`.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        dtype,
+        source: str,
+        progress: bool = True,
+        *,
+        mesh=None,
+        rules=None,
+    ):
         self.config = config
         self.dtype = jnp.dtype(dtype)
         self.source = source
         self.expected = expected_shapes(config)
         self.flat: dict[str, jnp.ndarray] = {}
         self.progress = Progress(len(self.expected), f"loading {source}", progress)
+        self.mesh = mesh
+        self.rules = rules
 
-    def put(self, path: str, array: np.ndarray, tag: str, src_name: str):
+    def _check_path(self, path: str, src_name: str):
         if path not in self.expected:
             raise WeightsError(
                 f"{self.source}: tensor {src_name!r} maps to {path!r}, which this config does "
                 "not have (wrong architecture or config?)"
             )
-        array = transform(np.asarray(array), tag, self.config)
+
+    def _check_shape(self, path: str, shape: tuple[int, ...], src_name: str):
         want = self.expected[path]
-        if tuple(array.shape) != want:
+        if shape != want:
             raise WeightsError(
-                f"{self.source}: tensor {src_name!r} has shape {tuple(array.shape)} after "
+                f"{self.source}: tensor {src_name!r} has shape {shape} after "
                 f"conversion, but the config expects {want} for {path!r}"
             )
+
+    def put(self, path: str, array, tag: str, src_name: str):
+        if self.mesh is not None:
+            self._put_sharded(path, array, tag, src_name)
+            return
+        self._check_path(path, src_name)
+        array = transform(np.asarray(array), tag, self.config)
+        self._check_shape(path, tuple(array.shape), src_name)
         self.flat[path] = jnp.asarray(array, dtype=self.dtype)
+        self.progress.step()
+
+    def _put_sharded(self, path: str, source, tag: str, src_name: str):
+        self._check_path(path, src_name)
+        shape = transformed_shape(source_shape(source), tag)
+        self._check_shape(path, shape, src_name)
+        sharding = param_sharding(path, shape, self.config, self.mesh, self.rules)
+        read = block_reader(source, tag, self.config, self.dtype)
+        self.flat[path] = jax.make_array_from_callback(shape, sharding, read, dtype=self.dtype)
         self.progress.step()
 
     def finish(self) -> dict:

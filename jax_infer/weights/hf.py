@@ -1,4 +1,8 @@
-"""Load an HF model directory: config.json plus one or many (indexed) safetensors files."""
+"""Load an HF model directory: config.json plus one or many (indexed) safetensors files.
+
+With a mesh, tensors are not read whole: each one is handed to the builder as a lazy
+safetensors slice over the file's memory map, and each device's block is read from it.
+"""
 
 from __future__ import annotations
 
@@ -29,12 +33,24 @@ def safetensors_files(path: str) -> list[str]:
     return paths
 
 
-def load_hf(path: str, dtype="float32", progress: bool = True) -> tuple[ModelConfig, dict]:
+def load_hf(
+    path: str, dtype="float32", progress: bool = True, *, mesh=None, rules=None
+) -> tuple[ModelConfig, dict]:
+    """(config, params). mesh (a `jax_infer.sharding.make_mesh` Mesh) creates every parameter
+    directly in its sharding under `rules` (default `sharding.DEFAULT_RULES`); without one,
+    params are whole arrays on the default device."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"HF model directory not found: {path!r}")
     config = ModelConfig.from_hf_config(path)
     names = expand(HF_NAMES, config.num_layers)
-    builder = ParamsBuilder(config, dtype, os.path.basename(os.path.normpath(path)), progress)
+    builder = ParamsBuilder(
+        config,
+        dtype,
+        os.path.basename(os.path.normpath(path)),
+        progress,
+        mesh=mesh,
+        rules=rules,
+    )
     for file in safetensors_files(path):
         try:
             handle = safe_open(file, framework="numpy")
@@ -50,7 +66,8 @@ def load_hf(path: str, dtype="float32", progress: bool = True) -> tuple[ModelCon
                     raise WeightsError(f"{file}: unexpected tensor {name!r} for {config.family}")
                 dst, tag = names[name]
                 try:
-                    tensor = f.get_tensor(name)
+                    # A slice reads nothing yet; the builder reads each device's block.
+                    tensor = f.get_tensor(name) if mesh is None else f.get_slice(name)
                 except (SafetensorError, OSError) as e:
                     raise WeightsError(f"{file}: tensor {name!r} is unreadable: {e}") from e
                 builder.put(dst, tensor, tag, name)

@@ -1,0 +1,455 @@
+"""Sharding: logical axis names on every array, one rules table, and the mesh they map onto.
+
+Model code never names a device. Each parameter and cache array carries *logical* axes
+(`("embed", "q_heads")` for wq); `DEFAULT_RULES`, the one table, maps logical axes to the two
+mesh axes `data` and `model`; `NamedSharding`s are derived from the two. Changing the
+parallelism layout means changing the table (or passing another), never the model. Inside
+`jit`, XLA's SPMD partitioner propagates these input shardings through the program and
+inserts every collective: there is no hand-written communication.
+
+Layout (Megatron-style tensor parallelism over `model`, data parallelism over `data`):
+
+    embed   [V, D]       ("vocab", "embed")      split by vocabulary
+    wq      [D, N*H]     ("embed", "q_heads")    column-parallel, split by query heads
+    wk, wv  [D, K*H]     ("embed", "kv_heads")   column-parallel, split by kv heads
+    wo      [N*H, D]     ("q_heads", "embed")    row-parallel: partial sums, one all-reduce
+    w_gate, w_up [D, F]  ("embed", "mlp")        column-parallel, split by channels
+    w_down  [F, D]       ("mlp", "embed")        row-parallel: one all-reduce
+    norms   [D]          ("embed",)              replicated
+    lm_head [D, V]       ("embed", "vocab")      split by vocabulary
+    cache k, v [B, S, K, H]  ("batch", "seq", "kv_heads", "head_dim")
+
+Head-split rule. A dimension labelled `q_heads` / `kv_heads` is split only at head
+boundaries: it is sharded over `model` only when the number of heads (N, resp. K) divides
+the mesh axis size, and is replicated otherwise. Why not shard the flat N*H dimension
+whenever it divides: a split inside a head cuts both the [N*H] -> [N, H] reshape and RoPE's
+rotate-half pairing (dims h and h + H/2), so XLA would have to re-shard q, k and v inside
+every layer; replicating costs memory and redundant attention FLOPs but no communication.
+Since N = K * G, kv heads that split imply query heads that split; the converse does not
+hold, and then K/V projections and the cache are replicated over `model` while queries
+are split (each device holds every kv head it needs, as vLLM does when tp > K). SmolLM2
+(N=9, K=3) at model=3 splits both; at model=2 or 4 its attention is replicated and its MLP
+(F=1536), embedding and LM head (V=49152) are still split.
+
+The same fallback holds for every axis: a dimension whose size the mesh axis does not
+divide (a vocabulary of 97, a batch of 3 over data=2) is replicated, so any model runs on
+any mesh, only less split. A mesh axis of size 1 is never named in a spec, so a spec says
+exactly which dimensions are split.
+
+Quantized and other structured leaves. A leaf's logical axes come from its path and shape
+alone (`logical_axes`): the parameter is the last path component that names one
+(`layers_0/wq/scales` -> wq), and the leaf's dims are aligned with the weight's axes the
+way numpy broadcasting aligns them, from the right, with size-1 dims unnamed. So int8
+values [D, N*H] carry ("embed", "q_heads"), per-output-channel scales [N*H] or [1, N*H]
+carry the output axis, and a new leaf layout needs no new rule. Under `jit` every layout
+is numerically the same program; the rules only decide where bytes live and what moves.
+
+Multi-host: `initialize_distributed` must run before anything touches the backend; the
+mesh then spans every process's devices, and the sharded loaders
+(`load_hf(..., mesh=...)`) read on each host only the slices its devices hold.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jax_infer.config import ModelConfig
+
+DATA, MODEL = "data", "model"
+MESH_AXES = (DATA, MODEL)
+
+# Logical axis -> mesh axis (a name, a tuple of names, or None for replicated).
+Rules = Mapping[str, "str | tuple[str, ...] | None"]
+
+DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": DATA,
+    "vocab": MODEL,
+    "q_heads": MODEL,
+    "kv_heads": MODEL,
+    "mlp": MODEL,
+    "embed": None,
+    "seq": None,
+    "head_dim": None,
+    "pages": None,
+    "page": None,
+}
+
+# Parameter name (last path component naming a weight) -> logical axes of the weight.
+PARAM_AXES: dict[str, tuple[str, ...]] = {
+    "embed": ("vocab", "embed"),
+    "lm_head": ("embed", "vocab"),
+    "final_norm": ("embed",),
+    "attn_norm": ("embed",),
+    "mlp_norm": ("embed",),
+    "wq": ("embed", "q_heads"),
+    "wk": ("embed", "kv_heads"),
+    "wv": ("embed", "kv_heads"),
+    "wo": ("q_heads", "embed"),
+    "bq": ("q_heads",),
+    "bk": ("kv_heads",),
+    "bv": ("kv_heads",),
+    "w_gate": ("embed", "mlp"),
+    "w_up": ("embed", "mlp"),
+    "w_down": ("mlp", "embed"),
+}
+
+# The contiguous cache of model/llama.py: per layer (k, v), each [B, S, K, H].
+CACHE_AXES = ("batch", "seq", "kv_heads", "head_dim")
+# A page pool [P, L, K, H]: split by kv heads only; pages are shared by every sequence
+# through the block tables, so the pool has no batch axis to split over `data`.
+PAGED_CACHE_AXES = ("pages", "page", "kv_heads", "head_dim")
+
+
+# -- mesh ------------------------------------------------------------------------------
+
+
+def _check_size(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}={value!r} is invalid: must be an int >= 1")
+
+
+def make_mesh(data: int = 1, model: int = 1, devices: Sequence | None = None) -> Mesh:
+    """A (data, model) mesh.
+
+    devices=None takes all devices when data * model equals their number (ordered by
+    `mesh_utils.create_device_mesh`, which puts `model`, the chattier axis, on the fastest
+    links), or the first data * model of them on a single process (tests, partial use of a
+    host). Explicit devices must number exactly data * model.
+    """
+    _check_size("data", data)
+    _check_size("model", model)
+    n = data * model
+    if devices is None:
+        available = jax.devices()
+        if n == len(available):
+            from jax.experimental import mesh_utils
+
+            grid = mesh_utils.create_device_mesh((data, model), available)
+            return Mesh(grid, MESH_AXES)
+        if n > len(available) or jax.process_count() > 1:
+            raise ValueError(
+                f"mesh data={data} x model={model} needs {n} devices; this "
+                f"{'job' if jax.process_count() > 1 else 'process'} has {len(available)} "
+                "(a multi-process mesh must use every device)"
+            )
+        devices = available[:n]
+    devices = list(devices)
+    if len(devices) != n:
+        raise ValueError(
+            f"devices has {len(devices)} entries, but mesh data={data} x model={model} "
+            f"needs exactly {n}"
+        )
+    return Mesh(np.array(devices, dtype=object).reshape(data, model), MESH_AXES)
+
+
+# -- logical axes ----------------------------------------------------------------------
+
+
+def path_str(keypath) -> str:
+    """'layers_0/wq/values' for a jax key path (dict keys, attribute names, indices)."""
+    parts = []
+    for key in keypath:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def logical_axes(path: str, shape: Sequence[int]) -> tuple[str | None, ...]:
+    """Logical axes of the params leaf at `path` ('layers_3/w_up', 'layers_0/wq/scales').
+
+    The weight is the last path component in `PARAM_AXES`; the leaf's dims align with the
+    weight's axes from the right (numpy broadcasting), extra leading dims and size-1 dims
+    unnamed.
+    """
+    weight = next((p for p in reversed(path.split("/")) if p in PARAM_AXES), None)
+    if weight is None:
+        raise ValueError(
+            f"params leaf {path!r} names no known parameter, so it has no logical axes: "
+            f"known are {sorted(PARAM_AXES)}"
+        )
+    axes = PARAM_AXES[weight]
+    rank = len(shape)
+    aligned = (None,) * max(rank - len(axes), 0) + axes[max(len(axes) - rank, 0) :]
+    return tuple(None if size == 1 else a for a, size in zip(aligned, shape))
+
+
+def head_units(config: ModelConfig) -> dict[str, int]:
+    """Logical axes that may only be split at whole units: the head counts N and K."""
+    return {"q_heads": config.num_heads, "kv_heads": config.num_kv_heads}
+
+
+def logical_to_spec(
+    axes: Sequence[str | None],
+    shape: Sequence[int],
+    mesh_shape: Mapping[str, int],
+    rules: Rules | None = None,
+    units: Mapping[str, int] | None = None,
+) -> PartitionSpec:
+    """PartitionSpec for an array with these logical axes.
+
+    A dim is split over its rule's mesh axes only when their total size (ways) divides both
+    the dim and its unit count (`units`, e.g. heads), each mesh axis at most once per array;
+    otherwise the dim is replicated. Mesh axes of size 1 are left out.
+    """
+    rules = DEFAULT_RULES if rules is None else rules
+    units = {} if units is None else units
+    if len(axes) != len(shape):
+        raise ValueError(f"axes={tuple(axes)} has {len(axes)} entries for shape {tuple(shape)}")
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(axes, shape):
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in rules:
+            raise ValueError(
+                f"logical axis {name!r} has no entry in rules: the rules map {sorted(rules)}"
+            )
+        target = rules[name]
+        mesh_axes = () if target is None else (target,) if isinstance(target, str) else target
+        for a in mesh_axes:
+            if a not in mesh_shape:
+                raise ValueError(
+                    f"rules[{name!r}]={target!r} names mesh axis {a!r}; the mesh has "
+                    f"{tuple(mesh_shape)}"
+                )
+        mesh_axes = tuple(a for a in mesh_axes if mesh_shape[a] > 1)
+        ways = math.prod(mesh_shape[a] for a in mesh_axes)
+        if not mesh_axes or used & set(mesh_axes) or size % ways or units.get(name, size) % ways:
+            spec.append(None)
+            continue
+        used.update(mesh_axes)
+        spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+    return PartitionSpec(*spec)
+
+
+def named_sharding(
+    axes: Sequence[str | None],
+    shape: Sequence[int],
+    mesh: Mesh,
+    rules: Rules | None = None,
+    config: ModelConfig | None = None,
+) -> NamedSharding:
+    """NamedSharding for any array with logical axes (inputs such as tokens: ("batch", None))."""
+    units = head_units(config) if config is not None else None
+    return NamedSharding(mesh, logical_to_spec(axes, shape, mesh.shape, rules, units))
+
+
+# -- parameters and cache --------------------------------------------------------------
+
+
+def param_sharding(
+    path: str, shape: Sequence[int], config: ModelConfig, mesh: Mesh, rules: Rules | None = None
+) -> NamedSharding:
+    """Sharding of one params leaf, from its path and shape (what the loaders use)."""
+    return named_sharding(logical_axes(path, shape), shape, mesh, rules, config)
+
+
+def param_specs(
+    params, config: ModelConfig, mesh_shape: Mapping[str, int], rules: Rules | None = None
+):
+    """PartitionSpecs for a params pytree: needs only mesh axis sizes, no devices."""
+    units = head_units(config)
+
+    def spec(keypath, leaf):
+        path = path_str(keypath)
+        return logical_to_spec(logical_axes(path, leaf.shape), leaf.shape, mesh_shape, rules, units)
+
+    return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def param_shardings(params, config: ModelConfig, mesh: Mesh, rules: Rules | None = None):
+    """NamedShardings for a params pytree (plain arrays or quantized NamedTuple leaves)."""
+
+    def to_sharding(spec):
+        return NamedSharding(mesh, spec)
+
+    specs = param_specs(params, config, mesh.shape, rules)
+    return jax.tree.map(to_sharding, specs, is_leaf=_is_spec)
+
+
+def shard_params(params, config: ModelConfig, mesh: Mesh, rules: Rules | None = None):
+    """Params placed on the mesh. The source arrays are read whole here; loading with
+    `load_hf(..., mesh=...)` instead creates each device's slice directly."""
+    return jax.device_put(params, param_shardings(params, config, mesh, rules))
+
+
+def cache_shardings(
+    cache,
+    config: ModelConfig,
+    mesh: Mesh,
+    rules: Rules | None = None,
+    axes: Sequence[str | None] = CACHE_AXES,
+):
+    """NamedShardings for a cache pytree whose every leaf has logical `axes` (default: the
+    contiguous [B, S, K, H] cache; a paged cache passes its own)."""
+    units = head_units(config)
+
+    def to_sharding(leaf):
+        return NamedSharding(mesh, logical_to_spec(axes, leaf.shape, mesh.shape, rules, units))
+
+    return jax.tree.map(to_sharding, cache)
+
+
+def shard_cache(
+    cache,
+    config: ModelConfig,
+    mesh: Mesh,
+    rules: Rules | None = None,
+    axes: Sequence[str | None] = CACHE_AXES,
+):
+    return jax.device_put(cache, cache_shardings(cache, config, mesh, rules, axes))
+
+
+def init_sharded_cache(
+    config: ModelConfig,
+    batch: int,
+    max_len: int,
+    mesh: Mesh,
+    rules: Rules | None = None,
+    dtype=jnp.float32,
+):
+    """`model.llama.init_cache`, created directly in its sharding (no full copy anywhere)."""
+    # Imported here: the weight loaders import this module and need no model code.
+    from jax_infer.model.llama import init_cache
+
+    def zeros():
+        return init_cache(config, batch, max_len, dtype)
+
+    shardings = cache_shardings(jax.eval_shape(zeros), config, mesh, rules)
+    return jax.jit(zeros, out_shardings=shardings)()
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, PartitionSpec)
+
+
+# -- launch ----------------------------------------------------------------------------
+
+
+def _launched_multiprocess() -> bool:
+    """Whether a launcher started several processes: jax's own JAX_COORDINATOR_ADDRESS, or
+    a Slurm / Open MPI job of more than one task (jax's cluster detection reads the rest)."""
+    if "JAX_COORDINATOR_ADDRESS" in os.environ:
+        return True
+    for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+        value = os.environ.get(name, "1")
+        if value.isdigit() and int(value) > 1:
+            return True
+    return False
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    auto_detect: bool = False,
+) -> bool:
+    """Start `jax.distributed` for a multi-process job; returns whether it is running.
+
+    A no-op (False) for a single process: num_processes == 1, or nothing given, auto_detect
+    off and no multi-process launcher (JAX_COORDINATOR_ADDRESS, Slurm or Open MPI with more
+    than one task). Otherwise
+    unset values are auto-detected by jax (TPU pods, Slurm, Open MPI). Must run before
+    anything touches the jax backend (jax.devices(), any computation).
+    """
+    if jax.distributed.is_initialized():
+        return True
+    if num_processes is not None:
+        _check_size("num_processes", num_processes)
+        if num_processes == 1:
+            return False
+    if process_id is not None and (
+        not isinstance(process_id, int)
+        or process_id < 0
+        or (num_processes is not None and process_id >= num_processes)
+    ):
+        raise ValueError(
+            f"process_id={process_id!r} is invalid: must be an int in [0, num_processes="
+            f"{num_processes})"
+        )
+    given = (coordinator_address, num_processes, process_id) != (None, None, None)
+    if not (given or auto_detect or _launched_multiprocess()):
+        return False
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    return True
+
+
+def define_flags(flag_values=None) -> None:
+    """Define --mesh_data, --mesh_model and the multi-process flags (scripts call this once)."""
+    from absl import flags
+
+    fv = flags.FLAGS if flag_values is None else flag_values
+    flags.DEFINE_integer(
+        "mesh_data", 1, "data-parallel mesh size (batch split)", lower_bound=1, flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "mesh_model",
+        1,
+        "tensor-parallel mesh size (heads, MLP channels, vocabulary)",
+        lower_bound=1,
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "coordinator_address", None, "host:port of process 0 (multi-process)", flag_values=fv
+    )
+    flags.DEFINE_integer("num_processes", None, "processes in the job", flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "this process, in [0, num_processes)", flag_values=fv)
+    flags.DEFINE_bool(
+        "distributed",
+        False,
+        "start jax.distributed, auto-detecting unset values (TPU pod, Slurm, Open MPI)",
+        flag_values=fv,
+    )
+
+
+def mesh_from_flags(flag_values=None) -> Mesh | None:
+    """Starts jax.distributed if the flags ask for it, then builds the mesh; None for a 1x1
+    mesh on one process, so a default run takes the unsharded path unchanged."""
+    from absl import flags
+
+    fv = flags.FLAGS if flag_values is None else flag_values
+    initialize_distributed(
+        fv.coordinator_address, fv.num_processes, fv.process_id, auto_detect=fv.distributed
+    )
+    if fv.mesh_data == fv.mesh_model == 1 and jax.process_count() == 1:
+        return None
+    return make_mesh(fv.mesh_data, fv.mesh_model)
+
+
+__all__ = [
+    "CACHE_AXES",
+    "DATA",
+    "DEFAULT_RULES",
+    "MESH_AXES",
+    "MODEL",
+    "PAGED_CACHE_AXES",
+    "PARAM_AXES",
+    "cache_shardings",
+    "define_flags",
+    "head_units",
+    "init_sharded_cache",
+    "initialize_distributed",
+    "logical_axes",
+    "logical_to_spec",
+    "make_mesh",
+    "mesh_from_flags",
+    "named_sharding",
+    "param_sharding",
+    "param_shardings",
+    "param_specs",
+    "shard_cache",
+    "shard_params",
+]
