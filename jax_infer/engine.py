@@ -88,6 +88,10 @@ class EngineConfig:
     num_pages: int | None = None
     enable_prefix_caching: bool = True
     long_prefill_chunk: int | None = None
+    # One prompt chunk per step (vLLM's default): each step then has a single prefill row,
+    # which keeps the set of compiled step shapes small. Prefill on a CPU is compute-bound,
+    # so batching several prompts in one step would save little.
+    max_num_partial_prefills: int | None = 1
     attention_backend: str | None = None  # None: pallas on TPU/GPU, xla on CPU
 
     def __post_init__(self):
@@ -145,6 +149,7 @@ class LLMEngine:
             max_model_len=max_model_len,
             enable_prefix_caching=ec.enable_prefix_caching,
             long_prefill_chunk=ec.long_prefill_chunk,
+            max_num_partial_prefills=ec.max_num_partial_prefills,
         )
         self.num_pages = num_pages
         capacity = (num_pages - 1) * ec.page_size
@@ -234,6 +239,7 @@ class LLMEngine:
             [len(s.token_ids) for s in scheduled],
             [s.block_table for s in scheduled],
             self.engine_config.page_size,
+            max_decode_rows=self.engine_config.max_num_seqs,
         )
         tokens = np.zeros(meta.positions.shape[0], np.int32)
         for s, off in zip(scheduled, offsets):

@@ -35,11 +35,11 @@ class AttentionMetadata(NamedTuple):
     logits_index: Any  # i32[S]: flat index of each row's last token
 
 
-def bucket(n: int, minimum: int) -> int:
-    """Round n up to a power of two, at least `minimum`."""
+def bucket(n: int, minimum: int, factor: int = 2) -> int:
+    """Round n up to minimum * factor**k."""
     b = minimum
     while b < n:
-        b *= 2
+        b *= factor
     return b
 
 
@@ -49,9 +49,9 @@ def build_metadata(
     block_tables: Sequence[Sequence[int]],
     page_size: int,
     *,
-    min_tokens: int = 16,
     min_pages: int = 4,
-    min_chunk: int = 16,
+    min_chunk: int = 32,
+    max_decode_rows: int | None = None,
 ) -> tuple[AttentionMetadata, np.ndarray, list[int]]:
     """Lay out one step. Row i computes q_lens[i] tokens at positions starts[i].., through
     block_tables[i]. Rows with q_len 1 become decode rows; the rest prefill rows.
@@ -68,11 +68,17 @@ def build_metadata(
         )
     decode = [i for i in range(n) if q_lens[i] == 1]
     prefill = [i for i in range(n) if q_lens[i] > 1]
-    d_pad = bucket(len(decode), 1) if decode else 0
+    # Decode rows grow by 4x steps (capped at max_decode_rows): at batch sizes where decode
+    # is weight-bound a few padded rows cost little, and each distinct shape is a compile.
+    d_pad = bucket(len(decode), 1, 4) if decode else 0
+    if max_decode_rows is not None and decode:
+        d_pad = max(len(decode), min(d_pad, max_decode_rows))
     p_pad = bucket(len(prefill), 1) if prefill else 0
     q_pad = bucket(max((q_lens[i] for i in prefill), default=0), min_chunk) if prefill else 0
     prefill_tokens = sum(q_lens[i] for i in prefill)
-    t_pad = bucket(d_pad + prefill_tokens, min_tokens)
+    # The flat run is exactly the decode rows plus a bucketed prefill region: no extra
+    # dimension to compile for (with one prefill row per step the region is that row's Q).
+    t_pad = d_pad + (bucket(prefill_tokens, min_chunk) if prefill else 0)
     s_pad = d_pad + p_pad
     pages_needed = max(-(-(starts[i] + q_lens[i]) // page_size) for i in range(n))
     pages = bucket(pages_needed, min_pages)

@@ -99,6 +99,7 @@ class Scheduler:
         max_model_len: int,
         enable_prefix_caching: bool = True,
         long_prefill_chunk: int | None = None,
+        max_num_partial_prefills: int | None = None,
     ):
         _check_int("num_pages", num_pages, 2)
         _check_int("page_size", page_size, 1)
@@ -108,6 +109,8 @@ class Scheduler:
         _check_int("max_model_len", max_model_len, 2)
         if long_prefill_chunk is not None:
             _check_int("long_prefill_chunk", long_prefill_chunk, 1)
+        if max_num_partial_prefills is not None:
+            _check_int("max_num_partial_prefills", max_num_partial_prefills, 1)
         # The newest token of a finishing request is never fed back, so a request of
         # max_model_len tokens writes K/V for at most max_model_len - 1 of them.
         need = _cdiv(max_model_len - 1, page_size)
@@ -122,6 +125,9 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.long_prefill_chunk = long_prefill_chunk
+        # At most this many multi-token chunks per step (vLLM's max_num_partial_prefills):
+        # fewer distinct step shapes for engines that compile per shape. None: no limit.
+        self.max_num_partial_prefills = max_num_partial_prefills
         self.enable_prefix_caching = enable_prefix_caching
         self.allocator = PageAllocator(num_pages, page_size, enable_prefix_caching)
         self._requests: dict[str, Request] = {}  # every unfinished request
@@ -286,6 +292,10 @@ class Scheduler:
         self._running.append(req)
         return self._scheduled(req, n, is_new=True)
 
+    def _prefill_slots_full(self, chunks: list[ScheduledRequest]) -> bool:
+        limit = self.max_num_partial_prefills
+        return limit is not None and sum(len(c.token_ids) > 1 for c in chunks) >= limit
+
     def schedule(self) -> SchedulerOutput:
         """Pick this step's chunks. Call update() with the result before the next schedule()."""
         if self._pending is not None:
@@ -302,6 +312,9 @@ class Scheduler:
         while i < len(self._running) and budget > 0:
             req = self._running[i]
             n = self._chunk(req, budget)
+            if n > 1 and self._prefill_slots_full(chunks):
+                i += 1
+                continue  # mid-prompt; it gets its next chunk in a later step
             while not self._grow(req, req.num_computed_tokens + n):
                 victim = self._running[-1]
                 self._preempt(victim)
@@ -316,7 +329,12 @@ class Scheduler:
 
         # 2. Waiting requests in order, unless this step showed the pool is tight.
         if not preempted or not self._running:
-            while self._waiting and budget > 0 and len(self._running) < self.max_num_seqs:
+            while (
+                self._waiting
+                and budget > 0
+                and len(self._running) < self.max_num_seqs
+                and not self._prefill_slots_full(chunks)
+            ):
                 req = self._waiting[0]
                 sr = self._admit(req, budget)
                 if sr is not None:
