@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jax_infer import SamplingParams
-from jax_infer.model.step import forward
+from jax_infer.model.step import paged_forward
 
 pytestmark = pytest.mark.real_model
 
@@ -130,8 +130,8 @@ def test_bad_requests_are_clear(smollm2):
 
 
 def test_compilations_bounded(smollm2):
-    """Prompt lengths and budgets are bucketed: a second stream of new lengths in the same range
-    compiles nothing new."""
+    """Shapes are bucketed: a second batch of new prompt lengths in the same range compiles no
+    new step program."""
     rng = np.random.default_rng(0)
 
     def serve(lengths):
@@ -139,9 +139,9 @@ def test_compilations_bounded(smollm2):
         smollm2.generate(prompts, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
 
     serve([3, 17, 30, 5, 9, 22, 31, 2, 12])
-    before = forward._cache_size()
+    before = paged_forward._cache_size()
     serve([4, 18, 29, 7, 11, 25, 28, 6, 14])
-    assert forward._cache_size() == before
+    assert paged_forward._cache_size() == before
 
 
 def test_orbax_checkpoint_of_llm_generates_the_same(smollm2, tmp_path):

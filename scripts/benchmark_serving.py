@@ -1,0 +1,256 @@
+"""Serving benchmarks: continuous batching against static batching, batched decode, KV
+capacity with pages against contiguous reservation, and TTFT with a shared prefix.
+
+    python scripts/benchmark_serving.py --json results/serving.json
+    python scripts/benchmark_serving.py --scenarios=decode32,prefix --json results/serving.json
+
+Scenarios (--scenarios, comma-separated):
+  mixed     --num_requests requests, prompt lengths uniform in [32, 512], output lengths
+            uniform in [16, 256] (ignore_eos), arriving all at once or as a Poisson process
+            (--request_rate per second). Runs the continuous engine and the static mode of the
+            same engine (padded batches of max_num_seqs that wait for their slowest member):
+            output tokens/s, TTFT and time per output token (p50, p99), peak KV usage.
+  decode32  32 requests of 128-token prompts generating 128 tokens each, all at once.
+  capacity  how many of the mixed workload's sequences fit in the engine's KV budget with
+            pages, against a contiguous max_model_len reservation per sequence.
+  prefix    TTFT of a request with a --prefix_len-token prefix, then of a second request
+            sharing it (prefix cache on).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+from absl import app, flags
+
+from jax_infer import LLM, SamplingParams
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "smollm2-135m", "Model name or path.")
+flags.DEFINE_string("scenarios", "mixed,decode32,capacity,prefix", "Which scenarios to run.")
+flags.DEFINE_integer("num_requests", 64, "Requests in the mixed workload.")
+flags.DEFINE_float("request_rate", 0.0, "Poisson arrivals per second; 0 = all at once.")
+flags.DEFINE_integer("max_num_seqs", 32, "Engine seats (and the static batch size).")
+flags.DEFINE_integer("max_num_batched_tokens", 512, "Engine token budget per step.")
+flags.DEFINE_integer("max_model_len", 1024, "Longest request accepted.")
+flags.DEFINE_float("kv_cache_gb", 1.0, "KV cache budget.")
+flags.DEFINE_integer("prefix_len", 1000, "Shared prefix length for the prefix scenario.")
+flags.DEFINE_integer("seed", 0, "Workload seed.")
+flags.DEFINE_string("json", None, "Write results to this JSON file.")
+
+
+def mixed_workload(n: int, seed: int, vocab_lo: int = 100, vocab_hi: int = 20000):
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(vocab_lo, vocab_hi, size=int(rng.integers(32, 513))).tolist() for _ in range(n)]
+    outputs = [int(rng.integers(16, 257)) for _ in range(n)]
+    return prompts, outputs
+
+
+def arrivals(n: int, rate: float, seed: int) -> np.ndarray:
+    if rate <= 0:
+        return np.zeros(n)
+    return np.cumsum(np.random.default_rng(seed + 1).exponential(1.0 / rate, size=n))
+
+
+def percentiles(values) -> dict:
+    v = np.asarray(values, float)
+    return {"p50": float(np.percentile(v, 50)), "p99": float(np.percentile(v, 99))}
+
+
+def serve(llm: LLM, prompts, max_tokens, arrive) -> dict:
+    """Feed requests at their arrival times; time every token of every request."""
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in max_tokens]
+    n = len(prompts)
+    first, last, counts = {}, {}, {}
+    start = time.perf_counter()
+    peak_kv = 0.0
+    if llm.engine_kind == "static":
+        submit = {}
+        for chunk in llm.stream(prompts, params):
+            now = time.perf_counter() - start
+            first.setdefault(chunk.request_id, now)
+            last[chunk.request_id] = now
+            counts[chunk.request_id] = len(chunk.token_ids)
+        ids = sorted(first, key=int)
+        submit = dict.fromkeys(ids, 0.0)
+    else:
+        engine = llm.engine
+        submit, ids = {}, []
+        next_req = 0
+        while next_req < n or engine.has_unfinished_requests():
+            now = time.perf_counter() - start
+            while next_req < n and arrive[next_req] <= now:
+                rid = engine.add_request(prompts[next_req], params[next_req])
+                submit[rid] = now
+                ids.append(rid)
+                next_req += 1
+            if not engine.has_unfinished_requests():
+                time.sleep(min(0.01, max(0.0, arrive[next_req] - now)))
+                continue
+            for chunk in engine.step():
+                t = time.perf_counter() - start
+                if chunk.delta_token_ids:
+                    first.setdefault(chunk.request_id, t)
+                    last[chunk.request_id] = t
+                    counts[chunk.request_id] = len(chunk.token_ids)
+            peak_kv = max(peak_kv, engine.scheduler.kv_usage())
+    wall = time.perf_counter() - start
+    total = sum(counts.values())
+    ttft = [first[i] - submit[i] for i in ids]
+    tpot = [(last[i] - first[i]) / (counts[i] - 1) for i in ids if counts[i] > 1]
+    return {
+        "requests": n,
+        "output_tokens": total,
+        "wall_s": wall,
+        "output_tokens_per_s": total / wall,
+        "ttft_s": percentiles(ttft),
+        "tpot_s": percentiles(tpot),
+        "peak_kv_usage": peak_kv,
+    }
+
+
+def make_llm(engine: str, **overrides) -> LLM:
+    kwargs = dict(
+        model=FLAGS.model,
+        max_model_len=FLAGS.max_model_len,
+        max_num_seqs=FLAGS.max_num_seqs,
+        max_num_batched_tokens=FLAGS.max_num_batched_tokens,
+        kv_cache_gb=FLAGS.kv_cache_gb,
+        engine=engine,
+        progress=False,
+    )
+    kwargs.update(overrides)
+    return LLM(**kwargs)
+
+
+def scenario_mixed(results):
+    prompts, outs = mixed_workload(FLAGS.num_requests, FLAGS.seed)
+    arrive = arrivals(len(prompts), FLAGS.request_rate, FLAGS.seed)
+    for kind in ("continuous", "static"):
+        llm = make_llm(kind)
+        warm_p, warm_o = mixed_workload(8, FLAGS.seed + 100)  # compile most shapes first
+        serve(llm, warm_p, [4] * len(warm_o), np.zeros(len(warm_p)))
+        results[f"mixed_{kind}"] = serve(llm, prompts, outs, arrive)
+        if kind == "continuous":
+            results["mixed_continuous"]["prefix_hit_rate"] = llm.engine.scheduler.prefix_hit_rate()
+    results["mixed_speedup"] = (
+        results["mixed_continuous"]["output_tokens_per_s"] / results["mixed_static"]["output_tokens_per_s"]
+    )
+
+
+def scenario_decode32(results):
+    rng = np.random.default_rng(FLAGS.seed + 7)
+    prompts = [rng.integers(100, 20000, size=128).tolist() for _ in range(32)]
+    llm = make_llm("continuous")
+    serve(llm, prompts[:4], [4] * 4, np.zeros(4))
+    serve(llm, prompts, [8] * 32, np.zeros(32))  # compile the 32-row shapes
+    results["decode32"] = serve(llm, prompts, [128] * 32, np.zeros(32))
+
+
+def scenario_capacity(results):
+    prompts, outs = mixed_workload(FLAGS.num_requests, FLAGS.seed)
+    llm = make_llm("continuous")
+    page = llm.engine_config.page_size
+    pages = llm.engine.num_pages - 1
+    lengths = [len(p) + o for p, o in zip(prompts, outs)]
+    # Paged: sequences of the workload, in order, until their pages exceed the pool.
+    used, fit_paged = 0, 0
+    for n in lengths:
+        need = -(-n // page)
+        if used + need > pages:
+            break
+        used, fit_paged = used + need, fit_paged + 1
+    if fit_paged == len(lengths):  # the workload fits whole: extrapolate by the mean
+        fit_paged = int(pages / np.mean([-(-n // page) for n in lengths]))
+    fit_contiguous = (pages * page) // FLAGS.max_model_len
+    results["capacity"] = {
+        "kv_tokens": pages * page,
+        "sequences_paged": fit_paged,
+        "sequences_contiguous": fit_contiguous,
+        "ratio": fit_paged / max(fit_contiguous, 1),
+    }
+
+
+def scenario_prefix(results):
+    rng = np.random.default_rng(FLAGS.seed + 3)
+    prefix = rng.integers(100, 20000, size=FLAGS.prefix_len).tolist()
+    llm = make_llm("continuous", max_model_len=max(FLAGS.max_model_len, FLAGS.prefix_len + 64))
+    params = SamplingParams(temperature=0.0, max_tokens=1)
+    warm = rng.integers(100, 20000, size=FLAGS.prefix_len + 8).tolist()
+    llm.generate([warm], params)  # compile prefill shapes
+    llm.generate([warm[:8] + prefix[:16]], params)
+    times = []
+    for suffix in ([1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15, 16]):
+        t0 = time.perf_counter()
+        llm.generate([prefix + suffix], params)
+        times.append(time.perf_counter() - t0)
+    results["prefix"] = {
+        "prefix_len": FLAGS.prefix_len,
+        "ttft_first_s": times[0],
+        "ttft_second_s": times[1],
+        "speedup": times[0] / times[1],
+        "prefix_hit_rate": llm.engine.scheduler.prefix_hit_rate(),
+    }
+
+
+SCENARIOS = {
+    "mixed": scenario_mixed,
+    "decode32": scenario_decode32,
+    "capacity": scenario_capacity,
+    "prefix": scenario_prefix,
+}
+
+
+def print_table(results):
+    rows = []
+    for key in ("mixed_continuous", "mixed_static", "decode32"):
+        if key in results:
+            r = results[key]
+            rows.append(
+                (
+                    key,
+                    f"{r['output_tokens_per_s']:.1f}",
+                    f"{r['ttft_s']['p50']:.2f}/{r['ttft_s']['p99']:.2f}",
+                    f"{r['tpot_s']['p50'] * 1e3:.0f}/{r['tpot_s']['p99'] * 1e3:.0f}",
+                    f"{r['peak_kv_usage']:.2f}",
+                )
+            )
+    if rows:
+        print(f"{'run':<18} {'out tok/s':>10} {'TTFT p50/p99 s':>16} {'TPOT p50/p99 ms':>16} {'peak KV':>8}")
+        for row in rows:
+            print(f"{row[0]:<18} {row[1]:>10} {row[2]:>16} {row[3]:>16} {row[4]:>8}")
+    if "mixed_speedup" in results:
+        print(f"continuous / static output tokens/s: {results['mixed_speedup']:.2f}x")
+    if "capacity" in results:
+        c = results["capacity"]
+        print(
+            f"KV budget {c['kv_tokens']} tokens: {c['sequences_paged']} sequences paged vs "
+            f"{c['sequences_contiguous']} contiguous ({c['ratio']:.1f}x)"
+        )
+    if "prefix" in results:
+        p = results["prefix"]
+        print(
+            f"shared {p['prefix_len']}-token prefix: TTFT {p['ttft_first_s']:.2f} s then "
+            f"{p['ttft_second_s']:.3f} s ({p['speedup']:.1f}x)"
+        )
+
+
+def main(argv):
+    del argv
+    results = {"flags": {k: FLAGS[k].value for k in ("model", "num_requests", "request_rate", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_gb", "seed")}}
+    for name in FLAGS.scenarios.split(","):
+        if name not in SCENARIOS:
+            raise app.UsageError(f"--scenarios: {name!r} is not one of {sorted(SCENARIOS)}")
+        SCENARIOS[name](results)
+    print_table(results)
+    if FLAGS.json:
+        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
+        with open(FLAGS.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    app.run(main)
