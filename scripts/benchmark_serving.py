@@ -44,7 +44,9 @@ flags.DEFINE_string("json", None, "Write results to this JSON file.")
 
 def mixed_workload(n: int, seed: int, vocab_lo: int = 100, vocab_hi: int = 20000):
     rng = np.random.default_rng(seed)
-    prompts = [rng.integers(vocab_lo, vocab_hi, size=int(rng.integers(32, 513))).tolist() for _ in range(n)]
+    prompts = [
+        rng.integers(vocab_lo, vocab_hi, size=int(rng.integers(32, 513))).tolist() for _ in range(n)
+    ]
     outputs = [int(rng.integers(16, 257)) for _ in range(n)]
     return prompts, outputs
 
@@ -137,7 +139,8 @@ def scenario_mixed(results):
         if kind == "continuous":
             results["mixed_continuous"]["prefix_hit_rate"] = llm.engine.scheduler.prefix_hit_rate()
     results["mixed_speedup"] = (
-        results["mixed_continuous"]["output_tokens_per_s"] / results["mixed_static"]["output_tokens_per_s"]
+        results["mixed_continuous"]["output_tokens_per_s"]
+        / results["mixed_static"]["output_tokens_per_s"]
     )
 
 
@@ -219,7 +222,9 @@ def print_table(results):
                 )
             )
     if rows:
-        print(f"{'run':<18} {'out tok/s':>10} {'TTFT p50/p99 s':>16} {'TPOT p50/p99 ms':>16} {'peak KV':>8}")
+        print(
+            f"{'run':<18} {'out tok/s':>10} {'TTFT p50/p99 s':>16} {'TPOT p50/p99 ms':>16} {'peak KV':>8}"
+        )
         for row in rows:
             print(f"{row[0]:<18} {row[1]:>10} {row[2]:>16} {row[3]:>16} {row[4]:>8}")
     if "mixed_speedup" in results:
@@ -240,7 +245,21 @@ def print_table(results):
 
 def main(argv):
     del argv
-    results = {"flags": {k: FLAGS[k].value for k in ("model", "num_requests", "request_rate", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_gb", "seed")}}
+    results = {
+        "flags": {
+            k: FLAGS[k].value
+            for k in (
+                "model",
+                "num_requests",
+                "request_rate",
+                "max_num_seqs",
+                "max_num_batched_tokens",
+                "max_model_len",
+                "kv_cache_gb",
+                "seed",
+            )
+        }
+    }
     for name in FLAGS.scenarios.split(","):
         if name not in SCENARIOS:
             raise app.UsageError(f"--scenarios: {name!r} is not one of {sorted(SCENARIOS)}")
