@@ -1,13 +1,15 @@
 """Speed of prefill and decode at batch 1, with the weight-read bandwidth they achieve.
 
     python scripts/benchmark.py --json results/benchmark.json
+    python scripts/benchmark.py --quantization int8+embed --json results/benchmark_int8.json
 
 Prefill: tokens/s for one `--prompt_len`-token prompt (time to the first token, sampling
 included). Decode: tokens/s over `--decode_tokens` generated tokens through the same loop
 `LLM.generate` runs (host round trip and sampling included). Decode at batch 1 reads every
 weight once per token, so weight bytes x tokens/s is the bandwidth it achieves; it is printed
 next to this machine's read bandwidth measured the same way (a jitted reduction over a large
-array).
+array). Weight bytes are the bytes the params occupy as stored: packed int4 counts half a byte
+per weight, and scales count too.
 """
 
 from __future__ import annotations
@@ -23,13 +25,23 @@ import numpy as np
 from absl import app, flags
 
 from jax_infer import LLM, SamplingParams
+from jax_infer.quant import weight_bytes
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m", "Model name or path.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and compute dtype.")
+flags.DEFINE_string(
+    "quantization",
+    "none",
+    "none, or a jax_infer.quant scheme: int8, int8-g64, int4, int4-g64, ... (+embed to also "
+    "quantize the embedding and LM head).",
+)
 flags.DEFINE_integer("prompt_len", 512, "Prompt tokens for the prefill measurement.")
 flags.DEFINE_integer("decode_tokens", 128, "Generated tokens for the decode measurement.")
 flags.DEFINE_integer("repeats", 3, "Timed repetitions (the median is reported).")
+flags.DEFINE_enum(
+    "engine", "continuous", ["continuous", "static"], "Paged continuous engine or static batching."
+)
 flags.DEFINE_string("json", None, "Write the results to this JSON file.")
 
 TEXT = (
@@ -52,10 +64,6 @@ def read_bandwidth_gbs(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
     return nbytes / min(times) / 1e9
 
 
-def weight_bytes(params) -> int:
-    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(params))
-
-
 def run_once(llm: LLM, prompt_ids: list[int], decode_tokens: int) -> tuple[float, float]:
     params = SamplingParams(max_tokens=decode_tokens, temperature=0.0, ignore_eos=True)
     stamps = []
@@ -69,7 +77,8 @@ def run_once(llm: LLM, prompt_ids: list[int], decode_tokens: int) -> tuple[float
 
 def main(argv):
     del argv
-    llm = LLM(model=FLAGS.model, dtype=FLAGS.dtype, max_num_seqs=1)
+    quantization = None if FLAGS.quantization == "none" else FLAGS.quantization
+    llm = LLM(model=FLAGS.model, dtype=FLAGS.dtype, max_num_seqs=1, quantization=quantization)
     ids = llm.tokenizer.encode(TEXT * 64)
     while len(ids) < FLAGS.prompt_len:
         ids = ids + ids
@@ -83,6 +92,7 @@ def main(argv):
     result = {
         "model": FLAGS.model,
         "dtype": FLAGS.dtype,
+        "quantization": FLAGS.quantization,
         "prompt_len": FLAGS.prompt_len,
         "decode_tokens": FLAGS.decode_tokens,
         "prefill_tokens_per_s": FLAGS.prompt_len / ttft,
@@ -103,7 +113,11 @@ def main(argv):
             f"{FLAGS.prompt_len}-token prompt",
         ),
         ("decode tokens/s", f"{decode:.1f}", f"{FLAGS.decode_tokens} tokens, batch 1"),
-        ("weights (MB)", f"{wbytes / 1e6:.0f}", FLAGS.dtype),
+        (
+            "weights (MB)",
+            f"{wbytes / 1e6:.0f}",
+            f"{FLAGS.dtype}, quantization {FLAGS.quantization}",
+        ),
         (
             "decode weight read (GB/s)",
             f"{result['decode_weight_read_gb_per_s']:.1f}",
