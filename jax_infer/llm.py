@@ -23,6 +23,7 @@ import numpy as np
 from jax_infer import weights
 from jax_infer.engine import EngineConfig, LLMEngine, prepare_prompt
 from jax_infer.generation import StaticBatchGenerator
+from jax_infer.model.llama import untie_lm_head
 from jax_infer.outputs import RequestOutput, SequenceState
 from jax_infer.sampling import SamplingParams
 from jax_infer.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -98,6 +99,9 @@ class LLM:
 
             params = quantize(params, quantization)
         self.config = config
+        self._saved_params = params
+        if jax.default_backend() == "cpu":
+            params = untie_lm_head(params, config)
         self.params = params
         self.model_path = path
         self.tokenizer = load_tokenizer(fmt, path, reader)
@@ -152,7 +156,7 @@ class LLM:
     def save(self, path: str) -> None:
         """Write an orbax checkpoint (params, config, tokenizer): `LLM(model=path)` restores it
         without touching the original weights file."""
-        weights.save_orbax(path, self.params, self.config, tokenizer=self.tokenizer)
+        weights.save_orbax(path, self._saved_params, self.config, tokenizer=self.tokenizer)
 
     # -- requests ----------------------------------------------------------------------
 
