@@ -95,8 +95,13 @@ class LLM:
         config, params, fmt, path, reader = weights.load(model, self.dtype, progress)
         params = jax.tree.map(self._cast_float, params)
         if quantization is not None:
-            from jax_infer.quant import quantize
-
+            try:
+                from jax_infer.quant import quantize
+            except ImportError as e:
+                raise ValueError(
+                    f"quantization={quantization!r} is not available: jax_infer.quant is not "
+                    "part of this build; use quantization=None"
+                ) from e
             params = quantize(params, quantization)
         self.config = config
         self._saved_params = params
