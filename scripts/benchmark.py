@@ -1,6 +1,7 @@
 """Speed of prefill and decode at batch 1, with the weight-read bandwidth they achieve.
 
     python scripts/benchmark.py --json results/benchmark.json
+    python scripts/benchmark.py --quantization int8+embed --json results/benchmark_int8.json
 
 Prefill: tokens/s for one `--prompt_len`-token prompt (time to the first token, sampling
 included). Decode: tokens/s over `--decode_tokens` generated tokens through the same loop
@@ -27,6 +28,13 @@ from jax_infer import LLM, SamplingParams
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m", "Model name or path.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and compute dtype.")
+flags.DEFINE_string(
+    "quantization",
+    "none",
+    "none, or a jax_infer.quant scheme: int8, int8-g64, int4, ... (+embed also quantizes the "
+    "embedding and LM head). Weight bytes count the quantized arrays as stored: packed int4 is "
+    "half a byte per weight, scales included.",
+)
 flags.DEFINE_integer("prompt_len", 512, "Prompt tokens for the prefill measurement.")
 flags.DEFINE_integer("decode_tokens", 128, "Generated tokens for the decode measurement.")
 flags.DEFINE_integer("repeats", 3, "Timed repetitions (the median is reported).")
@@ -59,10 +67,16 @@ def decode_read_bytes(params) -> int:
     """Weight bytes one decode step reads: every weight, except the embedding table when a
     separate [D, V] LM head exists (the lookup reads one row; on CPU a tied f32 embedding
     also gets a head copy, see model.llama.untie_lm_head)."""
-    total = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(params))
+    total = tree_bytes(params)
     if "lm_head" in params and "embed" in params:
-        total -= params["embed"].size * params["embed"].dtype.itemsize
+        total -= tree_bytes(params["embed"])
     return total
+
+
+def tree_bytes(tree) -> int:
+    """Bytes of the arrays in a params (sub)tree; a quantized matrix is a pytree of its
+    arrays (int8 values or packed int4 bytes, scales), so this counts what is stored."""
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree))
 
 
 def run_once(llm: LLM, prompt_ids: list[int], decode_tokens: int) -> tuple[float, float]:
@@ -86,6 +100,7 @@ def main(argv):
         max_num_seqs=1,
         engine=FLAGS.engine,
         enable_prefix_caching=False,
+        quantization=None if FLAGS.quantization == "none" else FLAGS.quantization,
     )
     ids = llm.tokenizer.encode(TEXT * 64)
     while len(ids) < FLAGS.prompt_len:
@@ -100,6 +115,7 @@ def main(argv):
     result = {
         "model": FLAGS.model,
         "dtype": FLAGS.dtype,
+        "quantization": FLAGS.quantization,
         "engine": FLAGS.engine,
         "prompt_len": FLAGS.prompt_len,
         "decode_tokens": FLAGS.decode_tokens,
@@ -107,6 +123,7 @@ def main(argv):
         "ttft_s": ttft,
         "decode_tokens_per_s": decode,
         "weight_bytes": wbytes,
+        "stored_weight_bytes": tree_bytes(llm.params),
         "decode_weight_read_gb_per_s": wbytes * decode / 1e9,
         "machine_read_gb_per_s": machine_bw,
         "backend": jax.default_backend(),
@@ -121,7 +138,11 @@ def main(argv):
             f"{FLAGS.prompt_len}-token prompt",
         ),
         ("decode tokens/s", f"{decode:.1f}", f"{FLAGS.decode_tokens} tokens, batch 1"),
-        ("weights read per token (MB)", f"{wbytes / 1e6:.0f}", FLAGS.dtype),
+        (
+            "weights read per token (MB)",
+            f"{wbytes / 1e6:.0f}",
+            f"{FLAGS.dtype}, quantization {FLAGS.quantization}",
+        ),
         (
             "decode weight read (GB/s)",
             f"{result['decode_weight_read_gb_per_s']:.1f}",

@@ -3,23 +3,40 @@
 Every projection goes through `linear`, the embedding lookup through `embed_lookup` and a
 tied LM head through `linear_transposed`, so a transform of the params (quantization,
 pruning) changes what `w` is without the model code branching on it.
+
+A quantized param reaches these functions as a `jax_infer.quant.QuantizedView` (flax unboxes
+the stored `QuantizedArray` into one); each seam hands it to `jax_infer.quant`, which picks
+the formulation. Float params take exactly the code path they always did.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
+from jax_infer.quant.arrays import as_quantized
+from jax_infer.quant.matmul import quantized_matmul, quantized_take
+
 
 def linear(x, w):
     """x [..., in] @ w [in, out] in the activation dtype."""
+    q = as_quantized(w)
+    if q is not None:
+        return quantized_matmul(x, q)
     return jnp.matmul(x, w.astype(x.dtype))
 
 
 def linear_transposed(x, w):
     """x [..., D] against w [V, D] (a tied embedding used as the LM head) -> [..., V]."""
+    q = as_quantized(w)
+    if q is not None:
+        # A quantized embedding is stored as the head [D, V]: the product is a plain linear.
+        return quantized_matmul(x, q)
     return jnp.einsum("...d,vd->...v", x, w.astype(x.dtype))
 
 
 def embed_lookup(table, tokens, dtype):
     """Rows of table [V, D] for tokens i32[...] -> [..., D] in dtype."""
+    q = as_quantized(table)
+    if q is not None:
+        return quantized_take(q, tokens, dtype)
     return jnp.take(table, tokens, axis=0).astype(dtype)

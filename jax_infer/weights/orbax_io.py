@@ -1,9 +1,15 @@
 """Save params once with orbax and restore them fast, with the config and tokenizer beside.
 
 Layout of a checkpoint directory:
-    jax_infer.json    {"format": 1, "config": ModelConfig as dict, "dtype": ...}
+    jax_infer.json    {"format": 1, "config": ModelConfig as dict, "dtype": ...,
+                       "extra": {...}, "quantized": {leaf path: format} (quantized params only)}
     params/           the orbax PyTree checkpoint
     tokenizer.json, tokenizer_config.json   (when a tokenizer was given)
+
+Quantized params (`jax_infer.quant`) are saved as plain dicts of their arrays and described
+in "quantized" (format and shapes per leaf path); `load_orbax` rebuilds them, so a model
+quantized once restores without its float weights. Float params are saved and restored
+exactly as before: the description is then empty and never written.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import jax
 import numpy as np
 
 from jax_infer.config import ModelConfig
+from jax_infer.quant.transform import join_quantized, split_quantized
 from jax_infer.weights.common import WeightsError
 
 META_FILE = "jax_infer.json"
@@ -33,16 +40,20 @@ def save_orbax(path: str, params: dict, config: ModelConfig, tokenizer=None, ext
     target = os.path.join(path, "params")
     if os.path.exists(target):
         raise FileExistsError(f"checkpoint already exists at {target!r}; choose a new directory")
+    params, quantized = split_quantized(params)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(target, params)
         ckptr.wait_until_finished()
-    leaves = jax.tree.leaves(params)
+    # The compute dtype is that of the float leaves (a quantized model also has int8 ones).
+    floats = [x for x in jax.tree.leaves(params) if jax.numpy.issubdtype(x.dtype, np.floating)]
     meta = {
         "format": FORMAT_VERSION,
         "config": config.to_dict(),
-        "dtype": str(np.dtype(leaves[0].dtype)) if leaves else "float32",
+        "dtype": str(np.dtype(floats[0].dtype)) if floats else "float32",
         "extra": extra or {},
     }
+    if quantized:
+        meta["quantized"] = quantized
     with open(os.path.join(path, META_FILE), "w") as f:
         json.dump(meta, f, indent=2)
     if tokenizer is not None:
@@ -82,4 +93,9 @@ def load_orbax(path: str, progress: bool = True) -> tuple[ModelConfig, dict, dic
         raise WeightsError(
             f"orbax checkpoint {target!r} is missing or corrupt ({type(e).__name__}: {e})"
         ) from e
+    if meta.get("quantized"):
+        try:
+            params = join_quantized(params, meta["quantized"])
+        except ValueError as e:
+            raise WeightsError(f"orbax checkpoint {path!r}: {e}") from e
     return config, params, meta

@@ -1,0 +1,137 @@
+"""Builds the CPU kernels in `cpu_kernels.cc` on first use and registers them with XLA's FFI.
+
+Why a native kernel: on the CPU, every XLA formulation of "int8/int4 weights times f32
+activations" that we measured (scripts/bench_quant_matmul.py) either converts the whole weight
+to f32 first (and, in a whole forward, holds every converted layer at once) or runs
+compute-bound at 5-20 G weights/s, so quantized decode was no faster than f32, often slower.
+The kernels multiply the 8- or 4-bit weights as they stream them: int8 dot products (AVX-512
+VNNI) against activations quantized on the fly to two int8 parts, or, without VNNI, f32
+FMAs on weights widened in registers (int8 only).
+
+The shared library is compiled once per (source, compiler, CPU, jax) into a cache directory,
+with `-march=native` since it only ever runs where it was built. Anything that goes wrong
+(no compiler, no AVX2, a sandbox without a writable cache) leaves `available()` False and the
+quantized matmuls fall back to their pure-XLA formulation, with one warning.
+
+Environment:
+    JAX_INFER_QUANT_KERNELS=0   never build or use the kernels (XLA formulation only)
+    JAX_INFER_CACHE=dir         where to keep the built library (default ~/.cache/jax_infer)
+    CXX=compiler                C++ compiler to use (default c++)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shlex
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+
+from jax_infer.quant.arrays import TILE
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cc")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+INT8_TARGET = "jax_infer_int8_matvec"
+INT4_TARGET = "jax_infer_int4_matvec"
+
+
+def _cpu_fingerprint() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _build(cache_dir: Path) -> Path:
+    cxx = shlex.split(os.environ.get("CXX", "c++"))
+    version = subprocess.run([*cxx, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256(
+        "\0".join(
+            [SOURCE.read_text(), " ".join(cxx), version, " ".join(FLAGS), _cpu_fingerprint()]
+            + [jax.__version__]
+        ).encode()
+    ).hexdigest()[:16]
+    lib = cache_dir / f"jax_infer_quant_{key}.so"
+    if lib.exists():
+        return lib
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # Build to a temporary name and rename: concurrent processes never load a partial file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir)
+    os.close(fd)
+    cmd = [*cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        os.unlink(tmp)
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr[-2000:]}")
+    os.replace(tmp, lib)
+    return lib
+
+
+@functools.cache
+def features() -> int:
+    """Which CPU kernels are built and registered (done once per process): bit 0 int8,
+    bit 1 int4 (which needs AVX-512 VNNI). 0 when none are."""
+    if os.environ.get("JAX_INFER_QUANT_KERNELS", "1") == "0":
+        return 0
+    cache_dir = Path(os.environ.get("JAX_INFER_CACHE", Path.home() / ".cache" / "jax_infer"))
+    try:
+        lib = ctypes.CDLL(str(_build(cache_dir)))
+        jax.ffi.register_ffi_target(
+            INT8_TARGET, jax.ffi.pycapsule(lib.JaxInferInt8Matvec), platform="cpu"
+        )
+        jax.ffi.register_ffi_target(
+            INT4_TARGET, jax.ffi.pycapsule(lib.JaxInferInt4Matvec), platform="cpu"
+        )
+        return int(lib.JaxInferKernelFeatures())
+    except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
+        warnings.warn(
+            f"jax_infer quantized CPU kernels unavailable, using the XLA formulation: {e}",
+            stacklevel=2,
+        )
+        return 0
+
+
+def available(bits: int = 8) -> bool:
+    """Whether the kernel for `bits`-bit weights can run here."""
+    return bool(features() & (1 if bits == 8 else 2))
+
+
+def supports(k: int, n: int, group: int, bits: int) -> bool:
+    """Whether a [K, N] matrix with this group size fits the kernels: stored in 64-column
+    tiles, groups a multiple of the rows a kernel step consumes (4 for int8, 8 for int4)."""
+    return n % TILE == 0 and k % group == 0 and group % (4 if bits == 8 else 8) == 0
+
+
+def _require(bits: int) -> None:
+    if not available(bits):
+        raise RuntimeError(
+            f"the int{bits} CPU kernel is not available here (features={features()}); "
+            "call jax_infer.quant.quantized_matmul, which falls back to XLA"
+        )
+
+
+def int8_matvec(x, values, scales):
+    """x f32[M, K] @ the Int8Array format (values s8[N/64, K, 64]) -> f32[M, N]."""
+    _require(8)
+    out = jax.ShapeDtypeStruct((x.shape[0], values.shape[0] * TILE), jax.numpy.float32)
+    return jax.ffi.ffi_call(INT8_TARGET, out, vmap_method="broadcast_all")(x, values, scales)
+
+
+def int4_matvec(x, packed, block_scale, block_min, scale_step, min_step):
+    """x f32[M, K] @ the Int4Array format (packed u8[N/64, K/8, 256]) -> f32[M, N]."""
+    _require(4)
+    out = jax.ShapeDtypeStruct((x.shape[0], packed.shape[0] * TILE), jax.numpy.float32)
+    return jax.ffi.ffi_call(INT4_TARGET, out, vmap_method="broadcast_all")(
+        x, packed, block_scale, block_min, scale_step, min_step
+    )
