@@ -24,10 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_infer import sharding
 from jax_infer.attention import BACKENDS, build_metadata, default_backend
 from jax_infer.config import ModelConfig
 from jax_infer.model.step import init_paged_cache, kv_bytes_per_token, paged_forward
 from jax_infer.outputs import RequestOutput, SequenceState, logprob_entry
+from jax_infer.quant.kv import KV_DTYPES, resolve_kv_cache_dtype
 from jax_infer.sampling import (
     SamplerFlags,
     SamplingMetadata,
@@ -36,6 +38,7 @@ from jax_infer.sampling import (
     sample,
 )
 from jax_infer.scheduler import Request, Scheduler
+from jax_infer.spec.decoder import make_speculative_decoder
 from jax_infer.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -93,6 +96,18 @@ class EngineConfig:
     # so batching several prompts in one step would save little.
     max_num_partial_prefills: int | None = 1
     attention_backend: str | None = None  # None: pallas on TPU/GPU, xla on CPU
+    # "auto" stores K/V in the model dtype; "int8" quantizes them per token and KV head
+    # (quant/kv.py), fitting 1.9x the tokens of bf16 (3.8x of f32) in the same kv_cache_gb.
+    kv_cache_dtype: str = "auto"
+    # Speculative decoding (vLLM names, spec/): "ngram" (prompt lookup) or "draft_model" (give
+    # LLMEngine draft_model=(config, params), e.g. the target quantized: a self-draft); k drafts
+    # per decode, verified in the same ragged step; off for a step when more requests run than
+    # speculative_disable_by_batch_size.
+    speculative_method: str | None = None
+    num_speculative_tokens: int = 0
+    speculative_disable_by_batch_size: int | None = None
+    ngram_prompt_lookup_max: int = 4
+    ngram_prompt_lookup_min: int = 3  # shorter matches mostly propose wrong tokens
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "page_size"):
@@ -105,6 +120,31 @@ class EngineConfig:
             not isinstance(self.num_pages, int) or self.num_pages < 2
         ):
             raise ValueError(f"EngineConfig.num_pages={self.num_pages!r} must be an int >= 2")
+        if self.speculative_method not in (None, "ngram", "draft_model"):
+            raise ValueError(
+                f"EngineConfig.speculative_method={self.speculative_method!r} is not one of "
+                "None, 'ngram', 'draft_model'"
+            )
+        k = self.num_speculative_tokens
+        if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= 16:
+            raise ValueError(
+                f"EngineConfig.num_speculative_tokens={k!r} is invalid: must be an int in [0, 16]"
+            )
+        b = self.speculative_disable_by_batch_size
+        if b is not None and (not isinstance(b, int) or isinstance(b, bool) or b < 1):
+            raise ValueError(
+                f"EngineConfig.speculative_disable_by_batch_size={b!r} is invalid: must be None "
+                "or an int >= 1"
+            )
+        if self.speculative_method is not None and k == 0:
+            raise ValueError(
+                f"EngineConfig.num_speculative_tokens=0 with speculative_method="
+                f"{self.speculative_method!r}: give num_speculative_tokens >= 1"
+            )
+        if self.kv_cache_dtype not in KV_DTYPES:
+            raise ValueError(
+                f"EngineConfig.kv_cache_dtype={self.kv_cache_dtype!r} is not one of {KV_DTYPES}"
+            )
         if self.attention_backend is not None and self.attention_backend not in BACKENDS:
             raise ValueError(
                 f"EngineConfig.attention_backend={self.attention_backend!r} is not one of "
@@ -126,16 +166,29 @@ class LLMEngine:
         engine_config: EngineConfig | None = None,
         seed: int = 0,
         cache_dtype=None,
+        mesh=None,
+        rules=None,
+        draft_model=None,
     ):
+        """mesh: a `sharding.make_mesh` Mesh, or None for one device. With a mesh, params must
+        already be placed (`sharding.shard_params`); the page pool is created split by kv heads
+        over `model` and replicated over `data` (see `sharding.init_sharded_paged_cache`), and
+        each step's inputs are replicated: in this engine `data` adds replicas, not throughput
+        (run one engine per data slice for that; the static engine splits its batch)."""
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
         self.dtype = dtype
-        self.cache_dtype = cache_dtype or dtype
         self.max_model_len = max_model_len
         ec = engine_config or EngineConfig()
         self.engine_config = ec
+        self.cache_dtype = cache_dtype or resolve_kv_cache_dtype(ec.kv_cache_dtype, dtype)
         self.backend = ec.attention_backend or default_backend()
+        if self.cache_dtype == jnp.int8 and self.backend == "pallas":
+            raise ValueError(
+                "kv_cache_dtype='int8' needs attention_backend='xla' or 'reference': the "
+                f"Pallas kernel reads float pages (attention_backend={self.backend!r})"
+            )
         per_token = kv_bytes_per_token(config, self.cache_dtype)
         num_pages = ec.num_pages
         if num_pages is None:
@@ -163,12 +216,32 @@ class LLMEngine:
             capacity / max_model_len,
             max_model_len,
         )
-        self.cache = init_paged_cache(config, num_pages, ec.page_size, self.cache_dtype)
+        self.mesh = mesh
+        if mesh is None:
+            self.cache = init_paged_cache(config, num_pages, ec.page_size, self.cache_dtype)
+            self._forward = paged_forward
+        else:
+            self.cache = sharding.init_sharded_paged_cache(
+                config, num_pages, ec.page_size, mesh, rules, self.cache_dtype
+            )
+            # Logits are gathered (the sampler reads every row); the pool keeps its sharding.
+            replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            pool = jax.tree.map(lambda a: a.sharding, self.cache)
+            self._forward = sharding.sharded_step(paged_forward, replicated, pool)
         self.states: dict[str, SequenceState] = {}
         self._rng = np.random.default_rng(seed)
         self._next_id = 0
         self.num_steps = 0
         self.num_preemptions = 0
+        # Speculative decoding (spec/decoder.py), or None. draft_model: (ModelConfig, params).
+        self.spec = make_speculative_decoder(
+            ec,
+            config,
+            num_pages=num_pages,
+            dtype=self.dtype,
+            backend=self.backend,
+            draft_model=draft_model,
+        )
 
     # -- requests ----------------------------------------------------------------------
 
@@ -222,7 +295,10 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled step; returns a chunk for every request that changed."""
-        out = self.scheduler.schedule()
+        lookahead = None
+        if self.spec is not None:
+            lookahead = self.spec.lookahead(self.states, self.scheduler.num_running())
+        out = self.scheduler.schedule(lookahead)
         outputs = []
         # Aborted requests, and requests the scheduler found can never fit (errors).
         for req in self.scheduler.pop_finished():
@@ -234,17 +310,27 @@ class LLMEngine:
             return outputs
         self.num_steps += 1
         scheduled = out.scheduled
+        drafts = self.spec.propose(out, self.states) if self.spec is not None else {}
+        rows = [
+            s.token_ids + (drafts[s.request_id].token_ids if s.request_id in drafts else [])
+            for s in scheduled
+        ]
+        # With drafts, logits at each row's last k+1 tokens, and (k+1)-token rows bucketed by
+        # k+1 rather than padded to a 32-token prefill chunk.
+        per_row = self.spec.logits_per_row if drafts else None
         meta, order, offsets = build_metadata(
             [s.start for s in scheduled],
-            [len(s.token_ids) for s in scheduled],
+            [len(r) for r in rows],
             [s.block_table for s in scheduled],
             self.engine_config.page_size,
             max_decode_rows=self.engine_config.max_num_seqs,
+            logits_per_row=per_row,
+            min_chunk=per_row or 32,
         )
         tokens = np.zeros(meta.positions.shape[0], np.int32)
-        for s, off in zip(scheduled, offsets):
-            tokens[off : off + len(s.token_ids)] = s.token_ids
-        logits, self.cache = paged_forward(
+        for r, off in zip(rows, offsets):
+            tokens[off : off + len(r)] = r
+        logits, self.cache = self._forward(
             self.params,
             jnp.asarray(tokens),
             jax.tree.map(jnp.asarray, meta),
@@ -253,21 +339,32 @@ class LLMEngine:
             dtype=self.dtype,
             backend=self.backend,
         )
-        sampled, finished = self._sample(logits, scheduled, order, outputs)
+        if drafts:
+            sampled, finished = self._sample(logits[:, -1], scheduled, order, outputs, drafts)
+            spec_sampled, spec_finished = self.spec.verify(
+                logits, scheduled, order, drafts, self.states, outputs, self.max_model_len
+            )
+            sampled.update(spec_sampled)
+            finished.update(spec_finished)
+        else:
+            sampled, finished = self._sample(logits, scheduled, order, outputs)
         for req in self.scheduler.update(out, sampled, finished):
             chunk = self._end(req.request_id, req.status.finish_reason or "length", req.error)
             if chunk is not None and req.request_id not in finished:
                 outputs.append(chunk)
+        if self.spec is not None:
+            self.spec.synced(self.scheduler)
         return outputs
 
-    def _sample(self, logits, scheduled, order, outputs):
-        """Sample for rows whose chunk reached the end of their known tokens."""
+    def _sample(self, logits, scheduled, order, outputs, skip=()):
+        """Sample for rows whose chunk reached the end of their known tokens (except the
+        request ids in `skip`: speculative rows, verified by self.spec)."""
         rows = len(order)
         row_params: list[SamplingParams | None] = [None] * rows
         seeds, steps = [0] * rows, [0] * rows
         states: list[SequenceState | None] = [None] * rows
         for r, i in enumerate(order):
-            if i >= 0 and scheduled[i].sample:
+            if i >= 0 and scheduled[i].sample and scheduled[i].request_id not in skip:
                 st = self.states[scheduled[i].request_id]
                 states[r], row_params[r] = st, st.params
                 seeds[r], steps[r] = st.seed, len(st.out_ids)
@@ -327,4 +424,5 @@ class LLMEngine:
             "num_pages": self.num_pages,
             "num_waiting": self.scheduler.num_waiting(),
             "num_running": self.scheduler.num_running(),
+            "speculative": self.spec.stats.as_dict() if self.spec is not None else None,
         }

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_infer import sharding
 from jax_infer.config import ModelConfig
 from jax_infer.model.llama import init_cache
 from jax_infer.model.step import bucket, forward
@@ -47,7 +49,13 @@ class StaticBatchGenerator:
         max_model_len: int,
         cache_dtype=None,
         min_prompt_bucket: int = 16,
+        *,
+        mesh=None,
+        rules=None,
     ):
+        """mesh: None, or a `sharding.make_mesh` Mesh over which params are already placed;
+        the batch (rows of tokens and cache) is then split over `data` where the padded
+        batch size divides it, kv heads over `model`."""
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
@@ -56,6 +64,15 @@ class StaticBatchGenerator:
         self.max_model_len = max_model_len
         self.min_prompt_bucket = min_prompt_bucket
         self.eos_ids = tuple(sorted(tokenizer.eos_token_ids))
+        self.mesh = mesh
+        self.rules = rules
+
+    def _batch(self, a: np.ndarray):
+        """A host array with a leading batch dim, on the device(s): split over `data`."""
+        if self.mesh is None:
+            return jnp.asarray(a)
+        axes = ("batch",) + (None,) * (a.ndim - 1)
+        return jax.device_put(a, sharding.named_sharding(axes, a.shape, self.mesh, self.rules))
 
     # -- one batch ---------------------------------------------------------------------
 
@@ -67,7 +84,12 @@ class StaticBatchGenerator:
         t = min(bucket(max(lens), self.min_prompt_bucket), bucket(self.max_model_len, 1))
         total = max(len_ + s.params.max_tokens for len_, s in zip(lens, seqs))
         cache_len = bucket(max(t, total), 64)
-        cache = init_cache(self.config, b, cache_len, self.cache_dtype)
+        if self.mesh is None:
+            cache = init_cache(self.config, b, cache_len, self.cache_dtype)
+        else:
+            cache = sharding.init_sharded_cache(
+                self.config, b, cache_len, self.mesh, self.rules, self.cache_dtype
+            )
 
         params_list = [s.params for s in seqs]
         flags = SamplerFlags.for_batch(params_list)
@@ -89,9 +111,9 @@ class StaticBatchGenerator:
         num_valid = np.array(_pad_rows(lens, b, 1), np.int32)
         logits, cache = forward(
             self.params,
-            jnp.asarray(tokens),
-            jnp.asarray(start),
-            jnp.asarray(num_valid),
+            self._batch(tokens),
+            self._batch(start),
+            self._batch(num_valid),
             cache,
             config=self.config,
             dtype=self.dtype,
@@ -149,9 +171,9 @@ class StaticBatchGenerator:
             attn_len = min(cache_len, bucket(int(step_start.max()) + 1, 64))
             logits, cache = forward(
                 self.params,
-                jnp.asarray(step_tokens),
-                jnp.asarray(step_start),
-                jnp.ones(b, jnp.int32),
+                self._batch(step_tokens),
+                self._batch(step_start),
+                self._batch(np.ones(b, np.int32)),
                 cache,
                 config=self.config,
                 dtype=self.dtype,

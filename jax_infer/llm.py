@@ -20,12 +20,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_infer import weights
+from jax_infer import sharding, weights
 from jax_infer.engine import EngineConfig, LLMEngine, prepare_prompt
 from jax_infer.generation import StaticBatchGenerator
 from jax_infer.model.llama import untie_lm_head
 from jax_infer.outputs import RequestOutput, SequenceState
 from jax_infer.sampling import SamplingParams
+from jax_infer.spec import config as spec_config
 from jax_infer.tokenizer import IncrementalDetokenizer, Tokenizer
 
 DTYPES = {
@@ -46,6 +47,23 @@ def resolve_dtype(dtype) -> jnp.dtype:
     if d not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
         raise ValueError(f"dtype={d} is not supported: allowed are float32 and bfloat16")
     return d
+
+
+def resolve_mesh(mesh):
+    """None, a Mesh with axes ("data", "model"), or (data, model) sizes -> Mesh or None."""
+    if mesh is None or isinstance(mesh, jax.sharding.Mesh):
+        if mesh is not None and tuple(mesh.axis_names) != sharding.MESH_AXES:
+            raise ValueError(
+                f"mesh has axes {tuple(mesh.axis_names)}; allowed is a mesh with axes "
+                f"{sharding.MESH_AXES} (sharding.make_mesh)"
+            )
+        return mesh
+    if isinstance(mesh, (tuple, list)) and len(mesh) == 2:
+        return sharding.make_mesh(*mesh)
+    raise ValueError(
+        f"mesh={mesh!r} is invalid: allowed are None, a jax Mesh from sharding.make_mesh, or "
+        "(data, model) sizes"
+    )
 
 
 def load_tokenizer(fmt: str, path: str, reader) -> Tokenizer:
@@ -69,6 +87,17 @@ class LLM:
     seed: seeds the per-request seeds drawn for requests that set none.
     quantization: None, or a scheme name for `jax_infer.quant.quantize` ("int8", "int4", ...),
         applied on load.
+    kv_cache_dtype: "auto" (the model dtype), "float32", "bfloat16" or "int8" (per-token,
+        per-head scales; about 1.9x the tokens of bf16 in the same kv_cache_gb).
+    mesh: None (one device), a `sharding.make_mesh` Mesh, or (data, model) sizes for one. Params
+        are placed by `sharding_rules` (loaded straight into their shards from HF safetensors
+        and GGUF), the KV cache is split by kv heads; the continuous engine replicates each
+        step over `data`, the static engine splits its batch over it (see engine.LLMEngine).
+    sharding_rules: logical axis -> mesh axis table (default `sharding.DEFAULT_RULES`).
+    speculative_config: speculative decoding (spec/config.py): a dict like vLLM's
+        ({"method": "ngram" | "draft_model", "num_speculative_tokens": k, "model": draft path,
+        "quantization": scheme for a self-draft, ...}) or "ngram", "self-int4", "self-int8",
+        "draft:<path>". Greedy outputs are unchanged; sampled ones keep their distribution.
     """
 
     def __init__(
@@ -87,12 +116,26 @@ class LLM:
         engine: str = "continuous",
         seed: int = 0,
         quantization: str | None = None,
+        kv_cache_dtype: str = "auto",
         progress: bool = True,
+        mesh=None,
+        sharding_rules=None,
+        speculative_config=None,
     ):
         if engine not in ENGINES:
             raise ValueError(f"engine={engine!r} is not one of {ENGINES}")
+        spec = spec_config.normalize(speculative_config)
+        if spec is not None and (engine != "continuous" or mesh is not None):
+            raise ValueError(
+                f"speculative_config={speculative_config!r} needs engine='continuous' on one "
+                f"device; got engine={engine!r}, mesh={mesh!r}"
+            )
         self.dtype = resolve_dtype(dtype)
-        config, params, fmt, path, reader = weights.load(model, self.dtype, progress)
+        self.mesh = mesh = resolve_mesh(mesh)
+        self.sharding_rules = sharding_rules
+        config, params, fmt, path, reader = weights.load(
+            model, self.dtype, progress, mesh=mesh, rules=sharding_rules
+        )
         params = jax.tree.map(self._cast_float, params)
         if quantization is not None:
             try:
@@ -107,6 +150,10 @@ class LLM:
         self._saved_params = params
         if jax.default_backend() == "cpu":
             params = untie_lm_head(params, config)
+        if mesh is not None:
+            # A no-op for leaves already loaded in place; quantized and derived leaves
+            # (lm_head) move to their rule's sharding.
+            params = sharding.shard_params(params, config, mesh, sharding_rules)
         self.params = params
         self.model_path = path
         self.tokenizer = load_tokenizer(fmt, path, reader)
@@ -130,7 +177,14 @@ class LLM:
             num_pages=num_pages,
             enable_prefix_caching=enable_prefix_caching,
             attention_backend=attention_backend,
+            kv_cache_dtype=kv_cache_dtype,
+            **(spec_config.engine_fields(spec) if spec else {}),
         )
+        if engine == "static" and kv_cache_dtype not in ("auto", str(self.dtype)):
+            raise ValueError(
+                f"kv_cache_dtype={kv_cache_dtype!r} needs engine='continuous' (the paged "
+                "cache); the static engine keeps K/V in the model dtype"
+            )
         self.engine_kind = engine
         self._rng = np.random.default_rng(seed)
         self._ids = itertools.count()
@@ -143,11 +197,37 @@ class LLM:
                 max_model_len=max_model_len,
                 engine_config=self.engine_config,
                 seed=seed,
+                mesh=mesh,
+                rules=sharding_rules,
+                draft_model=self._draft_model(spec, progress),
             )
         else:
             self.generator = StaticBatchGenerator(
-                config, params, self.tokenizer, self.dtype, max_model_len
+                config,
+                params,
+                self.tokenizer,
+                self.dtype,
+                max_model_len,
+                mesh=mesh,
+                rules=sharding_rules,
             )
+
+    def _draft_model(self, spec, progress):
+        """(config, params) of the draft for speculative_config, or None."""
+        if spec is None or spec["method"] != "draft_model":
+            return None
+        if spec["model"] is None:  # self-draft: the target's weights, quantized
+            config, params = self.config, self._saved_params
+        else:
+            config, params, *_ = weights.load(spec["model"], self.dtype, progress)
+            params = jax.tree.map(self._cast_float, params)
+        if spec["quantization"] is not None:
+            from jax_infer.quant import quantize
+
+            params = quantize(params, spec["quantization"])
+        if jax.default_backend() == "cpu":
+            params = untie_lm_head(params, config)
+        return config, params
 
     def _cast_float(self, leaf):
         # Only float leaves follow `dtype`: integer leaves are quantized values.

@@ -18,6 +18,7 @@ Layout (Megatron-style tensor parallelism over `model`, data parallelism over `d
     norms   [D]          ("embed",)              replicated
     lm_head [D, V]       ("embed", "vocab")      split by vocabulary
     cache k, v [B, S, K, H]  ("batch", "seq", "kv_heads", "head_dim")
+    page pool  [P, L, K, H]  ("pages", "page", "kv_heads", "head_dim")   (int8 scales [P, L, K])
 
 Head-split rule. A dimension labelled `q_heads` / `kv_heads` is split only at head
 boundaries: it is sharded over `model` only when the number of heads (N, resp. K) divides
@@ -36,13 +37,41 @@ divide (a vocabulary of 97, a batch of 3 over data=2) is replicated, so any mode
 any mesh, only less split. A mesh axis of size 1 is never named in a spec, so a spec says
 exactly which dimensions are split.
 
-Quantized and other structured leaves. A leaf's logical axes come from its path and shape
-alone (`logical_axes`): the parameter is the last path component that names one
+Structured leaves. A plain leaf's logical axes come from its path and shape alone
+(`logical_axes`): the parameter is the last path component that names one
 (`layers_0/wq/scales` -> wq), and the leaf's dims are aligned with the weight's axes the
-way numpy broadcasting aligns them, from the right, with size-1 dims unnamed. So int8
-values [D, N*H] carry ("embed", "q_heads"), per-output-channel scales [N*H] or [1, N*H]
-carry the output axis, and a new leaf layout needs no new rule. Under `jit` every layout
-is numerically the same program; the rules only decide where bytes live and what moves.
+way numpy broadcasting aligns them, from the right, with size-1 dims unnamed.
+
+Quantized matrices (`jax_infer.quant.Int8Array` / `Int4Array`) store their bytes in
+column tiles, so their arrays do not line up with the float weight: `QUANT_LAYOUTS` says
+which dim of each stored array indexes the input rows K ("in"), their groups ("groups")
+or the output columns N ("out": columns, or tiles of 64 of them). The matrix's logical
+(in, out) axes (swapped for a tied embedding stored transposed as the head [D, V]) are
+mapped by the rules as for the float weight, then each role is split only if every stored
+dim it names divides (tile count N/64, K, K/8 for packed int4, group count G); otherwise
+that role is replicated in all of the matrix's arrays, so shards always hold whole tiles
+and whole groups, and the arrays of one matrix are split at the same rows and columns.
+A single group (per-channel scales [1, N]) is replicated along it (a broadcast).
+Pruned params are plain, smaller arrays: the same rules apply, and a head or channel count
+the mesh no longer divides falls back to replication.
+
+On a CPU mesh the quantized product is the native kernel (`quant/kernels.py`), an FFI
+custom call XLA cannot partition: the SPMD partitioner all-gathers the weight's shards and
+runs the kernel whole on every device. The result is exact (tested), only the memory and
+traffic of tensor parallelism are lost; CPU meshes are simulations for tests, and on GPU
+and TPU `quantized_matmul` takes its XLA formulation, which partitions like a float dot.
+Under `jit` every layout is numerically the same program; the rules only decide where
+bytes live and what moves.
+
+What `data` splits. The static engine and `model.step.forward` have a batch axis: tokens
+and the contiguous cache split over `data`. The continuous engine does not: a step is one
+flat run of tokens from every sequence, over a page pool that sequences share through block
+tables (prefix caching shares pages between them), so the pool cannot be split by sequence,
+and splitting the token run over `data` would all-gather every new K/V into the replicated
+pool each layer for little gain. So there (`LLMEngine(mesh=...)`) each step's inputs and
+the pool are replicated over `data`: the axis adds replicas, not throughput, and data
+parallel serving is one engine per data slice (as vLLM runs it). The pool is pinned to its
+sharding across steps (`sharded_step`) so that its donation updates it in place.
 
 Multi-host: `initialize_distributed` must run before anything touches the backend; the
 mesh then spans every process's devices, and the sharded loaders
@@ -51,6 +80,8 @@ mesh then spans every process's devices, and the sharded loaders
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -61,6 +92,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jax_infer.config import ModelConfig
+from jax_infer.quant.arrays import Int4Array, Int8Array, QuantizedArray
 
 DATA, MODEL = "data", "model"
 MESH_AXES = (DATA, MODEL)
@@ -105,6 +137,20 @@ CACHE_AXES = ("batch", "seq", "kv_heads", "head_dim")
 # A page pool [P, L, K, H]: split by kv heads only; pages are shared by every sequence
 # through the block tables, so the pool has no batch axis to split over `data`.
 PAGED_CACHE_AXES = ("pages", "page", "kv_heads", "head_dim")
+
+# Stored arrays of a quantized [K, N] matrix (quant/arrays.py): what each dim indexes.
+# "in": rows K (or K/8 packed words), "groups": row groups G, "out": columns N or their
+# tiles N/64, None: within a tile.
+QUANT_LAYOUTS: dict[type, dict[str, tuple[str | None, ...]]] = {
+    Int8Array: {"values": ("out", "in", None), "scales": ("groups", "out")},
+    Int4Array: {
+        "packed": ("out", "in", None),
+        "block_scale": ("groups", "out"),
+        "block_min": ("groups", "out"),
+        "scale_step": ("out",),
+        "min_step": ("out",),
+    },
+}
 
 
 # -- mesh ------------------------------------------------------------------------------
@@ -256,21 +302,71 @@ def param_sharding(
     return named_sharding(logical_axes(path, shape), shape, mesh, rules, config)
 
 
+def quantized_specs(
+    path: str,
+    q: QuantizedArray,
+    mesh_shape: Mapping[str, int],
+    rules: Rules | None = None,
+    units: Mapping[str, int] | None = None,
+) -> QuantizedArray:
+    """The same QuantizedArray with a PartitionSpec in place of each stored array.
+
+    The matrix's (in, out) logical axes are mapped as for its float weight; a role is kept
+    split only if every stored dim it names divides its ways (see the module docstring)."""
+    layout = QUANT_LAYOUTS.get(type(q))
+    if layout is None:
+        raise ValueError(
+            f"params leaf {path!r} is a {type(q).__name__}, which has no stored layout: "
+            f"known are {sorted(c.__name__ for c in QUANT_LAYOUTS)}"
+        )
+    axes = logical_axes(path, q.shape)
+    if len(axes) != 2:
+        raise ValueError(f"quantized leaf {path!r} has shape {q.shape}; expected a matrix")
+    stored_axes = axes[::-1] if q.transposed else axes
+    want = logical_to_spec(stored_axes, q.stored_shape, mesh_shape, rules, units)
+    split = {"in": want[0], "out": want[1]}
+    arrays = {name: getattr(q, name) for name in layout}
+
+    def role(dim: str | None, size: int) -> str | None:
+        # Group dims follow the rows; a single group is a broadcast, never split.
+        if dim == "groups":
+            return None if size == 1 else "in"
+        return dim
+
+    for name, dims in layout.items():
+        for size, dim in zip(arrays[name].shape, dims):
+            r = role(dim, size)
+            target = split.get(r)
+            if target is None:
+                continue
+            names = (target,) if isinstance(target, str) else target
+            if size % math.prod(mesh_shape[a] for a in names):
+                split[r] = None
+
+    def spec(array, dims) -> PartitionSpec:
+        return PartitionSpec(*(split.get(role(d, n)) for n, d in zip(array.shape, dims)))
+
+    return dataclasses.replace(q, **{name: spec(arrays[name], layout[name]) for name in layout})
+
+
 def param_specs(
     params, config: ModelConfig, mesh_shape: Mapping[str, int], rules: Rules | None = None
 ):
-    """PartitionSpecs for a params pytree: needs only mesh axis sizes, no devices."""
+    """PartitionSpecs for a params pytree: needs only mesh axis sizes, no devices. A
+    quantized matrix gets a QuantizedArray of specs (`quantized_specs`)."""
     units = head_units(config)
 
     def spec(keypath, leaf):
         path = path_str(keypath)
+        if isinstance(leaf, QuantizedArray):
+            return quantized_specs(path, leaf, mesh_shape, rules, units)
         return logical_to_spec(logical_axes(path, leaf.shape), leaf.shape, mesh_shape, rules, units)
 
-    return jax.tree_util.tree_map_with_path(spec, params)
+    return jax.tree_util.tree_map_with_path(spec, params, is_leaf=_is_quantized)
 
 
 def param_shardings(params, config: ModelConfig, mesh: Mesh, rules: Rules | None = None):
-    """NamedShardings for a params pytree (plain arrays or quantized NamedTuple leaves)."""
+    """NamedShardings for a params pytree (plain arrays, QuantizedArrays, other NamedTuples)."""
 
     def to_sharding(spec):
         return NamedSharding(mesh, spec)
@@ -293,11 +389,14 @@ def cache_shardings(
     axes: Sequence[str | None] = CACHE_AXES,
 ):
     """NamedShardings for a cache pytree whose every leaf has logical `axes` (default: the
-    contiguous [B, S, K, H] cache; a paged cache passes its own)."""
+    contiguous [B, S, K, H] cache; a paged cache passes `PAGED_CACHE_AXES`). A leaf of lower
+    rank takes the leading axes: the per-token scales [P, L, K] of an int8 pool
+    (`attention.paged.QuantizedPages`) split by kv heads like its values [P, L, K, H]."""
     units = head_units(config)
 
     def to_sharding(leaf):
-        return NamedSharding(mesh, logical_to_spec(axes, leaf.shape, mesh.shape, rules, units))
+        leaf_axes = tuple(axes)[: leaf.ndim]
+        return NamedSharding(mesh, logical_to_spec(leaf_axes, leaf.shape, mesh.shape, rules, units))
 
     return jax.tree.map(to_sharding, cache)
 
@@ -331,8 +430,60 @@ def init_sharded_cache(
     return jax.jit(zeros, out_shardings=shardings)()
 
 
+def init_sharded_paged_cache(
+    config: ModelConfig,
+    num_pages: int,
+    page_size: int,
+    mesh: Mesh,
+    rules: Rules | None = None,
+    dtype=jnp.float32,
+):
+    """`model.step.init_paged_cache` (float or int8 pools), created directly in its sharding:
+    split by kv heads over `model` (replicated where K does not divide it), replicated over
+    `data` (the pool has no batch axis)."""
+    from jax_infer.model.step import init_paged_cache
+
+    def zeros():
+        return init_paged_cache(config, num_pages, page_size, dtype)
+
+    shapes = jax.eval_shape(zeros)
+    shardings = cache_shardings(shapes, config, mesh, rules, PAGED_CACHE_AXES)
+    return jax.jit(zeros, out_shardings=shardings)()
+
+
+def sharded_step(step, logits_sharding: NamedSharding, cache_shardings_):
+    """`step(params, tokens, meta, cache, **static) -> (logits, cache)` (e.g.
+    `model.step.paged_forward`) jitted again with its outputs pinned: logits to
+    `logits_sharding`, the cache to `cache_shardings_`, its input sharding. The cache is
+    donated, and an output sharding equal to the input's is what lets XLA reuse the donated
+    buffers in place; nothing is resharded from one step to the next. Keyword arguments are
+    static (one compiled wrapper per distinct set)."""
+    wrappers: dict = {}
+
+    def call(params, tokens, meta, cache, **static):
+        # Host values (the step's token ids and metadata) go in as numpy: jit replicates them
+        # over the mesh, and on several processes each process passes the same value.
+        tokens, meta = jax.tree.map(np.asarray, (tokens, meta))
+        key = tuple(sorted(static.items()))
+        fn = wrappers.get(key)
+        if fn is None:
+            fn = jax.jit(
+                functools.partial(step, **static),
+                donate_argnums=(3,),
+                out_shardings=(logits_sharding, cache_shardings_),
+            )
+            wrappers[key] = fn
+        return fn(params, tokens, meta, cache)
+
+    return call
+
+
 def _is_spec(x) -> bool:
     return isinstance(x, PartitionSpec)
+
+
+def _is_quantized(x) -> bool:
+    return isinstance(x, QuantizedArray)
 
 
 # -- launch ----------------------------------------------------------------------------
@@ -437,10 +588,12 @@ __all__ = [
     "MODEL",
     "PAGED_CACHE_AXES",
     "PARAM_AXES",
+    "QUANT_LAYOUTS",
     "cache_shardings",
     "define_flags",
     "head_units",
     "init_sharded_cache",
+    "init_sharded_paged_cache",
     "initialize_distributed",
     "logical_axes",
     "logical_to_spec",
@@ -450,6 +603,8 @@ __all__ = [
     "param_sharding",
     "param_shardings",
     "param_specs",
+    "quantized_specs",
     "shard_cache",
     "shard_params",
+    "sharded_step",
 ]

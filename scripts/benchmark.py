@@ -2,6 +2,8 @@
 
     python scripts/benchmark.py --json results/benchmark.json
     python scripts/benchmark.py --quantization int8+embed --json results/benchmark_int8.json
+    python scripts/benchmark.py --speculative ngram --num_prompts 6 --decode_tokens 96 \
+        --json results/speculative_ngram.json     # or self-int4, self-int8, draft:<path>
 
 Prefill: tokens/s for one `--prompt_len`-token prompt (time to the first token, sampling
 included). Decode: tokens/s over `--decode_tokens` generated tokens through the same loop
@@ -16,16 +18,16 @@ from __future__ import annotations
 import json
 import os
 import platform
-import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from jax_infer import LLM, SamplingParams
+from jax_infer import LLM, sharding
+from jax_infer.eval.speed import decode_read_bytes, read_bandwidth_gbs, run_once, tree_bytes
 
 FLAGS = flags.FLAGS
+sharding.define_flags()
 flags.DEFINE_string("model", "smollm2-135m", "Model name or path.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and compute dtype.")
 flags.DEFINE_string(
@@ -42,6 +44,15 @@ flags.DEFINE_enum(
     "engine", "continuous", ["continuous", "static"], "Paged continuous engine or static batching."
 )
 flags.DEFINE_string("json", None, "Write the results to this JSON file.")
+flags.DEFINE_string(
+    "speculative",
+    None,
+    "Instead of the prefill/decode numbers: batch-1 decode tokens/s with and without "
+    "speculative decoding (jax_infer/spec/benchmark.py) on input-grounded and open-ended "
+    "prompts. One of ngram, self-int4, self-int8, draft:<path>.",
+)
+flags.DEFINE_integer("num_speculative_tokens", None, "Drafts per step (default: per method).")
+flags.DEFINE_integer("num_prompts", 8, "Prompts per workload for --speculative.")
 
 TEXT = (
     "The history of computing is a story of abstractions layered on abstractions. Early "
@@ -50,48 +61,65 @@ TEXT = (
 )
 
 
-def read_bandwidth_gbs(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:
-    """Bytes/s of a jitted sum over an f32 array far larger than the caches."""
-    x = jnp.ones(nbytes // 4, jnp.float32)
-    reduce = jax.jit(jnp.sum)
-    reduce(x).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        reduce(x).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return nbytes / min(times) / 1e9
+def speculative_main() -> None:
+    from jax_infer.spec import benchmark as spec_bench
+    from jax_infer.spec import config as spec_config
 
-
-def decode_read_bytes(params) -> int:
-    """Weight bytes one decode step reads: every weight, except the embedding table when a
-    separate [D, V] LM head exists (the lookup reads one row; on CPU a tied f32 embedding
-    also gets a head copy, see model.llama.untie_lm_head)."""
-    total = tree_bytes(params)
-    if "lm_head" in params and "embed" in params:
-        total -= tree_bytes(params["embed"])
-    return total
-
-
-def tree_bytes(tree) -> int:
-    """Bytes of the arrays in a params (sub)tree; a quantized matrix is a pytree of its
-    arrays (int8 values or packed int4 bytes, scales), so this counts what is stored."""
-    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree))
-
-
-def run_once(llm: LLM, prompt_ids: list[int], decode_tokens: int) -> tuple[float, float]:
-    params = SamplingParams(max_tokens=decode_tokens, temperature=0.0, ignore_eos=True)
-    stamps = []
-    t0 = time.perf_counter()
-    for _ in llm.stream([prompt_ids], params):
-        stamps.append(time.perf_counter())
-    ttft = stamps[0] - t0
-    decode_rate = (len(stamps) - 1) / (stamps[-1] - stamps[0])
-    return ttft, decode_rate
+    spec = spec_config.normalize(FLAGS.speculative)
+    if FLAGS.num_speculative_tokens is not None:
+        spec["num_speculative_tokens"] = FLAGS.num_speculative_tokens
+    common = dict(
+        model=FLAGS.model,
+        dtype=FLAGS.dtype,
+        max_num_seqs=1,
+        enable_prefix_caching=False,
+        quantization=None if FLAGS.quantization == "none" else FLAGS.quantization,
+        max_model_len=2048,
+        progress=False,
+    )
+    base_llm = LLM(**common)
+    spec_llm = LLM(**common, speculative_config=spec)
+    n = FLAGS.num_prompts
+    result = {
+        "model": FLAGS.model,
+        "dtype": FLAGS.dtype,
+        "speculative": FLAGS.speculative,
+        "speculative_config": spec,
+        "max_tokens": FLAGS.decode_tokens,
+        "load_average_before": os.getloadavg(),
+    }
+    workloads = {
+        "input_grounded": spec_bench.grounded_prompts(n),
+        "open_ended": list(spec_bench.OPEN_ENDED[:n]),
+    }
+    print(
+        f"{'workload':<16} {'base tok/s':>10} {'spec tok/s':>10} {'speedup':>8} "
+        f"{'accept':>7} {'tok/verify':>10} identical"
+    )
+    for name, prompts in workloads.items():
+        r = spec_bench.compare(base_llm, spec_llm, prompts, FLAGS.decode_tokens)
+        result[name] = r
+        print(
+            f"{name:<16} {r['baseline_tokens_per_s']:>10.1f} {r['speculative_tokens_per_s']:>10.1f} "
+            f"{r['speedup']:>7.2f}x {r['acceptance_rate']:>7.2f} "
+            f"{r['mean_accepted_tokens_per_verify']:>10.2f} {r['identical_outputs']}"
+        )
+    result["load_average_after"] = os.getloadavg()
+    result.update(backend=jax.default_backend(), cores=os.cpu_count(), jax=jax.__version__)
+    print(
+        f"load average before {result['load_average_before']}, after {result['load_average_after']}"
+    )
+    if FLAGS.json:
+        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
+        with open(FLAGS.json, "w") as f:
+            json.dump(result, f, indent=2)
 
 
 def main(argv):
     del argv
+    if FLAGS.speculative:
+        speculative_main()
+        return
     # Prefix caching off: the timed runs repeat one prompt, and a cache hit would turn the
     # prefill measurement into a one-token step.
     llm = LLM(
@@ -101,6 +129,7 @@ def main(argv):
         engine=FLAGS.engine,
         enable_prefix_caching=False,
         quantization=None if FLAGS.quantization == "none" else FLAGS.quantization,
+        mesh=sharding.mesh_from_flags(),
     )
     ids = llm.tokenizer.encode(TEXT * 64)
     while len(ids) < FLAGS.prompt_len:
@@ -117,6 +146,8 @@ def main(argv):
         "dtype": FLAGS.dtype,
         "quantization": FLAGS.quantization,
         "engine": FLAGS.engine,
+        # With a mesh, weight bytes and bandwidth are the whole model's, all devices together.
+        "mesh": {"data": FLAGS.mesh_data, "model": FLAGS.mesh_model},
         "prompt_len": FLAGS.prompt_len,
         "decode_tokens": FLAGS.decode_tokens,
         "prefill_tokens_per_s": FLAGS.prompt_len / ttft,

@@ -19,6 +19,7 @@ Scenarios (--scenarios, comma-separated):
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -26,9 +27,10 @@ import time
 import numpy as np
 from absl import app, flags
 
-from jax_infer import LLM, SamplingParams
+from jax_infer import LLM, SamplingParams, sharding
 
 FLAGS = flags.FLAGS
+sharding.define_flags()
 flags.DEFINE_string("model", "smollm2-135m", "Model name or path.")
 flags.DEFINE_string("scenarios", "mixed,decode32,capacity,prefix", "Which scenarios to run.")
 flags.DEFINE_integer("num_requests", 64, "Requests in the mixed workload.")
@@ -120,9 +122,16 @@ def serve(llm: LLM, prompts, max_tokens, arrive) -> dict:
     }
 
 
+@functools.cache
+def mesh():
+    """The --mesh_data x --mesh_model mesh (None for 1x1), built once per process."""
+    return sharding.mesh_from_flags()
+
+
 def make_llm(engine: str, **overrides) -> LLM:
     kwargs = dict(
         model=FLAGS.model,
+        mesh=mesh(),
         max_model_len=FLAGS.max_model_len,
         max_num_seqs=FLAGS.max_num_seqs,
         max_num_batched_tokens=FLAGS.max_num_batched_tokens,
@@ -270,6 +279,8 @@ def main(argv):
                 "max_model_len",
                 "kv_cache_gb",
                 "seed",
+                "mesh_data",
+                "mesh_model",
             )
         }
     }

@@ -2,6 +2,7 @@
 
 python scripts/generate.py --prompt "The capital of France is" --max_tokens 32
 python scripts/generate.py --chat --prompt "Write a haiku about the sea."
+python scripts/generate.py --mesh_model=4        # tensor parallel over 4 devices
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ import sys
 
 from absl import app, flags
 
-from jax_infer import LLM, SamplingParams
+from jax_infer import LLM, SamplingParams, sharding
 
 FLAGS = flags.FLAGS
+sharding.define_flags()
 flags.DEFINE_string("model", "smollm2-135m", "Model name, .gguf file, HF dir or orbax dir.")
 flags.DEFINE_string(
     "prompt", "The capital of France is", "Prompt text (the user turn with --chat)."
@@ -29,7 +31,8 @@ flags.DEFINE_bool("stream", True, "Print tokens as they are generated.")
 
 def main(argv):
     del argv
-    llm = LLM(model=FLAGS.model, dtype=FLAGS.dtype)
+    # Starts jax.distributed first when the flags (or a launcher) ask for several processes.
+    llm = LLM(model=FLAGS.model, dtype=FLAGS.dtype, mesh=sharding.mesh_from_flags())
     params = SamplingParams(
         max_tokens=FLAGS.max_tokens,
         temperature=FLAGS.temperature,

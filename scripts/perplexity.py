@@ -3,6 +3,7 @@
     python scripts/perplexity.py --text_file /usr/share/common-licenses/GPL-3 \
         --window 1024 --stride 512 --json results/ppl_f32.json
     python scripts/perplexity.py --quantization int8+embed --text_file a.txt,b.txt ...
+    python scripts/perplexity.py --kv_cache_dtype int8 ...   # with the int8 KV cache
 
 Several comma-separated --text_file are joined with a blank line between them and tokenized as
 one text (no special tokens), so a corpus can be made long enough from short files. See
@@ -29,6 +30,9 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and comp
 flags.DEFINE_list("text_file", ["/usr/share/common-licenses/GPL-3"], "Text file(s), joined.")
 flags.DEFINE_integer("window", 1024, "Tokens per forward pass.")
 flags.DEFINE_integer("stride", 512, "Tokens between window starts (<= window).")
+flags.DEFINE_enum(
+    "kv_cache_dtype", "auto", ["auto", "int8"], "int8: score with the int8 KV cache's rounding."
+)
 flags.DEFINE_integer("max_tokens", None, "Evaluate only the first this many tokens.")
 flags.DEFINE_string("json", None, "Write the result to this JSON file.")
 
@@ -63,11 +67,13 @@ def main(argv):
         stride=FLAGS.stride,
         dtype=llm.dtype,
         progress=True,
+        kv_cache_dtype=FLAGS.kv_cache_dtype,
     )
     out = {
         "model": FLAGS.model,
         "quantization": FLAGS.quantization,
         "dtype": FLAGS.dtype,
+        "kv_cache_dtype": FLAGS.kv_cache_dtype,
         "text_files": FLAGS.text_file,
         "weight_bytes": weight_bytes(llm.params),
         **result.to_dict(),

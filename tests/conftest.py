@@ -34,3 +34,17 @@ def hf_smollm2(gguf_path):
     model.eval()
     tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=f)
     return model, tok
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_module_memory():
+    """After each test module, drop what it left behind (engines with their page pools,
+    quantized copies of SmolLM2) and jax's compiled programs: the whole suite runs in one
+    2-core, 24 GiB process, and without this an XLA compile late in the run was aborted."""
+    yield
+    import gc
+
+    import jax
+
+    gc.collect()
+    jax.clear_caches()

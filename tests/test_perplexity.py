@@ -108,6 +108,7 @@ def test_window_longer_than_the_model_is_refused(tmp_path):
 TEXT = "/usr/share/common-licenses/GPL-3"
 SLICE_TOKENS, WINDOW, STRIDE = 3072, 512, 256
 BOUNDS = {"int8-g64+embed": 1.005, "int8+embed": 1.01, "int4+embed": 1.05}
+KV_BOUND = 1.005  # int8 KV cache (per token and head) on f32 weights
 
 
 @pytest.mark.slow
@@ -122,7 +123,13 @@ def test_quantized_smollm2_perplexity_stays_close(gguf_path):
         assert len(ids) == SLICE_TOKENS
         r = perplexity(llm.params, llm.config, ids, window=WINDOW, stride=STRIDE)
         results[scheme] = r.perplexity
+        if scheme is None:  # the same f32 model scored through the int8 KV cache's rounding
+            r = perplexity(
+                llm.params, llm.config, ids, window=WINDOW, stride=STRIDE, kv_cache_dtype="int8"
+            )
+            results["int8 KV"] = r.perplexity
     f32 = results[None]
     assert 5 < f32 < 50, results  # an English text under a working model
     for scheme, bound in BOUNDS.items():
         assert results[scheme] <= f32 * bound, (scheme, results)
+    assert results["int8 KV"] <= f32 * KV_BOUND, results

@@ -169,3 +169,66 @@ def test_mesh_flags():
     fv(["prog", f"--mesh_model={len(jax.devices()) + 1}"])
     with pytest.raises(ValueError, match="needs"):
         sharding.mesh_from_flags(fv)
+
+
+@pytest.mark.parametrize(
+    "model, attn, kv, mlp",
+    [
+        (2, "model", "model", "model"),  # 6 q / 2 kv heads and 1,100 channels all split in 2
+        (4, None, None, "model"),  # heads do not divide 4: attention replicated, MLP split
+        (8, None, None, None),  # 1,100 % 8 != 0: the MLP falls back to replication too
+    ],
+)
+def test_pruned_config_shards_or_replicates(model, attn, kv, mlp):
+    """A pruned model is a smaller config (fewer heads, fewer MLP channels): the same rules,
+    each dimension split where the mesh divides it and replicated where it no longer does."""
+    pruned = SMOLLM2.replace(num_heads=6, num_kv_heads=2, intermediate_size=1100)
+    specs = sharding.param_specs(shapes_tree(pruned), pruned, {"data": 1, "model": model})
+    layer = specs["layers_0"]
+    assert layer["wq"] == P(None, attn) and layer["wo"] == P(attn, None)
+    assert layer["wk"] == P(None, kv) and layer["wv"] == P(None, kv)
+    assert layer["w_up"] == P(None, mlp) and layer["w_down"] == P(mlp, None)
+
+
+def test_pruned_quantized_matrix_keeps_whole_tiles():
+    """Quantized, a pruned MLP of 1,100 channels is one 1,100-column tile (64 does not divide
+    it), which never splits; 1,152 channels are 18 tiles, which split in 2 but not in 4."""
+    from jax_infer.quant import quantize_matrix
+
+    for channels, model, split in ((1100, 2, False), (1152, 2, True), (1152, 4, False)):
+        config = SMOLLM2.replace(intermediate_size=channels)
+        q = quantize_matrix(jnp.zeros((64, channels)), 8, None)
+        spec = sharding.param_specs({"layers_0": {"w_up": q}}, config, {"model": model})
+        want = "model" if split else None
+        assert spec["layers_0"]["w_up"].values == P(want, None, None), (channels, model)
+        assert spec["layers_0"]["w_up"].scales == P(None, want), (channels, model)
+
+
+def test_quantized_rows_split_only_at_whole_groups():
+    """w_down int4-g32 over model=2: K=128 has 4 groups and splits by rows in every array;
+    K=96 has 3 groups, which do not split in 2, so no array of the matrix splits its rows."""
+    from jax_infer.quant import quantize_matrix
+
+    for k, want in ((128, "model"), (96, None)):
+        config = SMOLLM2.replace(intermediate_size=k)
+        q = quantize_matrix(jnp.zeros((k, 64)), 4, 32)
+        spec = sharding.param_specs({"layers_0": {"w_down": q}}, config, {"model": 2})
+        got = spec["layers_0"]["w_down"]
+        assert got.packed == P(None, want, None), k
+        assert got.block_scale == P(want, None) and got.block_min == P(want, None), k
+        assert got.scale_step == P(None) and got.min_step == P(None), k
+
+
+def test_llm_mesh_argument_is_checked():
+    from jax.sharding import Mesh
+
+    from jax_infer.llm import resolve_mesh
+
+    assert resolve_mesh(None) is None
+    assert resolve_mesh((1, 1)).shape == {"data": 1, "model": 1}
+    with pytest.raises(ValueError, match="mesh='1x2' is invalid"):
+        resolve_mesh("1x2")
+    with pytest.raises(ValueError, match=r"axes \('x',\)"):
+        resolve_mesh(Mesh(np.array(jax.devices()[:1]), ("x",)))
+    with pytest.raises(ValueError, match="needs"):
+        resolve_mesh((1, len(jax.devices()) + 1))

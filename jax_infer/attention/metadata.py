@@ -32,7 +32,10 @@ class AttentionMetadata(NamedTuple):
     cu_q_lens: Any  # i32[S + 1]: flat offsets of each row's tokens (ragged kernels)
     num_seqs: Any  # i32[1]: real sequence rows
     prefill_token_index: Any  # i32[P_pad, Q]: flat index of each prefill query (T = padding)
-    logits_index: Any  # i32[S]: flat index of each row's last token
+    # i32[S]: flat index of each row's last token; or i32[S, R] with `logits_per_row=R`
+    # (speculative verification): the row's last R tokens, right-aligned, a row shorter than R
+    # repeating its first token's index on the left.
+    logits_index: Any
 
 
 def bucket(n: int, minimum: int, factor: int = 2) -> int:
@@ -52,9 +55,14 @@ def build_metadata(
     min_pages: int = 4,
     min_chunk: int = 32,
     max_decode_rows: int | None = None,
+    logits_per_row: int | None = None,
 ) -> tuple[AttentionMetadata, np.ndarray, list[int]]:
     """Lay out one step. Row i computes q_lens[i] tokens at positions starts[i].., through
     block_tables[i]. Rows with q_len 1 become decode rows; the rest prefill rows.
+
+    logits_per_row=R (speculative verification) asks for logits at each row's last R tokens
+    (`logits_index` i32[S, R]); with min_chunk=R, rows of R tokens (a decode and its R-1 drafts)
+    pad to R rather than to a 32-token chunk. None keeps the single-index layout.
 
     Returns (metadata as numpy arrays, order, flat_offsets): `order[r]` is the input index of
     sequence row r (or -1 for padding) and `flat_offsets[i]` is where input row i's tokens
@@ -89,7 +97,7 @@ def build_metadata(
     kv_lens = np.ones(s_pad, np.int32)
     cu = np.zeros(s_pad + 1, np.int32)
     pre_index = np.full((p_pad, q_pad), t_pad, np.int32)
-    logits_index = np.zeros(s_pad, np.int32)
+    logits_index = np.zeros(s_pad if logits_per_row is None else (s_pad, logits_per_row), np.int32)
     order = np.full(s_pad, -1, np.int64)
     flat_offsets = [0] * n
 
@@ -120,7 +128,11 @@ def build_metadata(
         used = min(len(table), pages)
         tables[r, :used] = table[:used]
         kv_lens[r] = start + q
-        logits_index[r] = flat + q - 1
+        if logits_per_row is None:
+            logits_index[r] = flat + q - 1
+        else:
+            back = np.arange(logits_per_row - 1, -1, -1)
+            logits_index[r] = flat + np.maximum(q - 1 - back, 0)
         order[r] = i
     # Ragged offsets for kernels that read q by cu_q_lens: prefill rows follow the decode rows.
     cursor = d_pad

@@ -8,6 +8,11 @@ pages, read through the block table. Backends:
   xla        decode rows as one batched gather + einsum; prefill chunks gathered into a
              [P_pad, Q] block with a causal mask. Plain jnp, the CPU default.
   pallas     the ragged paged attention kernel (pallas_kernels/), for TPU/GPU.
+
+A pool is either a float array or, for the int8 KV cache, a `QuantizedPages` (values
+s8[P, L, K, H], scales f32[P, L, K]; see quant/kv.py): `write_pages` quantizes what it
+stores and the jnp backends dequantize only the pages they gather, so a step reads a
+quarter of the f32 bytes. The Pallas kernel reads float pages only.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_infer.attention.metadata import AttentionMetadata
+from jax_infer.quant.kv import QuantizedPages, dequantize_kv, quantize_kv
 
 BACKENDS = ("reference", "xla", "pallas")
 
@@ -26,10 +32,15 @@ def write_pages(pages, new, slot_mapping):
     pool is donated. Indexed as (page, offset) rather than through a reshaped [P*L] view: with
     a single token XLA:CPU otherwise copied the whole pool every layer (measured: a batch-1
     decode step went from 40 ms to 1.1 s with a 1,024-page pool)."""
+    if isinstance(pages, QuantizedPages):
+        values, scales = quantize_kv(new)
+        return QuantizedPages(
+            write_pages(pages.values, values, slot_mapping),
+            write_pages(pages.scales, scales, slot_mapping),
+        )
     page_size = pages.shape[1]
-    return pages.at[slot_mapping // page_size, slot_mapping % page_size].set(
-        new.astype(pages.dtype)
-    )
+    page, offset = slot_mapping // page_size, slot_mapping % page_size
+    return pages.at[page, offset].set(new.astype(pages.dtype))
 
 
 def _softmax_attend(scores, mask, v_dtype):
@@ -39,24 +50,36 @@ def _softmax_attend(scores, mask, v_dtype):
     return jnp.where(jnp.isnan(probs), 0.0, probs).astype(v_dtype)
 
 
-def _gather_rows(pages, tables):
-    """pages [P, L, K, H], tables i32[R, pages] -> [R, pages * L, K, H]."""
-    g = pages[tables]
+def _gather_rows(pages, tables, dtype):
+    """pages [P, L, K, H], tables i32[R, pages] -> [R, pages * L, K, H] in dtype (an int8
+    pool is dequantized after the gather, so only the gathered pages are converted)."""
+    if isinstance(pages, QuantizedPages):
+        g = dequantize_kv(pages.values[tables], pages.scales[tables], dtype)
+    else:
+        g = pages[tables]
     rows, num, page_size, kh, h = g.shape
     return g.reshape(rows, num * page_size, kh, h)
+
+
+def _kv_heads(pages) -> int:
+    return (pages.values if isinstance(pages, QuantizedPages) else pages).shape[2]
+
+
+def _page_size(pages) -> int:
+    return (pages.values if isinstance(pages, QuantizedPages) else pages).shape[1]
 
 
 def reference_attention(q, k_pages, v_pages, meta: AttentionMetadata, sliding_window=None):
     """q [T, N, H] -> [T, N, H]: each flat token gathers its own row's pages."""
     t, n, h = q.shape
-    kh = k_pages.shape[2]
+    kh = _kv_heads(k_pages)
     g = n // kh
     cu = meta.cu_q_lens
     flat = jnp.arange(t)
     # Row of each flat token: the last row whose cu offset is <= the token index.
     row = jnp.clip(jnp.searchsorted(cu[1:], flat, side="right"), 0, cu.shape[0] - 2)
-    k = _gather_rows(k_pages, meta.block_tables[row])  # [T, S, K, H]
-    v = _gather_rows(v_pages, meta.block_tables[row])
+    k = _gather_rows(k_pages, meta.block_tables[row], q.dtype)  # [T, S, K, H]
+    v = _gather_rows(v_pages, meta.block_tables[row], q.dtype)
     scores = jnp.einsum(
         "tkgh,tskh->tkgs", q.reshape(t, kh, g, h), k, preferred_element_type=jnp.float32
     ) / np.sqrt(h)
@@ -72,20 +95,20 @@ def reference_attention(q, k_pages, v_pages, meta: AttentionMetadata, sliding_wi
 def xla_attention(q, k_pages, v_pages, meta: AttentionMetadata, sliding_window=None):
     """q [T, N, H] -> [T, N, H], decode rows and prefill chunks each in one batched einsum."""
     t, n, h = q.shape
-    kh = k_pages.shape[2]
+    kh = _kv_heads(k_pages)
     g = n // kh
     p_pad, q_pad = meta.prefill_token_index.shape
     d_pad = meta.block_tables.shape[0] - p_pad
     scale = 1.0 / np.sqrt(h)
     out = jnp.zeros((t, n, h), q.dtype)
-    s_len = meta.block_tables.shape[1] * k_pages.shape[1]
+    s_len = meta.block_tables.shape[1] * _page_size(k_pages)
     kv_pos = jnp.arange(s_len)
     if d_pad:
         # Decode row r's only query is flat token r, at the end of its sequence: causality is
         # implied by kv_len.
         tables = meta.block_tables[:d_pad]
-        k = _gather_rows(k_pages, tables)  # [D, S, K, H]
-        v = _gather_rows(v_pages, tables)
+        k = _gather_rows(k_pages, tables, q.dtype)  # [D, S, K, H]
+        v = _gather_rows(v_pages, tables, q.dtype)
         qd = q[:d_pad].reshape(d_pad, kh, g, h)
         scores = jnp.einsum("dkgh,dskh->dkgs", qd, k, preferred_element_type=jnp.float32)
         mask = kv_pos[None, :] < meta.kv_lens[:d_pad, None]  # bool[D, S]
@@ -97,8 +120,8 @@ def xla_attention(q, k_pages, v_pages, meta: AttentionMetadata, sliding_window=N
     if p_pad:
         index = meta.prefill_token_index  # i32[P, Q], t for padding
         tables = meta.block_tables[d_pad:]
-        k = _gather_rows(k_pages, tables)  # [P, S, K, H]
-        v = _gather_rows(v_pages, tables)
+        k = _gather_rows(k_pages, tables, q.dtype)  # [P, S, K, H]
+        v = _gather_rows(v_pages, tables, q.dtype)
         qp = jnp.take(q, index, axis=0, mode="fill", fill_value=0)  # [P, Q, N, H]
         qpos = jnp.take(meta.positions, index, mode="fill", fill_value=-1)  # i32[P, Q]
         scores = jnp.einsum(
@@ -119,6 +142,12 @@ def xla_attention(q, k_pages, v_pages, meta: AttentionMetadata, sliding_window=N
 
 def pallas_attention(q, k_pages, v_pages, meta: AttentionMetadata, sliding_window=None):
     from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+
+    if isinstance(k_pages, QuantizedPages):
+        raise ValueError(
+            "attention backend='pallas' reads float pages; kv_cache_dtype='int8' needs "
+            "attention_backend='xla' or 'reference'"
+        )
 
     # On a CPU the kernel runs in the Pallas interpreter: slow, but the same kernel code, so
     # the engine can be checked end to end without an accelerator.

@@ -78,8 +78,10 @@ def sliding_windows(num_tokens: int, window: int, stride: int) -> Iterator[Windo
             return
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "window"))
-def _window_nll(params, tokens, num_valid, score_from, *, config: ModelConfig, dtype, window):
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "window", "int8_kv"))
+def _window_nll(
+    params, tokens, num_valid, score_from, *, config: ModelConfig, dtype, window, int8_kv=False
+):
     """Sum of -log p(tokens[t] | tokens[:t]) over t in [score_from, num_valid) of one window.
 
     tokens i32[1, window]; num_valid, score_from i32[] (positions within the window).
@@ -95,6 +97,7 @@ def _window_nll(params, tokens, num_valid, score_from, *, config: ModelConfig, d
         dtype=dtype,
         attn_len=window,
         all_logits=True,
+        int8_kv=int8_kv,
     )
     # Logits at position t predict token t + 1.
     logp = jax.nn.log_softmax(logits[0, :-1].astype(jnp.float32), axis=-1)  # [T-1, V]
@@ -114,8 +117,14 @@ def perplexity(
     stride: int = 512,
     dtype=jnp.float32,
     progress: bool = False,
+    kv_cache_dtype: str = "auto",
 ) -> PerplexityResult:
-    """Sliding-window perplexity of `token_ids` under the model (see the module docstring)."""
+    """Sliding-window perplexity of `token_ids` under the model (see the module docstring).
+
+    kv_cache_dtype="int8" scores with keys and values rounded as the engine's int8 KV cache
+    stores them (`quant.kv`); "auto" keeps them in the compute dtype."""
+    if kv_cache_dtype not in ("auto", "int8"):
+        raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} is not one of ('auto', 'int8')")
     tokens = np.asarray(token_ids, np.int32)
     if tokens.ndim != 1:
         raise ValueError(f"token_ids must be a flat sequence; got shape {tokens.shape}")
@@ -125,7 +134,13 @@ def perplexity(
             f"{config.max_position_embeddings}"
         )
     windows = list(sliding_windows(len(tokens), window, stride))
-    run = functools.partial(_window_nll, config=config, dtype=jnp.dtype(dtype), window=window)
+    run = functools.partial(
+        _window_nll,
+        config=config,
+        dtype=jnp.dtype(dtype),
+        window=window,
+        int8_kv=kv_cache_dtype == "int8",
+    )
 
     def args(w: Window):
         padded = np.zeros((1, window), np.int32)

@@ -92,16 +92,22 @@ def write_cache(cache_x, new_x, start):
     return jax.vmap(write_row)(cache_x, new_x, start)
 
 
-def contiguous_attention(start, kv_valid_len, attn_len: int, sliding_window: int | None):
+def contiguous_attention(
+    start, kv_valid_len, attn_len: int, sliding_window: int | None, kv_transform=None
+):
     """attend_fn for the contiguous cache: (k, v) per layer, each [B, S, K, H].
 
     New keys/values land at slots start i32[B].. of each row; queries attend to slots
     [0, attn_len) (static) that are causal and below kv_valid_len i32[B]. Reading only attn_len
-    slots keeps decode from paying for the whole max_len cache.
+    slots keeps decode from paying for the whole max_len cache. kv_transform, when given,
+    maps the new k and v before they are stored (the int8 KV cache's round trip, for the
+    perplexity evaluator).
     """
 
     def attend_fn(q, k, v, layer_cache):
         b, t = q.shape[:2]
+        if kv_transform is not None:
+            k, v = kv_transform(k), kv_transform(v)
         positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         cache_k = write_cache(layer_cache[0], k, start)
         cache_v = write_cache(layer_cache[1], v, start)

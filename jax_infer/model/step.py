@@ -15,11 +15,12 @@ import jax.numpy as jnp
 
 from jax_infer.config import ModelConfig
 from jax_infer.model.llama import Llama, contiguous_attention
+from jax_infer.quant.kv import fake_quantize_kv, init_quantized_pages, kv_bytes_per_head
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("config", "dtype", "attn_len", "all_logits"),
+    static_argnames=("config", "dtype", "attn_len", "all_logits", "int8_kv"),
     donate_argnames=("cache",),
 )
 def forward(
@@ -33,16 +34,24 @@ def forward(
     dtype,
     attn_len: int,
     all_logits: bool = False,
+    int8_kv: bool = False,
 ):
     """tokens i32[B, T] at cache slots start i32[B].. (first num_valid i32[B] real).
 
     Returns (logits, cache): logits f32[B, T, V] when all_logits, else f32[B, V] at each row's
-    last real token.
+    last real token. int8_kv: keys and values go through the int8 KV cache's quantization
+    round trip (`quant.kv.fake_quantize_kv`) before they are stored and attended.
     """
     model = Llama(config, dtype)
     index = None if all_logits else (num_valid - 1)[:, None]
     positions = start[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
-    attend_fn = contiguous_attention(start, start + num_valid, attn_len, config.sliding_window)
+    attend_fn = contiguous_attention(
+        start,
+        start + num_valid,
+        attn_len,
+        config.sliding_window,
+        kv_transform=fake_quantize_kv if int8_kv else None,
+    )
     logits, cache = model.apply({"params": params}, tokens, positions, cache, attend_fn, index)
     if not all_logits:
         logits = logits[:, 0]
@@ -68,7 +77,7 @@ __all__ = ["bucket", "forward", "init_paged_cache", "kv_bytes_per_token", "paged
 def paged_forward(params, tokens, meta, cache, *, config: ModelConfig, dtype, backend: str):
     """One ragged step over the page pool: tokens i32[T] laid out by
     `attention.build_metadata`. Returns (logits f32[S, V] at each sequence row's last token,
-    cache)."""
+    or f32[S, R, V] at its last R tokens when meta.logits_index is i32[S, R]; cache)."""
     from jax_infer.attention import paged_attend_fn
 
     model = Llama(config, dtype)
@@ -79,16 +88,26 @@ def paged_forward(params, tokens, meta, cache, *, config: ModelConfig, dtype, ba
         meta.positions[None],
         cache,
         attend_fn,
-        meta.logits_index[None],
+        meta.logits_index.reshape(1, -1),
     )
-    return logits[0], cache
+    # logits_index i32[S] gives f32[S, V]; i32[S, R] (speculative verification) f32[S, R, V].
+    return logits[0].reshape(*meta.logits_index.shape, logits.shape[-1]), cache
 
 
 def init_paged_cache(config: ModelConfig, num_pages: int, page_size: int, dtype=jnp.float32):
-    """Per layer (k_pages, v_pages), each [P, L, K, H]. Page 0 is the reserved null page."""
+    """Per layer (k_pages, v_pages), each [P, L, K, H]. Page 0 is the reserved null page.
+
+    dtype int8 gives the int8 KV cache: each pool a `QuantizedPages` (quant/kv.py)."""
     shape = (num_pages, page_size, config.num_kv_heads, config.head_dim)
+    if jnp.dtype(dtype) == jnp.int8:
+        return [
+            (init_quantized_pages(shape), init_quantized_pages(shape))
+            for _ in range(config.num_layers)
+        ]
     return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers)]
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype=jnp.float32) -> int:
-    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * jnp.dtype(dtype).itemsize
+    """Cache bytes one token takes over all layers (K and V; int8 includes its scales)."""
+    per_head = kv_bytes_per_head(dtype, config.head_dim)
+    return 2 * config.num_layers * config.num_kv_heads * per_head

@@ -55,6 +55,11 @@ class ScheduledRequest:
     block_table: list[int]  # snapshot of the request's pages; covers [0, start + len(token_ids))
     sample: bool  # the chunk reaches the end of the known tokens: sample one after it
     is_new: bool  # (re)admitted this step: the engine sets up its per-request state
+    # Speculative decoding: pages also cover the next `num_lookahead` positions, so the engine
+    # may append up to that many draft tokens to this decode and verify them in the same step.
+    # update() then takes 1 + (accepted drafts) tokens and advances num_computed_tokens past
+    # the accepted drafts only: rejected drafts' K/V is overwritten by later steps.
+    num_lookahead: int = 0
 
     @property
     def request_id(self) -> str:
@@ -296,8 +301,23 @@ class Scheduler:
         limit = self.max_num_partial_prefills
         return limit is not None and sum(len(c.token_ids) > 1 for c in chunks) >= limit
 
-    def schedule(self) -> SchedulerOutput:
-        """Pick this step's chunks. Call update() with the result before the next schedule()."""
+    def _lookahead(self, req: Request, wanted: int, budget: int) -> int:
+        """Draft slots a decode of `req` may reserve: at most `wanted`, what the token budget
+        leaves after the decode itself, and what max_tokens leaves after the bonus token (which
+        also keeps every written position below max_model_len); 0 when pages are short."""
+        room = req.max_tokens - len(req.output_token_ids) - 1
+        k = max(0, min(wanted, budget - 1, room))
+        if k and not self._grow(req, req.num_tokens + k):
+            k = 0  # never preempt for a draft: the decode proceeds without one
+        return k
+
+    def schedule(self, lookahead: Mapping[str, int] | None = None) -> SchedulerOutput:
+        """Pick this step's chunks. Call update() with the result before the next schedule().
+
+        `lookahead` (speculative decoding) maps request ids to how many draft tokens the
+        engine would like to verify after that request's decode; decodes get up to that many
+        extra page slots (ScheduledRequest.num_lookahead), charged to the token budget.
+        """
         if self._pending is not None:
             raise RuntimeError("schedule() called again before update() of the previous output")
         budget = self.max_num_batched_tokens
@@ -323,8 +343,12 @@ class Scheduler:
                     break
             if req.status is not RequestStatus.RUNNING:
                 continue  # it preempted itself; it was the last running request
-            (decodes if n == 1 else chunks).append(self._scheduled(req, n, is_new=False))
-            budget -= n
+            sr = self._scheduled(req, n, is_new=False)
+            if n == 1 and lookahead and lookahead.get(req.request_id):
+                sr.num_lookahead = self._lookahead(req, lookahead[req.request_id], budget)
+                sr.block_table = list(req.block_table)
+            (decodes if n == 1 else chunks).append(sr)
+            budget -= n + sr.num_lookahead
             i += 1
 
         # 2. Waiting requests in order, unless this step showed the pool is tight.
@@ -402,6 +426,12 @@ class Scheduler:
                 raise ValueError(
                     f"sampled has tokens for {rid!r}, which was not scheduled to sample this step"
                 )
+            most = 1 + by_id[rid].num_lookahead
+            if by_id[rid].num_lookahead and len(sampled[rid]) > most:
+                raise ValueError(
+                    f"sampled[{rid!r}] has {len(sampled[rid])} tokens; a decode with "
+                    f"num_lookahead={most - 1} takes at most {most}"
+                )
         for rid, sr in by_id.items():
             live = sr.request.status is RequestStatus.RUNNING
             if sr.sample and live and rid not in finished and not sampled.get(rid):
@@ -414,14 +444,26 @@ class Scheduler:
             if req.status is not RequestStatus.RUNNING:
                 continue  # aborted after schedule(); its pages are already free
             assert req.num_computed_tokens == sr.start, "request advanced outside update()"
-            req.num_computed_tokens = sr.end
-            self._register_full_pages(req, sr.start, sr.end)
+            new_tokens = list(sampled.get(sr.request_id, ())) if sr.sample else []
             if sr.sample:
                 room = min(
                     req.max_tokens - len(req.output_token_ids),
                     self.max_model_len - req.num_tokens,
                 )
-                req.output_token_ids.extend(list(sampled.get(sr.request_id, ()))[:room])
+                req.output_token_ids.extend(new_tokens[:room])
+            end = sr.end
+            if sr.num_lookahead:
+                # Verified drafts: the accepted ones (all new tokens but the last) were
+                # computed; the rest of the step's K/V is overwritten by later steps.
+                end = min(sr.start + max(1, len(new_tokens)), req.num_tokens - 1)
+            req.num_computed_tokens = end
+            self._register_full_pages(req, sr.start, end)
+            if sr.num_lookahead:
+                # Pages reserved for rejected drafts that the known tokens no longer reach.
+                keep = _cdiv(req.num_tokens, self.page_size)
+                if len(req.block_table) > keep:
+                    self.allocator.free(reversed(req.block_table[keep:]))
+                    del req.block_table[keep:]
             reason = finished.pop(sr.request_id, None)
             if reason is None and (
                 len(req.output_token_ids) >= req.max_tokens or req.num_tokens >= self.max_model_len

@@ -43,8 +43,10 @@ def read_metadata(reader) -> dict:
     return meta
 
 
-def load_gguf(path: str, dtype="float32", progress: bool = True):
-    """Returns (config, params, reader); the reader also builds the tokenizer."""
+def load_gguf(path: str, dtype="float32", progress: bool = True, *, mesh=None, rules=None):
+    """Returns (config, params, reader); the reader also builds the tokenizer. With a mesh,
+    each dequantized tensor is placed as its `jax_infer.sharding` slices (never whole on one
+    device)."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
@@ -53,7 +55,7 @@ def load_gguf(path: str, dtype="float32", progress: bool = True):
     tensor_names = {t.name for t in reader.tensors}
     config = ModelConfig.from_gguf(meta, tensor_names)
     names = expand(GGUF_NAMES, config.num_layers)
-    builder = ParamsBuilder(config, dtype, os.path.basename(path), progress)
+    builder = ParamsBuilder(config, dtype, os.path.basename(path), progress, mesh=mesh, rules=rules)
     permuted = meta.get("general.architecture") in PERMUTED_QK
     file_size = os.path.getsize(path)
     for t in reader.tensors:

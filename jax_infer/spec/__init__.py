@@ -1,0 +1,32 @@
+"""Speculative decoding: proposers (n-gram prompt lookup, draft model, quantized self-draft),
+the lossless acceptance rule, and the engine-side glue (see decoder.py for one step)."""
+
+from jax_infer.spec.decoder import SpecStats, SpeculativeDecoder, make_speculative_decoder
+from jax_infer.spec.proposers import (
+    Draft,
+    DraftModelProposer,
+    DraftRow,
+    NgramProposer,
+    Proposer,
+    lookup,
+)
+from jax_infer.spec.rejection import rejection_sample, supports_speculation, target_probs, verify
+
+SPECULATIVE_METHODS = ("ngram", "draft_model")
+
+__all__ = [
+    "SPECULATIVE_METHODS",
+    "Draft",
+    "DraftModelProposer",
+    "DraftRow",
+    "NgramProposer",
+    "Proposer",
+    "SpecStats",
+    "SpeculativeDecoder",
+    "lookup",
+    "make_speculative_decoder",
+    "rejection_sample",
+    "supports_speculation",
+    "target_probs",
+    "verify",
+]

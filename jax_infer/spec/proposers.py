@@ -1,0 +1,243 @@
+"""Draft proposers for speculative decoding, behind one interface.
+
+    proposer.propose(rows) -> [Draft, ...]   one per DraftRow, at most row.num_drafts tokens
+    proposer.verified(request_id, num_valid) the target kept positions [0, num_valid)
+    proposer.forget(request_id)              preempted, finished or aborted: drop its state
+
+* `NgramProposer` (prompt lookup): no model. Find the latest earlier occurrence of the
+  sequence's last n tokens (n from `max_n` down to `min_n`) and propose what followed it.
+  Strong when the output copies from the input (rewrite, summarise, answer about a passage).
+* `DraftModelProposer`: a second, cheaper model with the same vocabulary runs k steps ahead.
+  Its K/V lives in its own page pool, indexed by the target's block tables (same page ids, same
+  positions), so the scheduler's pages serve both models and nothing else is allocated; it
+  tracks per request how many positions of its own cache are valid and catches up on the
+  tokens it has not seen (the whole prompt the first time, then the 1-2 tokens a verify step
+  added). A quantized copy of the target (`quantize(params, "int4+embed")`) is the
+  self-draft: same tokenizer by construction, and it agrees with the target most of the time.
+
+A draft model samples its tokens from q = the request's sampling distribution applied to its
+own logits (one-hot for greedy requests) and returns q, which the rejection rule needs; the
+n-gram proposer returns no distribution (a point mass, see rejection.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_infer.attention import build_metadata
+from jax_infer.config import ModelConfig
+from jax_infer.model.step import init_paged_cache, paged_forward
+from jax_infer.sampling import SamplerFlags, SamplingMetadata, SamplingParams
+from jax_infer.spec.rejection import target_probs
+
+
+@dataclasses.dataclass
+class DraftRow:
+    """One request to draft for: its known tokens (prompt + output; the last one not yet
+    computed by the target), how many drafts it may take, and its pages (which cover
+    positions [0, len(token_ids) + num_drafts))."""
+
+    request_id: str
+    token_ids: list[int]
+    num_drafts: int
+    block_table: list[int]
+    params: SamplingParams
+    seed: int
+    step: int  # tokens generated so far (the sampler's step)
+
+
+@dataclasses.dataclass
+class Draft:
+    token_ids: list[int]  # 0..num_drafts proposed tokens
+    probs: Any = None  # f32[num_drafts, V] the tokens were drawn from (device), or None
+
+
+class Proposer(Protocol):
+    def propose(self, rows: list[DraftRow]) -> list[Draft]: ...
+
+    def verified(self, request_id: str, num_valid: int) -> None: ...
+
+    def forget(self, request_id: str) -> None: ...
+
+
+class NgramProposer:
+    """Prompt lookup: propose the continuation of the latest earlier match of the last n
+    tokens, trying n = max_n, max_n - 1, ..., min_n."""
+
+    def __init__(self, max_n: int = 4, min_n: int = 3):
+        for name, value in (("ngram_prompt_lookup_max", max_n), ("ngram_prompt_lookup_min", min_n)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} is invalid: must be an int >= 1")
+        if min_n > max_n:
+            raise ValueError(
+                f"ngram_prompt_lookup_min={min_n} must be <= ngram_prompt_lookup_max={max_n}"
+            )
+        self.max_n, self.min_n = max_n, min_n
+
+    def propose(self, rows: list[DraftRow]) -> list[Draft]:
+        return [Draft(lookup(r.token_ids, r.num_drafts, self.max_n, self.min_n)) for r in rows]
+
+    def verified(self, request_id: str, num_valid: int) -> None:
+        pass
+
+    def forget(self, request_id: str) -> None:
+        pass
+
+
+def lookup(tokens: list[int], k: int, max_n: int, min_n: int) -> list[int]:
+    """Up to k tokens that followed the latest earlier occurrence of tokens' last n tokens."""
+    seq = np.asarray(tokens, np.int64)
+    size = len(seq)
+    for n in range(min(max_n, size - 1), min_n - 1, -1):
+        # Windows starting at 0 .. size - n - 1: each has at least one token after it, and the
+        # suffix itself (starting at size - n) is excluded.
+        windows = np.lib.stride_tricks.sliding_window_view(seq[:-1], n)
+        hits = np.flatnonzero((windows == seq[size - n :]).all(axis=1))
+        if hits.size:
+            start = int(hits[-1]) + n
+            return seq[start : start + k].tolist()
+    return []
+
+
+@functools.partial(jax.jit, static_argnames=("flags",))
+def _draw(logits, where, meta: SamplingMetadata, position, *, flags: SamplerFlags):
+    """Draft tokens i32[B] and the distributions f32[B, V] they were drawn from, for the
+    sequence rows `where` i32[B] of the draft step's logits; `position` (i32[]) is the draft
+    index, so each draft of a (seed, step) gets its own random numbers."""
+    probs = target_probs(logits[where], meta, flags)
+    if flags.all_greedy:
+        return jnp.argmax(probs, axis=-1).astype(jnp.int32), probs
+
+    def key(seed, step):
+        k = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), 2)
+        return jax.random.fold_in(k, position)
+
+    keys = jax.vmap(key)(meta.seed, meta.step)
+    ids = jax.vmap(jax.random.categorical)(keys, jnp.log(probs)).astype(jnp.int32)
+    return ids, probs
+
+
+class DraftModelProposer:
+    """A smaller model (or the target quantized) drafting k tokens per request; see the module
+    docstring for how its cache follows the target's pages."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        params,
+        *,
+        target_config: ModelConfig,
+        num_pages: int,
+        page_size: int,
+        dtype=jnp.float32,
+        backend: str = "xla",
+        max_decode_rows: int | None = None,
+    ):
+        if config.vocab_size != target_config.vocab_size:
+            raise ValueError(
+                f"draft model vocab_size={config.vocab_size} != target vocab_size="
+                f"{target_config.vocab_size}: a draft model must share the target's tokenizer"
+            )
+        self.config, self.params, self.dtype, self.backend = config, params, dtype, backend
+        self.page_size = page_size
+        self.max_decode_rows = max_decode_rows
+        self.cache = init_paged_cache(config, num_pages, page_size, dtype)
+        self.computed: dict[str, int] = {}  # positions of the draft cache that are valid
+        self.num_forward_steps = 0
+
+    def verified(self, request_id: str, num_valid: int) -> None:
+        if request_id in self.computed:
+            self.computed[request_id] = min(self.computed[request_id], num_valid)
+
+    def forget(self, request_id: str) -> None:
+        self.computed.pop(request_id, None)
+
+    def _forward(self, starts, chunks, tables):
+        meta, order, offsets = build_metadata(
+            starts,
+            [len(c) for c in chunks],
+            tables,
+            self.page_size,
+            max_decode_rows=self.max_decode_rows,
+        )
+        tokens = np.zeros(meta.positions.shape[0], np.int32)
+        for c, off in zip(chunks, offsets):
+            tokens[off : off + len(c)] = c
+        logits, self.cache = paged_forward(
+            self.params,
+            jnp.asarray(tokens),
+            jax.tree.map(jnp.asarray, meta),
+            self.cache,
+            config=self.config,
+            dtype=self.dtype,
+            backend=self.backend,
+        )
+        self.num_forward_steps += 1
+        # Back to input order: sequence row r holds input order[r].
+        where = np.zeros(len(chunks), np.int32)
+        for r, i in enumerate(order):
+            if i >= 0:
+                where[i] = r
+        return logits, where
+
+    def propose(self, rows: list[DraftRow]) -> list[Draft]:
+        active = [r for r in rows if r.num_drafts > 0]
+        if not active:
+            return [Draft([]) for _ in rows]
+        params = [r.params for r in active]
+        flags = SamplerFlags.for_batch(params)
+        k_max = max(r.num_drafts for r in active)
+        # Step 1 catches each request up from its first uncomputed position to its last known
+        # token; each later step feeds the previous draft.
+        starts = [self.computed.get(r.request_id, 0) for r in active]
+        chunks = [r.token_ids[s:] for r, s in zip(active, starts)]
+        ids_steps, prob_steps = [], []
+        live = list(range(len(active)))
+        for j in range(k_max):
+            logits, where = self._forward(
+                [starts[i] for i in live],
+                [chunks[i] for i in live],
+                [active[i].block_table for i in live],
+            )
+            sub = [active[i] for i in live]
+            meta = SamplingMetadata.build(
+                [r.params for r in sub],
+                [r.seed for r in sub],
+                [r.step for r in sub],
+                len(sub),
+            )
+            ids, probs = _draw(
+                logits,
+                where,
+                jax.tree.map(jnp.asarray, meta),
+                np.int32(j),
+                flags=flags,
+            )
+            ids_host = np.asarray(ids)
+            ids_steps.append(dict(zip(live, ids_host.tolist())))
+            prob_steps.append((probs, {i: n for n, i in enumerate(live)}))
+            for n, i in enumerate(live):
+                starts[i] += len(chunks[i])
+                chunks[i] = [int(ids_host[n])]
+            live = [i for i in live if active[i].num_drafts > j + 1]
+            if not live:
+                break
+        drafts = {}
+        for i, r in enumerate(active):
+            n = r.num_drafts
+            toks = [ids_steps[j][i] for j in range(n)]
+            # A greedy request's q is one-hot at the draft: the point mass (None) is the same.
+            probs = None
+            if not r.params.is_greedy:
+                probs = jnp.stack([prob_steps[j][0][prob_steps[j][1][i]] for j in range(n)])
+            # Positions [0, len(tokens) + n - 1) now hold the draft's K/V: the last known token
+            # and all drafts but the newest were fed.
+            self.computed[r.request_id] = len(r.token_ids) + n - 1
+            drafts[r.request_id] = Draft(toks, probs)
+        return [drafts.get(r.request_id, Draft([])) for r in rows]

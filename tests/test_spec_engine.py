@@ -1,0 +1,215 @@
+"""Speculative decoding in the engine on tiny random models: greedy outputs token for token
+identical to decoding without speculation, with every proposer kind (a draft model equal to
+the target: all accepted; an unrelated one: nearly all rejected; the quantized self-draft;
+a noisy oracle: partial acceptance, stop rules mid-run), batched and one at a time; pages
+never leak; the metrics count what happened."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from jax_infer import SamplingParams
+from jax_infer.config import ModelConfig
+from jax_infer.engine import EngineConfig, LLMEngine
+from jax_infer.model.llama import init_params
+from jax_infer.spec import Draft, SpeculativeDecoder
+from jax_infer.tokenizer import Tokenizer
+
+VOCAB = 512  # ids below 512 are real tokens of the SmolLM2 tokenizer used to detokenize
+CONFIG = ModelConfig(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    max_position_embeddings=512,
+)
+MAX_LEN = 64
+K = 3
+
+
+@pytest.fixture(scope="module")
+def tokenizer(gguf_path):
+    return Tokenizer.from_gguf(gguf_path)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(CONFIG, seed=1)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = np.random.default_rng(0)
+    out = []
+    # Few distinct step shapes (compiles dominate the time here): prompts under one 32-token
+    # chunk and sequences within 4 pages of 16.
+    for n in [2, 3, 5, 8, 13, 17, 21, 3, 9, 11, 4, 6, 7, 15, 19, 20]:
+        out.append(rng.integers(3, VOCAB, size=n).tolist())
+    return out
+
+
+def engine(tokenizer, params, max_num_seqs=4, draft_model=None, **spec):
+    ec = EngineConfig(max_num_seqs=max_num_seqs, page_size=16, num_pages=40, **spec)
+    return LLMEngine(
+        CONFIG, params, tokenizer, max_model_len=MAX_LEN, engine_config=ec, draft_model=draft_model
+    )
+
+
+def run(eng, prompts, sp):
+    ids = [eng.add_request(p, sp) for p in prompts]
+    final = {}
+    while eng.has_unfinished_requests():
+        for chunk in eng.step():
+            if chunk.finished:
+                final[chunk.request_id] = chunk
+    eng.scheduler.check_invariants()
+    assert eng.scheduler.allocator.num_free() == eng.num_pages - 1, "pages leaked"
+    return [final[i].token_ids for i in ids], [final[i].finish_reason for i in ids]
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tokenizer, params, prompts):
+    return run(engine(tokenizer, params), prompts, GREEDY)[0]
+
+
+class OracleProposer:
+    """Proposes the reference continuation, corrupted at random: partial acceptance."""
+
+    def __init__(self, prompts, reference, seed=0):
+        self.truth = {tuple(p): r for p, r in zip(prompts, reference)}
+        self.rng = np.random.default_rng(seed)
+
+    def propose(self, rows):
+        out = []
+        for r in rows:
+            for prompt, ref in self.truth.items():
+                if tuple(r.token_ids[: len(prompt)]) == prompt:
+                    done = len(r.token_ids) - len(prompt)
+                    toks = list(ref[done : done + r.num_drafts])
+                    break
+            toks = [t if self.rng.random() < 0.75 else (t + 1) % VOCAB for t in toks]
+            out.append(Draft(toks[: self.rng.integers(0, r.num_drafts + 1)]))
+        return out
+
+    def verified(self, request_id, num_valid):
+        pass
+
+    def forget(self, request_id):
+        pass
+
+
+@pytest.mark.parametrize("max_num_seqs", [4, pytest.param(1, marks=pytest.mark.slow)])
+def test_oracle_partial_acceptance_identical(tokenizer, params, prompts, reference, max_num_seqs):
+    eng = engine(tokenizer, params, max_num_seqs=max_num_seqs)
+    eng.spec = SpeculativeDecoder(OracleProposer(prompts, reference), K)
+    got, _ = run(eng, prompts, GREEDY)
+    assert got == reference
+    s = eng.stats()["speculative"]
+    assert 0.3 < s["acceptance_rate"] < 0.95, s
+    assert s["per_position_acceptance"][0] > s["per_position_acceptance"][-1]
+
+
+def test_stop_rules_cut_an_accepted_run(tokenizer, params, prompts, reference):
+    """A stop token in the middle of accepted drafts ends the request there, as without
+    speculation; max_tokens likewise."""
+    stops = tuple({ref[5] for ref in reference})
+    sp = SamplingParams(temperature=0.0, max_tokens=11, ignore_eos=True, stop_token_ids=stops)
+    want = run(engine(tokenizer, params), prompts, sp)
+    eng = engine(tokenizer, params)
+    eng.spec = SpeculativeDecoder(OracleProposer(prompts, reference, seed=1), K)
+    assert run(eng, prompts, sp) == want
+    assert "stop" in want[1]
+
+
+@pytest.mark.parametrize(
+    "draft",
+    ["same", pytest.param("other", marks=pytest.mark.slow), "self-int8"],
+)
+def test_draft_model_greedy_identical(tokenizer, params, prompts, reference, draft):
+    if draft == "same":
+        draft_model = (CONFIG, params)
+    elif draft == "other":
+        draft_model = (CONFIG, init_params(CONFIG, seed=7))
+    else:
+        from jax_infer.quant import quantize
+
+        draft_model = (CONFIG, quantize(params, "int8"))
+    eng = engine(
+        tokenizer,
+        params,
+        draft_model=draft_model,
+        speculative_method="draft_model",
+        num_speculative_tokens=K,
+    )
+    got, _ = run(eng, prompts, GREEDY)
+    assert got == reference
+    s = eng.stats()["speculative"]
+    assert s["num_verify_rows"] > 0
+    if draft == "same":
+        assert s["acceptance_rate"] == 1.0 and s["mean_accepted_tokens_per_step"] > 3
+    elif draft == "other":
+        assert s["acceptance_rate"] < 0.2
+
+
+def test_draft_vocab_mismatch_is_a_clear_error(tokenizer, params):
+    other = ModelConfig(**{**CONFIG.__dict__, "vocab_size": VOCAB * 2})
+    with pytest.raises(ValueError, match="vocab_size=1024 != target vocab_size=512"):
+        engine(
+            tokenizer,
+            params,
+            draft_model=(other, init_params(other)),
+            speculative_method="draft_model",
+            num_speculative_tokens=K,
+        )
+
+
+def test_unsupported_requests_fall_back(tokenizer, params, prompts):
+    """Penalties and logprobs are not verified speculatively: those requests decode as usual,
+    next to speculating ones, with the same outputs as without speculation."""
+    sps = [
+        SamplingParams(temperature=0.0, max_tokens=8, repetition_penalty=1.3),
+        SamplingParams(temperature=0.0, max_tokens=8, logprobs=2),
+        SamplingParams(temperature=0.0, max_tokens=8),
+    ]
+    ps = prompts[:3]
+    base = engine(tokenizer, params)
+    want = [run(base, [p], sp)[0][0] for p, sp in zip(ps, sps)]
+    eng = engine(
+        tokenizer,
+        params,
+        draft_model=(CONFIG, params),
+        speculative_method="draft_model",
+        num_speculative_tokens=K,
+    )
+    ids = [eng.add_request(p, sp) for p, sp in zip(ps, sps)]
+    final = {}
+    while eng.has_unfinished_requests():
+        for chunk in eng.step():
+            if chunk.finished:
+                final[chunk.request_id] = chunk
+    assert [final[i].token_ids for i in ids] == want
+    assert final[ids[1]].logprobs is not None and len(final[ids[1]].logprobs) == 8
+    assert eng.stats()["speculative"]["num_verify_rows"] > 0
+
+
+def test_speculation_off_for_large_batches(tokenizer, params, prompts, reference):
+    eng = engine(
+        tokenizer,
+        params,
+        draft_model=(CONFIG, params),
+        speculative_method="draft_model",
+        num_speculative_tokens=K,
+        speculative_disable_by_batch_size=2,
+    )
+    got, _ = run(eng, prompts, GREEDY)
+    assert got == reference
+    rows = eng.stats()["speculative"]["num_verify_rows"]
+    # Only steps with at most 2 running requests speculate: the run's tail.
+    assert 0 < rows < len(prompts) * 16 / 4
