@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_infer import sharding
-from jax_infer.attention import BACKENDS, build_metadata, default_backend
+from jax_infer.attention import BACKENDS, build_metadata, default_backend, flat_tokens
 from jax_infer.config import ModelConfig
 from jax_infer.model.step import init_paged_cache, kv_bytes_per_token, paged_forward
 from jax_infer.outputs import RequestOutput, SequenceState, logprob_entry
@@ -327,9 +327,7 @@ class LLMEngine:
             logits_per_row=per_row,
             min_chunk=per_row or 32,
         )
-        tokens = np.zeros(meta.positions.shape[0], np.int32)
-        for r, off in zip(rows, offsets):
-            tokens[off : off + len(r)] = r
+        tokens = flat_tokens(meta, rows, offsets)
         logits, self.cache = self._forward(
             self.params,
             jnp.asarray(tokens),

@@ -152,3 +152,12 @@ def build_metadata(
         logits_index=logits_index,
     )
     return meta, order, flat_offsets
+
+
+def flat_tokens(meta: AttentionMetadata, rows: Sequence[Sequence[int]], offsets: list[int]):
+    """The step's token ids i32[T]: input row i's tokens at flat_offsets[i] (from
+    `build_metadata`), zeros (padding) elsewhere."""
+    tokens = np.zeros(len(meta.positions), np.int32)
+    for row, off in zip(rows, offsets):
+        tokens[off : off + len(row)] = row
+    return tokens

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_infer.attention import build_metadata
+from jax_infer.attention import build_metadata, flat_tokens
 from jax_infer.config import ModelConfig
 from jax_infer.model.step import init_paged_cache, paged_forward
 from jax_infer.sampling import SamplerFlags, SamplingMetadata, SamplingParams
@@ -166,9 +166,7 @@ class DraftModelProposer:
             self.page_size,
             max_decode_rows=self.max_decode_rows,
         )
-        tokens = np.zeros(meta.positions.shape[0], np.int32)
-        for c, off in zip(chunks, offsets):
-            tokens[off : off + len(c)] = c
+        tokens = flat_tokens(meta, chunks, offsets)
         logits, self.cache = paged_forward(
             self.params,
             jnp.asarray(tokens),
