@@ -95,7 +95,7 @@ class EngineConfig:
     # which keeps the set of compiled step shapes small. Prefill on a CPU is compute-bound,
     # so batching several prompts in one step would save little.
     max_num_partial_prefills: int | None = 1
-    attention_backend: str | None = None  # None: pallas on TPU/GPU, xla on CPU
+    attention_backend: str | None = None  # None: pallas on TPU/GPU, cpu (or xla) on CPU
     # "auto" stores K/V in the model dtype; "int8" quantizes them per token and KV head
     # (quant/kv.py), fitting 1.9x the tokens of bf16 (3.8x of f32) in the same kv_cache_gb.
     kv_cache_dtype: str = "auto"
@@ -183,10 +183,10 @@ class LLMEngine:
         ec = engine_config or EngineConfig()
         self.engine_config = ec
         self.cache_dtype = cache_dtype or resolve_kv_cache_dtype(ec.kv_cache_dtype, dtype)
-        self.backend = ec.attention_backend or default_backend()
+        self.backend = ec.attention_backend or default_backend(sharded=mesh is not None)
         if self.cache_dtype == jnp.int8 and self.backend == "pallas":
             raise ValueError(
-                "kv_cache_dtype='int8' needs attention_backend='xla' or 'reference': the "
+                "kv_cache_dtype='int8' needs attention_backend 'cpu', 'xla' or 'reference': the "
                 f"Pallas kernel reads float pages (attention_backend={self.backend!r})"
             )
         per_token = kv_bytes_per_token(config, self.cache_dtype)

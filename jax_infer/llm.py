@@ -82,7 +82,9 @@ class LLM:
     max_num_batched_tokens: token budget of one step (chunked prefill splits longer prompts).
     page_size, kv_cache_gb, num_pages: the paged KV cache (num_pages overrides kv_cache_gb).
     enable_prefix_caching: share the KV pages of identical prompt prefixes.
-    attention_backend: "reference", "xla" or "pallas" (default: pallas on TPU/GPU, xla on CPU).
+    attention_backend: "reference", "xla", "cpu" or "pallas" (default: pallas on TPU/GPU; on
+        CPU "cpu", the xla path with a C++ kernel for decode rows, or "xla" with a mesh or
+        where the kernel cannot be built).
     engine: "continuous" (default) or "static".
     seed: seeds the per-request seeds drawn for requests that set none.
     quantization: None, or a scheme name for `jax_infer.quant.quantize` ("int8", "int4", ...),

@@ -44,6 +44,12 @@ flags.DEFINE_enum(
     "engine", "continuous", ["continuous", "static"], "Paged continuous engine or static batching."
 )
 flags.DEFINE_string("json", None, "Write the results to this JSON file.")
+flags.DEFINE_enum(
+    "attention_backend",
+    None,
+    ["reference", "xla", "cpu", "pallas"],
+    "Paged attention backend (default: the platform's, 'cpu' on a CPU without a mesh).",
+)
 flags.DEFINE_string(
     "speculative",
     None,
@@ -75,6 +81,7 @@ def speculative_main() -> None:
         enable_prefix_caching=False,
         quantization=None if FLAGS.quantization == "none" else FLAGS.quantization,
         max_model_len=2048,
+        attention_backend=FLAGS.attention_backend,
         progress=False,
     )
     base_llm = LLM(**common)
@@ -130,6 +137,7 @@ def main(argv):
         enable_prefix_caching=False,
         quantization=None if FLAGS.quantization == "none" else FLAGS.quantization,
         mesh=sharding.mesh_from_flags(),
+        attention_backend=FLAGS.attention_backend,
     )
     ids = llm.tokenizer.encode(TEXT * 64)
     while len(ids) < FLAGS.prompt_len:

@@ -48,6 +48,12 @@ flags.DEFINE_bool(
     "measures steady-state serving rather than XLA compiling new step shapes.",
 )
 flags.DEFINE_string("json", None, "Write results to this JSON file.")
+flags.DEFINE_enum(
+    "attention_backend",
+    None,
+    ["reference", "xla", "cpu", "pallas"],
+    "Paged attention backend (default: the platform's, 'cpu' on a CPU without a mesh).",
+)
 
 
 def mixed_workload(n: int, seed: int, vocab_lo: int = 100, vocab_hi: int = 20000):
@@ -137,6 +143,7 @@ def make_llm(engine: str, **overrides) -> LLM:
         max_num_batched_tokens=FLAGS.max_num_batched_tokens,
         kv_cache_gb=FLAGS.kv_cache_gb,
         engine=engine,
+        attention_backend=FLAGS.attention_backend,
         progress=False,
     )
     kwargs.update(overrides)
@@ -171,6 +178,7 @@ def scenario_decode32(results):
     serve(llm, prompts[:4], [4] * 4, np.zeros(4))
     serve(llm, prompts, [8] * 32, np.zeros(32))  # compile the 32-row shapes
     results["decode32"] = serve(llm, prompts, [128] * 32, np.zeros(32))
+    results["decode32"]["attention_backend"] = llm.engine.backend
 
 
 def scenario_capacity(results):

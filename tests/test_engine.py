@@ -192,12 +192,13 @@ def test_compiled_programs_are_bounded(smollm2):
 
 @pytest.mark.slow
 def test_attention_backends_agree(smollm2):
-    """reference, xla and pallas (the ragged kernel, its GPU variant interpreted on CPU) give the same greedy
-    tokens on short prompts, batched with a mix of decodes and a prefill chunk."""
+    """reference, xla, cpu (the C++ decode kernel) and pallas (the ragged kernel, its GPU variant
+    interpreted on CPU) give the same greedy tokens on short prompts, batched with a mix of
+    decodes and a prefill chunk."""
     prompts = [smollm2.tokenizer.encode(t) for t in ("The capital of France is", "Hi")]
     params = SamplingParams(temperature=0.0, max_tokens=4)
     outs = {}
-    for backend in ("reference", "xla", "pallas"):
+    for backend in ("reference", "xla", "cpu", "pallas"):
         engine = make_engine(smollm2, attention_backend=backend, max_num_batched_tokens=32)
         outs[backend] = run_engine(engine, prompts, params)
-    assert outs["reference"] == outs["xla"] == outs["pallas"]
+    assert outs["reference"] == outs["xla"] == outs["cpu"] == outs["pallas"]

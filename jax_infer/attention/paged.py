@@ -6,7 +6,10 @@ pages, read through the block table. Backends:
 
   reference  per-token gather of the whole sequence, dense softmax: obviously correct, slow.
   xla        decode rows as one batched gather + einsum; prefill chunks gathered into a
-             [P_pad, Q] block with a causal mask. Plain jnp, the CPU default.
+             [P_pad, Q] block with a causal mask. Plain jnp.
+  cpu        xla, with the decode rows read in place by a C++ kernel (quant/cpu_kernels.cc,
+             built on first use): the CPU default when it builds (float pools only; int8
+             pools and unsupported head shapes take the xla path).
   pallas     the ragged paged attention kernel (pallas_kernels/), for TPU/GPU.
 
 A pool is either a float array or, for the int8 KV cache, a `QuantizedPages` (values
@@ -17,14 +20,17 @@ quarter of the f32 bytes. The Pallas kernel reads float pages only.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jax_infer.attention.metadata import AttentionMetadata
+from jax_infer.quant import kernels
 from jax_infer.quant.kv import QuantizedPages, dequantize_kv, quantize_kv
 
-BACKENDS = ("reference", "xla", "pallas")
+BACKENDS = ("reference", "xla", "cpu", "pallas")
 
 
 def write_pages(pages, new, slot_mapping):
@@ -92,8 +98,59 @@ def reference_attention(q, k_pages, v_pages, meta: AttentionMetadata, sliding_wi
     return jnp.einsum("tkgs,tskh->tkgh", probs, v).reshape(t, n, h)
 
 
-def xla_attention(q, k_pages, v_pages, meta: AttentionMetadata, sliding_window=None):
-    """q [T, N, H] -> [T, N, H], decode rows and prefill chunks each in one batched einsum."""
+def _xla_decode(q, k_pages, v_pages, meta: AttentionMetadata, d_pad: int, sliding_window):
+    """Decode rows 0..d_pad-1 (one query each, at the end of its sequence) -> [D, N, H]: the
+    rows' pages gathered, one batched einsum. Causality is implied by kv_len."""
+    n, h = q.shape[1:]
+    kh = _kv_heads(k_pages)
+    g = n // kh
+    s_len = meta.block_tables.shape[1] * _page_size(k_pages)
+    kv_pos = jnp.arange(s_len)
+    tables = meta.block_tables[:d_pad]
+    k = _gather_rows(k_pages, tables, q.dtype)  # [D, S, K, H]
+    v = _gather_rows(v_pages, tables, q.dtype)
+    qd = q[:d_pad].reshape(d_pad, kh, g, h)
+    scores = jnp.einsum("dkgh,dskh->dkgs", qd, k, preferred_element_type=jnp.float32)
+    mask = kv_pos[None, :] < meta.kv_lens[:d_pad, None]  # bool[D, S]
+    if sliding_window is not None:
+        mask &= meta.positions[:d_pad, None] - kv_pos[None, :] < sliding_window
+    probs = _softmax_attend(scores / np.sqrt(h), mask[:, None, None, :], v.dtype)
+    return jnp.einsum("dkgs,dskh->dkgh", probs, v).reshape(d_pad, n, h)
+
+
+def _native_decode(q, k_pages, v_pages, meta: AttentionMetadata, d_pad: int, sliding_window):
+    """The decode rows by the C++ kernel (quant/cpu_kernels.cc), reading pages in place."""
+    out = kernels.paged_decode_attention(
+        q[:d_pad],
+        k_pages,
+        v_pages,
+        meta.block_tables[:d_pad],
+        meta.kv_lens[:d_pad],
+        meta.positions[:d_pad],
+        window=sliding_window or 0,
+    )
+    return out.astype(q.dtype)
+
+
+def use_native_decode(k_pages, num_heads: int) -> bool:
+    """Whether backend 'cpu' can send this pool's decode rows to the C++ kernel: float32
+    pages of a supported head shape, and the kernel built here."""
+    if isinstance(k_pages, QuantizedPages) or k_pages.dtype != jnp.float32:
+        return False
+    return kernels.attention_supports(num_heads, k_pages.shape[2], k_pages.shape[3])
+
+
+def xla_attention(
+    q,
+    k_pages,
+    v_pages,
+    meta: AttentionMetadata,
+    sliding_window=None,
+    *,
+    native_decode: bool = False,
+):
+    """q [T, N, H] -> [T, N, H], decode rows and prefill chunks each in one batched einsum
+    (native_decode: the decode rows by the C++ kernel instead, on the CPU)."""
     t, n, h = q.shape
     kh = _kv_heads(k_pages)
     g = n // kh
@@ -101,23 +158,23 @@ def xla_attention(q, k_pages, v_pages, meta: AttentionMetadata, sliding_window=N
     d_pad = meta.block_tables.shape[0] - p_pad
     scale = 1.0 / np.sqrt(h)
     out = jnp.zeros((t, n, h), q.dtype)
-    s_len = meta.block_tables.shape[1] * _page_size(k_pages)
-    kv_pos = jnp.arange(s_len)
     if d_pad:
-        # Decode row r's only query is flat token r, at the end of its sequence: causality is
-        # implied by kv_len.
-        tables = meta.block_tables[:d_pad]
-        k = _gather_rows(k_pages, tables, q.dtype)  # [D, S, K, H]
-        v = _gather_rows(v_pages, tables, q.dtype)
-        qd = q[:d_pad].reshape(d_pad, kh, g, h)
-        scores = jnp.einsum("dkgh,dskh->dkgs", qd, k, preferred_element_type=jnp.float32)
-        mask = kv_pos[None, :] < meta.kv_lens[:d_pad, None]  # bool[D, S]
-        if sliding_window is not None:
-            mask &= meta.positions[:d_pad, None] - kv_pos[None, :] < sliding_window
-        probs = _softmax_attend(scores * scale, mask[:, None, None, :], v.dtype)
-        od = jnp.einsum("dkgs,dskh->dkgh", probs, v).reshape(d_pad, n, h)
+        static = dict(d_pad=d_pad, sliding_window=sliding_window)
+        if native_decode and use_native_decode(k_pages, n):
+            od = jax.lax.platform_dependent(
+                q,
+                k_pages,
+                v_pages,
+                meta,
+                cpu=functools.partial(_native_decode, **static),
+                default=functools.partial(_xla_decode, **static),
+            )
+        else:
+            od = _xla_decode(q, k_pages, v_pages, meta, **static)
         out = out.at[:d_pad].set(od)
     if p_pad:
+        s_len = meta.block_tables.shape[1] * _page_size(k_pages)
+        kv_pos = jnp.arange(s_len)
         index = meta.prefill_token_index  # i32[P, Q], t for padding
         tables = meta.block_tables[d_pad:]
         k = _gather_rows(k_pages, tables, q.dtype)  # [P, S, K, H]
@@ -138,6 +195,12 @@ def xla_attention(q, k_pages, v_pages, meta: AttentionMetadata, sliding_window=N
         op = jnp.einsum("pkgqs,pskh->pqkgh", probs, v).reshape(p_pad, q_pad, n, h)
         out = out.at[index].set(op, mode="drop")
     return out
+
+
+def cpu_attention(q, k_pages, v_pages, meta: AttentionMetadata, sliding_window=None):
+    """The xla backend with decode rows by the C++ kernel (float pools, supported shapes;
+    otherwise exactly the xla backend)."""
+    return xla_attention(q, k_pages, v_pages, meta, sliding_window, native_decode=True)
 
 
 def pallas_attention(q, k_pages, v_pages, meta: AttentionMetadata, sliding_window=None):
@@ -165,12 +228,21 @@ def pallas_attention(q, k_pages, v_pages, meta: AttentionMetadata, sliding_windo
     )
 
 
-ATTENTION = {"reference": reference_attention, "xla": xla_attention, "pallas": pallas_attention}
+ATTENTION = {
+    "reference": reference_attention,
+    "xla": xla_attention,
+    "cpu": cpu_attention,
+    "pallas": pallas_attention,
+}
 
 
-def default_backend() -> str:
-    """Pallas where a compiler for it exists, the jnp path on CPU."""
-    return "xla" if jax.default_backend() == "cpu" else "pallas"
+def default_backend(sharded: bool = False) -> str:
+    """Pallas where a compiler for it exists; on the CPU the C++ decode kernel where it is
+    built ("cpu"), else the jnp path ("xla"). Sharded (a mesh): "xla", which XLA partitions
+    (a custom call would gather the whole pool onto every device)."""
+    if jax.default_backend() != "cpu":
+        return "pallas"
+    return "cpu" if not sharded and kernels.available(8) else "xla"
 
 
 def paged_attend_fn(meta: AttentionMetadata, backend: str, sliding_window: int | None):

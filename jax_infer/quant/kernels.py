@@ -8,13 +8,17 @@ The kernels multiply the 8- or 4-bit weights as they stream them: int8 dot produ
 VNNI) against activations quantized on the fly to two int8 parts, or, without VNNI, f32
 FMAs on weights widened in registers (int8 only).
 
+The same library holds the paged attention kernel for decode rows (attention backend "cpu",
+`paged_decode_attention`): it reads K/V pages in place through the block table, where the
+XLA formulation first gathers every row's pages into a copy.
+
 The shared library is compiled once per (source, compiler, CPU, jax) into a cache directory,
 with `-march=native` since it only ever runs where it was built. Anything that goes wrong
 (no compiler, no AVX2, a sandbox without a writable cache) leaves `available()` False and the
 quantized matmuls fall back to their pure-XLA formulation, with one warning.
 
 Environment:
-    JAX_INFER_QUANT_KERNELS=0   never build or use the kernels (XLA formulation only)
+    JAX_INFER_QUANT_KERNELS=0   never build or use the kernels (XLA formulations only)
     JAX_INFER_CACHE=dir         where to keep the built library (default ~/.cache/jax_infer)
     CXX=compiler                C++ compiler to use (default c++)
 """
@@ -33,6 +37,7 @@ import warnings
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from jax_infer.quant.arrays import TILE
 
@@ -40,6 +45,7 @@ SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 INT8_TARGET = "jax_infer_int8_matvec"
 INT4_TARGET = "jax_infer_int4_matvec"
+ATTENTION_TARGET = "jax_infer_paged_decode_attention"
 
 
 def _cpu_fingerprint() -> str:
@@ -93,6 +99,9 @@ def features() -> int:
         jax.ffi.register_ffi_target(
             INT4_TARGET, jax.ffi.pycapsule(lib.JaxInferInt4Matvec), platform="cpu"
         )
+        jax.ffi.register_ffi_target(
+            ATTENTION_TARGET, jax.ffi.pycapsule(lib.JaxInferPagedDecodeAttention), platform="cpu"
+        )
         return int(lib.JaxInferKernelFeatures())
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
         warnings.warn(
@@ -134,4 +143,30 @@ def int4_matvec(x, packed, block_scale, block_min, scale_step, min_step):
     out = jax.ShapeDtypeStruct((x.shape[0], packed.shape[0] * TILE), jax.numpy.float32)
     return jax.ffi.ffi_call(INT4_TARGET, out, vmap_method="broadcast_all")(
         x, packed, block_scale, block_min, scale_step, min_step
+    )
+
+
+def attention_supports(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+    """Whether `paged_decode_attention` takes these head shapes (and is built here)."""
+    group = num_heads // num_kv_heads if num_kv_heads else 0
+    ok = num_heads % num_kv_heads == 0 and 1 <= group <= 16 and head_dim % 16 == 0
+    return ok and head_dim <= 256 and available(8)
+
+
+def paged_decode_attention(q, k_pages, v_pages, tables, kv_lens, positions, window: int = 0):
+    """One query per row against its pages: q f32[D, N, H], float pools f32[P, L, K, H],
+    tables i32[D, pages], kv_lens i32[D], positions i32[D] -> f32[D, N, H]. window > 0 is a
+    sliding window (keys at positions > position - window)."""
+    _require(8)
+    i32 = jax.numpy.int32
+    return jax.ffi.ffi_call(
+        ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jax.numpy.float32), vmap_method="sequential"
+    )(
+        q.astype(jax.numpy.float32),
+        k_pages,
+        v_pages,
+        tables.astype(i32),
+        kv_lens.astype(i32),
+        positions.astype(i32),
+        window=np.int64(window),
     )
