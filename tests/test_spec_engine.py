@@ -213,3 +213,23 @@ def test_speculation_off_for_large_batches(tokenizer, params, prompts, reference
     rows = eng.stats()["speculative"]["num_verify_rows"]
     # Only steps with at most 2 running requests speculate: the run's tail.
     assert 0 < rows < len(prompts) * 16 / 4
+
+
+@pytest.mark.parametrize("max_num_seqs", [4, 1])
+def test_int4_self_draft_greedy_identical(tokenizer, params, prompts, reference, max_num_seqs):
+    """The int4 self-draft (the target quantized to int4 groups, embedding included) on the 16
+    prompts, batched and one request at a time."""
+    from jax_infer.quant import quantize
+
+    eng = engine(
+        tokenizer,
+        params,
+        max_num_seqs=max_num_seqs,
+        draft_model=(CONFIG, quantize(params, "int4+embed")),
+        speculative_method="draft_model",
+        num_speculative_tokens=K,
+    )
+    got, _ = run(eng, prompts, GREEDY)
+    assert got == reference
+    s = eng.stats()["speculative"]
+    assert s["num_verify_rows"] > 0 and s["acceptance_rate"] > 0.3, s
