@@ -531,7 +531,7 @@ void decode_head(const float* q, const float* kp, const float* vp, const int32_t
   for (int64_t g = 0; g < G; ++g) mx[g] = -INFINITY, sum[g] = 0.0f;
   for (int64_t s = first; s < kv_len; s += kAttnChunk) {
     const int64_t n = std::min(kAttnChunk, kv_len - s);
-    // The chunk's rows are 64-float runs K * H floats apart, on pages anywhere in the pool:
+    // The chunk's rows are runs of H floats, K * H floats apart, on pages anywhere in the pool:
     // ask for all of them (K now, V for the pass after the softmax) before using any.
     for (int64_t i = 0; i < n; ++i) {
       const int64_t token = s + i;
