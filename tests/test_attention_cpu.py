@@ -50,13 +50,20 @@ def numpy_decode(q, k_pages, v_pages, tables, kv_lens, positions, window=0):
         (8, 2, 128, 16, 0),
         (16, 1, 32, 4, 0),  # 16 query heads share one KV head
         (9, 3, 64, 16, 37),  # sliding window
+        (6, 2, 48, 16, 0),  # head_dim of 3 vectors
+        (4, 2, 256, 8, 0),  # the largest head_dim
+        (72, 8, 16, 16, 0),  # more query heads than one task takes together (64)
     ],
 )
-def test_decode_kernel_matches_numpy(heads, kv_heads, head_dim, page_size, window):
+# Four or more rows: one task per sequence (all its KV heads); fewer: one per (row, KV head).
+@pytest.mark.parametrize("few_rows", [False, True])
+def test_decode_kernel_matches_numpy(heads, kv_heads, head_dim, page_size, window, few_rows):
     rng = np.random.default_rng(heads * 1000 + head_dim + window)
     num_pages = 64
     # Lengths around the kernel's 32-token chunks and the page size; 1 = a padding-like row.
     kv_lens = np.array([1, 2, 31, 32, 33, 64, 65, 100, 7], np.int32)
+    if few_rows:
+        kv_lens = kv_lens[[6, 2, 4]]
     rows = len(kv_lens)
     max_pages = int(-(-kv_lens.max() // page_size))
     perm = rng.permutation(np.arange(1, num_pages))
