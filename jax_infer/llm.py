@@ -25,6 +25,7 @@ from jax_infer.engine import EngineConfig, LLMEngine, prepare_prompt
 from jax_infer.generation import StaticBatchGenerator
 from jax_infer.model.llama import untie_lm_head
 from jax_infer.outputs import RequestOutput, SequenceState
+from jax_infer.quant.transform import tile_f32_params, untile_f32_params
 from jax_infer.sampling import SamplingParams
 from jax_infer.spec import config as spec_config
 from jax_infer.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -80,6 +81,8 @@ class LLM:
     max_model_len: longest prompt + completion accepted (default: the model's, capped at 4096).
     max_num_seqs: most requests in one step (a batch, for the static engine).
     max_num_batched_tokens: token budget of one step (chunked prefill splits longer prompts).
+    max_num_partial_prefills: most prompt chunks in one step (None: as many as the token budget
+        holds); see `EngineConfig`.
     page_size, kv_cache_gb, num_pages: the paged KV cache (num_pages overrides kv_cache_gb).
     enable_prefix_caching: share the KV pages of identical prompt prefixes.
     attention_backend: "reference", "xla", "cpu" or "pallas" (default: pallas on TPU/GPU; on
@@ -110,6 +113,7 @@ class LLM:
         max_model_len: int | None = None,
         max_num_seqs: int = 32,
         max_num_batched_tokens: int = 512,
+        max_num_partial_prefills: int | None = 1,
         page_size: int = 16,
         kv_cache_gb: float = 1.0,
         num_pages: int | None = None,
@@ -149,9 +153,18 @@ class LLM:
                 ) from e
             params = quantize(params, quantization)
         self.config = config
-        self._saved_params = params
+        self._loaded_params = params
+        self._untied = False  # whether params["lm_head"] is a copy added below
         if jax.default_backend() == "cpu":
+            had_head = "lm_head" in params
             params = untie_lm_head(params, config)
+            self._untied = not had_head and "lm_head" in params
+            if mesh is None:
+                # f32 projections in the column tiles of the CPU's f32 kernel (lossless). The
+                # loaded layout is rebuilt when needed (`_saved_params`), not kept beside them.
+                params = tile_f32_params(params)
+                if params is not self._loaded_params:
+                    self._loaded_params = None
         if mesh is not None:
             # A no-op for leaves already loaded in place; quantized and derived leaves
             # (lm_head) move to their rule's sharding.
@@ -174,6 +187,7 @@ class LLM:
         self.engine_config = EngineConfig(
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
+            max_num_partial_prefills=max_num_partial_prefills,
             page_size=page_size,
             kv_cache_gb=kv_cache_gb,
             num_pages=num_pages,
@@ -228,8 +242,19 @@ class LLM:
 
             params = quantize(params, spec["quantization"])
         if jax.default_backend() == "cpu":
-            params = untie_lm_head(params, config)
+            params = tile_f32_params(untie_lm_head(params, config))
         return config, params
+
+    @property
+    def _saved_params(self):
+        """The params as loaded (and quantized): what `save` writes and a self-draft starts
+        from. Rebuilt from `params` where those hold the f32 matrices in column tiles."""
+        if self._loaded_params is not None:
+            return self._loaded_params
+        params = untile_f32_params(self.params)
+        if self._untied:
+            params = {k: v for k, v in params.items() if k != "lm_head"}
+        return params
 
     def _cast_float(self, leaf):
         # Only float leaves follow `dtype`: integer leaves are quantized values.

@@ -38,6 +38,9 @@ flags.DEFINE_integer("num_requests", 64, "Requests in the mixed workload.")
 flags.DEFINE_float("request_rate", 0.0, "Poisson arrivals per second; 0 = all at once.")
 flags.DEFINE_integer("max_num_seqs", 32, "Engine seats (and the static batch size).")
 flags.DEFINE_integer("max_num_batched_tokens", 512, "Engine token budget per step.")
+flags.DEFINE_integer(
+    "max_num_partial_prefills", 1, "Prompt chunks per step (0: as many as the budget holds)."
+)
 flags.DEFINE_integer("max_model_len", 2048, "Longest request accepted.")
 flags.DEFINE_float("kv_cache_gb", 1.0, "KV cache budget.")
 flags.DEFINE_integer("prefix_len", 1000, "Shared prefix length for the prefix scenario.")
@@ -142,6 +145,7 @@ def make_llm(engine: str, **overrides) -> LLM:
         max_model_len=FLAGS.max_model_len,
         max_num_seqs=FLAGS.max_num_seqs,
         max_num_batched_tokens=FLAGS.max_num_batched_tokens,
+        max_num_partial_prefills=FLAGS.max_num_partial_prefills or None,
         kv_cache_gb=FLAGS.kv_cache_gb,
         engine=engine,
         attention_backend=FLAGS.attention_backend,

@@ -1,4 +1,5 @@
-"""Products with quantized matrices: what the `model.layers` seams call.
+"""Products with quantized matrices (and f32 ones stored in column tiles, TiledF32Array):
+what the `model.layers` seams call.
 
 Two formulations, chosen by the platform:
 
@@ -26,7 +27,13 @@ import jax
 import jax.numpy as jnp
 
 from jax_infer.quant import kernels
-from jax_infer.quant.arrays import Int4Array, Int8Array, QuantizedArray, dequantize_stored
+from jax_infer.quant.arrays import (
+    Int4Array,
+    Int8Array,
+    QuantizedArray,
+    TiledF32Array,
+    dequantize_stored,
+)
 
 
 def xla_matmul(x, q: QuantizedArray):
@@ -39,6 +46,8 @@ def xla_matmul(x, q: QuantizedArray):
 
 def kernel_matmul(x, q: QuantizedArray):
     """x f32[M, K] @ q -> f32[M, N] by the CPU kernels (quant/cpu_kernels.cc)."""
+    if isinstance(q, TiledF32Array):
+        return kernels.f32_tiles_matmul(x, q.values)
     if isinstance(q, Int8Array):
         return kernels.int8_matvec(x, q.values, q.scales)
     if isinstance(q, Int4Array):
