@@ -31,6 +31,10 @@ from jax_infer.quant import kernels
 from jax_infer.quant.kv import QuantizedPages, dequantize_kv, quantize_kv
 
 BACKENDS = ("reference", "xla", "cpu", "pallas")
+# Backend "cpu" also sends prefill rows of at most this many (padded) queries to the C++
+# kernel, one decode-like query each (speculative verification: 13 rows of ~300 tokens took
+# ~20 ms a step through gathered pages and small dots, most of it per-op overhead).
+NATIVE_MAX_CHUNK = 32
 
 
 def write_pages(pages, new, slot_mapping):
@@ -150,13 +154,11 @@ def xla_attention(
     native_decode: bool = False,
 ):
     """q [T, N, H] -> [T, N, H], decode rows and prefill chunks each in one batched einsum
-    (native_decode: the decode rows by the C++ kernel instead, on the CPU)."""
+    (native_decode: the decode rows, and prefill rows of at most NATIVE_MAX_CHUNK queries, by
+    the C++ kernel instead, on the CPU)."""
     t, n, h = q.shape
-    kh = _kv_heads(k_pages)
-    g = n // kh
     p_pad, q_pad = meta.prefill_token_index.shape
     d_pad = meta.block_tables.shape[0] - p_pad
-    scale = 1.0 / np.sqrt(h)
     out = jnp.zeros((t, n, h), q.dtype)
     if d_pad:
         static = dict(d_pad=d_pad, sliding_window=sliding_window)
@@ -172,29 +174,70 @@ def xla_attention(
         else:
             od = _xla_decode(q, k_pages, v_pages, meta, **static)
         out = out.at[:d_pad].set(od)
-    if p_pad:
-        s_len = meta.block_tables.shape[1] * _page_size(k_pages)
-        kv_pos = jnp.arange(s_len)
-        index = meta.prefill_token_index  # i32[P, Q], t for padding
-        tables = meta.block_tables[d_pad:]
-        k = _gather_rows(k_pages, tables, q.dtype)  # [P, S, K, H]
-        v = _gather_rows(v_pages, tables, q.dtype)
-        qp = jnp.take(q, index, axis=0, mode="fill", fill_value=0)  # [P, Q, N, H]
-        qpos = jnp.take(meta.positions, index, mode="fill", fill_value=-1)  # i32[P, Q]
-        scores = jnp.einsum(
-            "pqkgh,pskh->pkgqs",
-            qp.reshape(p_pad, q_pad, kh, g, h),
-            k,
-            preferred_element_type=jnp.float32,
+    if p_pad and native_decode and q_pad <= NATIVE_MAX_CHUNK and use_native_decode(k_pages, n):
+        op = jax.lax.platform_dependent(
+            q,
+            k_pages,
+            v_pages,
+            meta,
+            cpu=functools.partial(_native_chunks, d_pad=d_pad, sliding_window=sliding_window),
+            default=functools.partial(_xla_chunks, d_pad=d_pad, sliding_window=sliding_window),
         )
-        mask = kv_pos[None, None, :] <= qpos[:, :, None]  # bool[P, Q, S]
-        mask &= kv_pos[None, None, :] < meta.kv_lens[d_pad:, None, None]
-        if sliding_window is not None:
-            mask &= qpos[:, :, None] - kv_pos[None, None, :] < sliding_window
-        probs = _softmax_attend(scores * scale, mask[:, None, None], v.dtype)
-        op = jnp.einsum("pkgqs,pskh->pqkgh", probs, v).reshape(p_pad, q_pad, n, h)
-        out = out.at[index].set(op, mode="drop")
+        out = out.at[meta.prefill_token_index].set(op, mode="drop")
+    elif p_pad:
+        op = _xla_chunks(q, k_pages, v_pages, meta, d_pad=d_pad, sliding_window=sliding_window)
+        out = out.at[meta.prefill_token_index].set(op, mode="drop")
     return out
+
+
+def _xla_chunks(q, k_pages, v_pages, meta: AttentionMetadata, d_pad: int, sliding_window):
+    """The prefill rows' queries -> [P, Q, N, H]: each row's pages gathered, causal masks,
+    batched einsums."""
+    t, n, h = q.shape
+    kh = _kv_heads(k_pages)
+    g = n // kh
+    p_pad, q_pad = meta.prefill_token_index.shape
+    scale = 1.0 / np.sqrt(h)
+    s_len = meta.block_tables.shape[1] * _page_size(k_pages)
+    kv_pos = jnp.arange(s_len)
+    index = meta.prefill_token_index  # i32[P, Q], t for padding
+    tables = meta.block_tables[d_pad:]
+    k = _gather_rows(k_pages, tables, q.dtype)  # [P, S, K, H]
+    v = _gather_rows(v_pages, tables, q.dtype)
+    qp = jnp.take(q, index, axis=0, mode="fill", fill_value=0)  # [P, Q, N, H]
+    qpos = jnp.take(meta.positions, index, mode="fill", fill_value=-1)  # i32[P, Q]
+    scores = jnp.einsum(
+        "pqkgh,pskh->pkgqs",
+        qp.reshape(p_pad, q_pad, kh, g, h),
+        k,
+        preferred_element_type=jnp.float32,
+    )
+    mask = kv_pos[None, None, :] <= qpos[:, :, None]  # bool[P, Q, S]
+    mask &= kv_pos[None, None, :] < meta.kv_lens[d_pad:, None, None]
+    if sliding_window is not None:
+        mask &= qpos[:, :, None] - kv_pos[None, None, :] < sliding_window
+    probs = _softmax_attend(scores * scale, mask[:, None, None], v.dtype)
+    return jnp.einsum("pkgqs,pskh->pqkgh", probs, v).reshape(p_pad, q_pad, n, h)
+
+
+def _native_chunks(q, k_pages, v_pages, meta: AttentionMetadata, d_pad: int, sliding_window):
+    """Short prefill rows (speculative verification, small chunks) by the C++ decode kernel:
+    each query is a decode row of its own over its sequence's pages, seeing keys up to its
+    position (kv_len = position + 1: causal). -> [P, Q, N, H]."""
+    p_pad, q_pad = meta.prefill_token_index.shape
+    index = meta.prefill_token_index.reshape(-1)  # t for padding
+    positions = jnp.take(meta.positions, index, mode="fill", fill_value=-1)
+    tables = jnp.repeat(meta.block_tables[d_pad:], q_pad, axis=0)  # [P * Q, pages]
+    out = kernels.paged_decode_attention(
+        jnp.take(q, index, axis=0, mode="fill", fill_value=0),
+        k_pages,
+        v_pages,
+        tables,
+        jnp.maximum(positions + 1, 0),  # padding: no keys, a zero output (dropped)
+        positions,
+        window=sliding_window or 0,
+    )
+    return out.astype(q.dtype).reshape(p_pad, q_pad, *q.shape[1:])
 
 
 def cpu_attention(q, k_pages, v_pages, meta: AttentionMetadata, sliding_window=None):
