@@ -33,7 +33,9 @@ def _product_bound(x, w):
         (1, 576, 192),  # 3 tiles: rows cannot be split, 3 tasks
         (5, 576, 64),  # one tile, fewer rows than a register block
         (6, 64, 128),
-        (13, 576, 576),  # 2 blocks + a remainder of 1
+        (13, 576, 576),  # 2 row slices of 12 and 1 rows
+        (13, 576, 1536),  # 2 blocks + 1 row (speculative verification of 12 drafts)
+        (9, 64, 4096),
         (32, 1536, 576),
         (67, 40, 192),  # K not a multiple of anything; row slices across threads
         (300, 576, 1024),
@@ -56,11 +58,12 @@ def test_each_row_is_independent_of_the_batch():
     multiplied alone, in a register block, or in a task split across threads."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((40, 576)).astype(np.float32))
-    t = tile_f32(jnp.asarray(rng.standard_normal((576, 192)).astype(np.float32))).values
     mm = jax.jit(kernels.f32_tiles_matmul)
-    full = np.asarray(mm(x, t))
-    for lo, hi in [(0, 1), (7, 8), (3, 16), (39, 40), (10, 40)]:
-        np.testing.assert_array_equal(np.asarray(mm(x[lo:hi], t)), full[lo:hi])
+    for n in (192, 1536):
+        t = tile_f32(jnp.asarray(rng.standard_normal((576, n)).astype(np.float32))).values
+        full = np.asarray(mm(x, t))
+        for lo, hi in [(0, 1), (7, 8), (3, 16), (20, 33), (39, 40), (10, 40)]:
+            np.testing.assert_array_equal(np.asarray(mm(x[lo:hi], t)), full[lo:hi])
 
 
 def test_tiles_round_trip_and_the_seam():
