@@ -174,18 +174,13 @@ def xla_attention(
         else:
             od = _xla_decode(q, k_pages, v_pages, meta, **static)
         out = out.at[:d_pad].set(od)
-    if p_pad and native_decode and q_pad <= NATIVE_MAX_CHUNK and use_native_decode(k_pages, n):
-        op = jax.lax.platform_dependent(
-            q,
-            k_pages,
-            v_pages,
-            meta,
-            cpu=functools.partial(_native_chunks, d_pad=d_pad, sliding_window=sliding_window),
-            default=functools.partial(_xla_chunks, d_pad=d_pad, sliding_window=sliding_window),
-        )
-        out = out.at[meta.prefill_token_index].set(op, mode="drop")
-    elif p_pad:
-        op = _xla_chunks(q, k_pages, v_pages, meta, d_pad=d_pad, sliding_window=sliding_window)
+    if p_pad:
+        xla = functools.partial(_xla_chunks, d_pad=d_pad, sliding_window=sliding_window)
+        if native_decode and q_pad <= NATIVE_MAX_CHUNK and use_native_decode(k_pages, n):
+            native = functools.partial(_native_chunks, d_pad=d_pad, sliding_window=sliding_window)
+            op = jax.lax.platform_dependent(q, k_pages, v_pages, meta, cpu=native, default=xla)
+        else:
+            op = xla(q, k_pages, v_pages, meta)
         out = out.at[meta.prefill_token_index].set(op, mode="drop")
     return out
 
