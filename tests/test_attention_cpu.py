@@ -1,9 +1,9 @@
-"""The "cpu" attention backend: decode rows by the C++ kernel (quant/cpu_kernels.cc), which
-reads K/V pages in place through the block table with an online softmax.
+"""The "cpu" attention backend: decode rows and causal prefill rows by the C++ kernels
+(quant/cpu_kernels.cc), which read K/V pages in place through the block table with an online
+softmax.
 
 Checked against a numpy loop over each sequence's pages (independent of both jnp backends),
-and against the "xla" backend on mixed decode + prefill steps (prefill rows take the same
-code in both, decode rows the kernel)."""
+and against the "xla" backend on mixed decode + prefill steps."""
 
 from __future__ import annotations
 
@@ -90,6 +90,73 @@ def test_decode_kernel_matches_numpy(heads, kv_heads, head_dim, page_size, windo
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=1e-5)
 
 
+def numpy_prefill(q, k_pages, v_pages, tables, positions, window=0):
+    """Causal prefill: q [P * Q, N, H], row r's queries at r * Q.., each query a decode row
+    over keys 0..its position (numpy_decode); position -1 is padding (zero output)."""
+    rows = tables.shape[0]
+    per_row = q.shape[0] // rows
+    out = np.zeros_like(q, dtype=np.float64)
+    live = positions >= 0
+    row_tables = np.repeat(tables, per_row, axis=0)
+    out[live] = numpy_decode(
+        q[live], k_pages, v_pages, row_tables[live], positions[live] + 1, positions[live], window
+    )
+    return out
+
+
+@pytest.mark.parametrize(
+    "heads,kv_heads,head_dim,page_size,window",
+    [
+        (9, 3, 64, 16, 0),  # SmolLM2's shape
+        (8, 2, 128, 8, 0),
+        (16, 1, 32, 4, 0),  # 16 query heads share one KV head
+        (9, 3, 64, 16, 21),  # sliding window (each query from its own first key)
+        (4, 2, 256, 16, 0),  # the largest head_dim
+    ],
+)
+def test_prefill_kernel_matches_numpy(heads, kv_heads, head_dim, page_size, window):
+    """Three rows of a 45-query bucket (blocks of 8 and a remainder of 5): a chunk from the
+    start of its prompt, one continuing at position 70 (past two 32-key chunks), one of 3
+    queries padded with -1; pages in shuffled order."""
+    rng = np.random.default_rng(heads * 100 + head_dim + window)
+    num_pages, q_pad = 80, 45
+    rows = [(0, 45), (70, 30), (5, 3)]  # (start, queries)
+    max_pages = max(-(-(s + n) // page_size) for s, n in rows)
+    perm = rng.permutation(np.arange(1, num_pages))
+    tables = np.zeros((len(rows), max_pages + 1), np.int32)
+    positions = np.full(len(rows) * q_pad, -1, np.int32)
+    for r, (s, n) in enumerate(rows):
+        need = -(-(s + n) // page_size)
+        tables[r, :need] = perm[r * 20 : r * 20 + need] if need <= 20 else perm[:need]
+        positions[r * q_pad : r * q_pad + n] = np.arange(s, s + n)
+    k_pages = rng.standard_normal((num_pages, page_size, kv_heads, head_dim)).astype(np.float32)
+    v_pages = rng.standard_normal((num_pages, page_size, kv_heads, head_dim)).astype(np.float32)
+    q = (2 * rng.standard_normal((len(positions), heads, head_dim))).astype(np.float32)
+    args = [jnp.asarray(a) for a in (q, k_pages, v_pages, tables)]
+    got = np.asarray(kernels.paged_prefill_attention(*args, jnp.asarray(positions), window=window))
+    want = numpy_prefill(q, k_pages, v_pages, tables, positions, window)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+    assert not got[positions < 0].any()
+    # Each query's result is the decode kernel's for that position, bit for bit.
+    live = positions >= 0
+    decode = kernels.paged_decode_attention(
+        jnp.asarray(q[live]),
+        *args[1:3],
+        jnp.asarray(np.repeat(tables, q_pad, axis=0)[live]),
+        jnp.asarray(positions[live] + 1),
+        jnp.asarray(positions[live]),
+        window=window,
+    )
+    np.testing.assert_array_equal(got[live], np.asarray(decode))
+
+
+def test_prefill_kernel_rejects_ragged_query_count():
+    q = jnp.zeros((10, 9, 64), jnp.float32)
+    pool = jnp.zeros((4, 16, 3, 64), jnp.float32)
+    with pytest.raises(ValueError, match="not a multiple"):
+        kernels.paged_prefill_attention(q, pool, pool, jnp.zeros((3, 2), jnp.int32), jnp.zeros(10))
+
+
 def _mixed_step(rng, page_size=16, kv_heads=3, head_dim=64, heads=9, dtype=np.float32):
     """A ragged step with five decode rows and two prefill chunks over random pools."""
     num_pages = 96
@@ -118,9 +185,11 @@ def test_cpu_backend_matches_xla_backend(window):
     want = np.asarray(xla(q, k_pages, v_pages, meta))
     got = np.asarray(cpu(q, k_pages, v_pages, meta))
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
-    # The decode rows really differ in how they are computed (not the same program twice):
-    # the kernel's sums run in another order, so some entries differ in the last bits.
+    # The rows really are computed another way (not the same program twice): the kernels'
+    # sums run in another order, so some entries differ in the last bits, decode rows (the
+    # first five tokens) and prefill rows alike.
     assert not np.array_equal(got[:5], want[:5])
+    assert not np.array_equal(got[8:], want[8:])
 
 
 def test_cpu_backend_int8_pool_takes_the_xla_path():

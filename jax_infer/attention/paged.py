@@ -7,9 +7,13 @@ pages, read through the block table. Backends:
   reference  per-token gather of the whole sequence, dense softmax: obviously correct, slow.
   xla        decode rows as one batched gather + einsum; prefill chunks gathered into a
              [P_pad, Q] block with a causal mask. Plain jnp.
-  cpu        xla, with the decode rows read in place by a C++ kernel (quant/cpu_kernels.cc,
-             built on first use): the CPU default when it builds (float pools only; int8
-             pools and unsupported head shapes take the xla path).
+  cpu        decode rows and causal prefill rows by C++ kernels (quant/cpu_kernels.cc, built
+             on first use) that read pages in place: the CPU default when they build (float
+             pools only; int8 pools and unsupported head shapes take the xla path). The xla
+             prefill path scores every query against every key of the step's page bucket
+             (a 480-token prompt chunk beside decodes at ~600 tokens: ~1.2 s of a 1.8 s
+             step); the kernel skips the masked half and reads each K/V chunk once per
+             block of queries (~80 ms over SmolLM2's 30 layers).
   pallas     the ragged paged attention kernel (pallas_kernels/), for TPU/GPU.
 
 A pool is either a float array or, for the int8 KV cache, a `QuantizedPages` (values
@@ -31,10 +35,6 @@ from jax_infer.quant import kernels
 from jax_infer.quant.kv import QuantizedPages, dequantize_kv, quantize_kv
 
 BACKENDS = ("reference", "xla", "cpu", "pallas")
-# Backend "cpu" also sends prefill rows of at most this many (padded) queries to the C++
-# kernel, one decode-like query each (speculative verification: 13 rows of ~300 tokens took
-# ~20 ms a step through gathered pages and small dots, most of it per-op overhead).
-NATIVE_MAX_CHUNK = 32
 
 
 def write_pages(pages, new, slot_mapping):
@@ -154,8 +154,7 @@ def xla_attention(
     native_decode: bool = False,
 ):
     """q [T, N, H] -> [T, N, H], decode rows and prefill chunks each in one batched einsum
-    (native_decode: the decode rows, and prefill rows of at most NATIVE_MAX_CHUNK queries, by
-    the C++ kernel instead, on the CPU)."""
+    (native_decode: both by the C++ kernels instead, on the CPU)."""
     t, n, h = q.shape
     p_pad, q_pad = meta.prefill_token_index.shape
     d_pad = meta.block_tables.shape[0] - p_pad
@@ -176,7 +175,7 @@ def xla_attention(
         out = out.at[:d_pad].set(od)
     if p_pad:
         xla = functools.partial(_xla_chunks, d_pad=d_pad, sliding_window=sliding_window)
-        if native_decode and q_pad <= NATIVE_MAX_CHUNK and use_native_decode(k_pages, n):
+        if native_decode and use_native_decode(k_pages, n):
             native = functools.partial(_native_chunks, d_pad=d_pad, sliding_window=sliding_window)
             op = jax.lax.platform_dependent(q, k_pages, v_pages, meta, cpu=native, default=xla)
         else:
@@ -216,28 +215,25 @@ def _xla_chunks(q, k_pages, v_pages, meta: AttentionMetadata, d_pad: int, slidin
 
 
 def _native_chunks(q, k_pages, v_pages, meta: AttentionMetadata, d_pad: int, sliding_window):
-    """Short prefill rows (speculative verification, small chunks) by the C++ decode kernel:
-    each query is a decode row of its own over its sequence's pages, seeing keys up to its
-    position (kv_len = position + 1: causal). -> [P, Q, N, H]."""
+    """The prefill rows by the C++ causal kernel, reading pages in place -> [P, Q, N, H]
+    (each query's output equals a decode row's at its position: same loop, same order)."""
     p_pad, q_pad = meta.prefill_token_index.shape
     index = meta.prefill_token_index.reshape(-1)  # t for padding
     positions = jnp.take(meta.positions, index, mode="fill", fill_value=-1)
-    tables = jnp.repeat(meta.block_tables[d_pad:], q_pad, axis=0)  # [P * Q, pages]
-    out = kernels.paged_decode_attention(
+    out = kernels.paged_prefill_attention(
         jnp.take(q, index, axis=0, mode="fill", fill_value=0),
         k_pages,
         v_pages,
-        tables,
-        jnp.maximum(positions + 1, 0),  # padding: no keys, a zero output (dropped)
-        positions,
+        meta.block_tables[d_pad:],
+        positions,  # padding: -1, a zero output (dropped)
         window=sliding_window or 0,
     )
     return out.astype(q.dtype).reshape(p_pad, q_pad, *q.shape[1:])
 
 
 def cpu_attention(q, k_pages, v_pages, meta: AttentionMetadata, sliding_window=None):
-    """The xla backend with decode rows by the C++ kernel (float pools, supported shapes;
-    otherwise exactly the xla backend)."""
+    """The xla backend with decode and prefill rows by the C++ kernels (float pools,
+    supported shapes; otherwise exactly the xla backend)."""
     return xla_attention(q, k_pages, v_pages, meta, sliding_window, native_decode=True)
 
 

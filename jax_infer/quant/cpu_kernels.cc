@@ -48,6 +48,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -847,6 +848,127 @@ ffi::Error PagedDecodeAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F3
   return ffi::Error::Success();
 }
 
+// ---- paged attention, prefill rows ---------------------------------------------------------
+//
+// A prefill row's queries sit at consecutive positions of one sequence and each sees the keys
+// up to its own position (causal). Run as decode rows (one query each, the loop above) every
+// query streams the sequence's K/V from L2 again: a 480-token prompt chunk read ~5 GB over
+// SmolLM2's 30 layers. Here a task is a block of kPrefillBlock queries of one row and one KV
+// head, and the chunk loop is outside the query loop: a chunk's K and V rows of that head
+// (16 KB for head_dim 64) are loaded once and used by the block's queries x G heads from L1.
+// Each query's arithmetic is exactly the decode loop's (chunks of kAttnChunk from key 0,
+// `chunk_query_head`), so a prompt token's output equals what a decode step would give it.
+// With a sliding window the queries' first keys differ, so each query runs the decode loop.
+
+constexpr int64_t kPrefillBlock = 8;
+
+// out rows of queries q[0..nq) (rows of N*H floats; positions pos, -1: padding, zero output)
+// for KV head kh, whose keys are read through `table` (at most max_len tokens).
+template <int HV>
+void prefill_heads(const float* q, const int32_t* pos, int64_t nq, const float* kp,
+                   const float* vp, const int32_t* table, int64_t max_len, int64_t window,
+                   int64_t K, int64_t kh, int64_t G, int64_t L, float scale, float* out) {
+  constexpr int64_t H = HV * kLanes;
+  const int64_t N = K * G;
+  int64_t lens[kPrefillBlock], end = 0;
+  for (int64_t i = 0; i < nq; ++i) {
+    lens[i] = pos[i] < 0 ? 0 : std::min<int64_t>(pos[i] + 1, max_len);
+    end = std::max(end, lens[i]);
+  }
+  if (window > 0) {
+    for (int64_t i = 0; i < nq; ++i) {
+      if (lens[i] == 0) {
+        std::fill(out + i * N * H + kh * G * H, out + i * N * H + (kh + 1) * G * H, 0.0f);
+        continue;
+      }
+      const int64_t first = std::clamp<int64_t>(pos[i] - window + 1, 0, lens[i]);
+      decode_heads<HV>(q + i * N * H, kp, vp, table, first, lens[i], K, kh, kh + 1, G, L, scale,
+                       out + i * N * H);
+    }
+    return;
+  }
+  // Accumulators of the block's queries x G heads: up to 128 KB, so on the heap (aligned).
+  const size_t acc_bytes = sizeof(vf) * nq * G * HV;
+  vf* acc = static_cast<vf*>(::operator new(acc_bytes, std::align_val_t(alignof(vf))));
+  for (int64_t j = 0; j < nq * G * HV; ++j) acc[j] = splat(0.0f);
+  float mx[kPrefillBlock * kAttnMaxGroup], sum[kPrefillBlock * kAttnMaxGroup];
+  for (int64_t j = 0; j < nq * G; ++j) mx[j] = -INFINITY, sum[j] = 0.0f;
+  int64_t at[kAttnChunk];
+  for (int64_t s = 0; s < end; s += kAttnChunk) {
+    const int64_t n = std::min(kAttnChunk, end - s);
+    chunk_rows(kp, vp, table, s, n, K, H, L, kh * H, H, at);
+    for (int64_t i = 0; i < nq; ++i) {
+      const int64_t ni = std::min(n, lens[i] - s);
+      if (ni <= 0) continue;
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t j = i * G + g;
+        chunk_query_head<HV>(q + i * N * H + (kh * G + g) * H, kp + kh * H, vp + kh * H, at, ni,
+                             scale, &mx[j], &sum[j], acc + j * HV);
+      }
+    }
+  }
+  for (int64_t i = 0; i < nq; ++i)
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t j = i * G + g;
+      const vf inv = splat(sum[j] > 0.0f ? 1.0f / sum[j] : 0.0f);
+      float* o = out + i * N * H + (kh * G + g) * H;
+      for (int v = 0; v < HV; ++v) store_f32(o + v * kLanes, acc[j * HV + v] * inv);
+    }
+  ::operator delete(acc, std::align_val_t(alignof(vf)));
+}
+
+template <int HV, typename... Args>
+void prefill_heads_any(int64_t hv, Args... args) {
+  if (hv == HV) {
+    prefill_heads<HV>(args...);
+  } else if constexpr (HV > 1) {
+    prefill_heads_any<HV - 1>(hv, args...);
+  }
+}
+
+// q[P * Q, N, H] (row r's queries at r * Q ..), pools [P_, L, K, H], tables[P, pages],
+// positions[P * Q] (-1: padding) -> out[P * Q, N, H]. Query i of row r sees keys 0..pos
+// (window > 0: only those at positions > pos - window).
+ffi::Error PagedPrefillAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_pages,
+                                     ffi::Buffer<ffi::F32> v_pages, ffi::Buffer<ffi::S32> tables,
+                                     ffi::Buffer<ffi::S32> positions, int64_t window,
+                                     ffi::ResultBuffer<ffi::F32> out) {
+  const auto qd = q.dimensions();
+  const auto pd = k_pages.dimensions();
+  const auto vd = v_pages.dimensions();
+  const auto td = tables.dimensions();
+  bool same_pools = vd.size() == pd.size();
+  for (size_t i = 0; same_pools && i < pd.size(); ++i) same_pools = vd[i] == pd[i];
+  if (qd.size() != 3 || pd.size() != 4 || td.size() != 2 || td[0] < 1 || qd[0] % td[0] != 0 ||
+      pd[3] != qd[2] || !same_pools || positions.dimensions().size() != 1 ||
+      positions.dimensions()[0] != qd[0])
+    return ffi::Error::InvalidArgument(
+        "paged prefill attention: expected q[P*Q,N,H], pages[P_,L,K,H], tables[P,pages], "
+        "positions[P*Q]");
+  const int64_t T = qd[0], N = qd[1], H = qd[2], L = pd[1], K = pd[2], P = td[0], pages = td[1];
+  if (N % K != 0 || N / K > kAttnMaxGroup || H % kLanes != 0 || H > kAttnMaxDim)
+    return ffi::Error::InvalidArgument(
+        "paged prefill attention: needs heads a multiple of kv heads (at most 16 per group) and "
+        "head_dim a multiple of 16, at most 256");
+  const int64_t G = N / K, Q = T / P, blocks = (Q + kPrefillBlock - 1) / kPrefillBlock;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(H));
+  const float* qp = q.typed_data();
+  const float* kp = k_pages.typed_data();
+  const float* vp = v_pages.typed_data();
+  const int32_t* tp = tables.typed_data();
+  const int32_t* pp = positions.typed_data();
+  float* op = out->typed_data();
+  // Later blocks see more keys: hand them out first, so the last tasks are the short ones.
+  parallel_tiles(blocks * P * K, [=](int64_t t) {
+    const int64_t b = blocks - 1 - t / (P * K), r = (t / K) % P, kh = t % K;
+    const int64_t i0 = r * Q + b * kPrefillBlock, nq = std::min(kPrefillBlock, Q - b * kPrefillBlock);
+    prefill_heads_any<kAttnMaxDim / kLanes>(H / kLanes, qp + i0 * N * H, pp + i0, nq, kp, vp,
+                                            tp + r * pages, pages * L, window, K, kh, G, L, scale,
+                                            op + i0 * N * H);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // Bit 0: the int8 kernel exists; bit 1: the int4 kernel exists (needs AVX-512 VNNI); bit 2:
@@ -883,6 +1005,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxInferPagedDecodeAttention, PagedDecodeAttention
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("window")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxInferPagedPrefillAttention, PagedPrefillAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Attr<int64_t>("window")

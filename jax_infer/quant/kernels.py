@@ -12,9 +12,10 @@ The same library holds an f32 matmul for matrices stored in the same 64-column t
 (`f32_tiles_matmul`, TiledF32Array): on this CPU it runs the decode and verify shapes (1-64
 rows) 1.5-2x faster than XLA's dot, and larger ones level with or faster than it.
 
-It also holds the paged attention kernel for decode rows (attention backend "cpu",
-`paged_decode_attention`): it reads K/V pages in place through the block table, where the
-XLA formulation first gathers every row's pages into a copy.
+It also holds the paged attention kernels of attention backend "cpu": decode rows
+(`paged_decode_attention`) and causal prefill rows (`paged_prefill_attention`). They read K/V
+pages in place through the block table, where the XLA formulation first gathers every row's
+pages into a copy and scores every query against every gathered key.
 
 The shared library is compiled once per (source, compiler, CPU, jax) into a cache directory,
 with `-march=native` since it only ever runs where it was built. Anything that goes wrong
@@ -50,6 +51,7 @@ FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 INT8_TARGET = "jax_infer_int8_matvec"
 INT4_TARGET = "jax_infer_int4_matvec"
 ATTENTION_TARGET = "jax_infer_paged_decode_attention"
+PREFILL_TARGET = "jax_infer_paged_prefill_attention"
 F32_TARGET = "jax_infer_f32_tiles_matmul"
 
 
@@ -107,6 +109,9 @@ def features() -> int:
         )
         jax.ffi.register_ffi_target(
             ATTENTION_TARGET, jax.ffi.pycapsule(lib.JaxInferPagedDecodeAttention), platform="cpu"
+        )
+        jax.ffi.register_ffi_target(
+            PREFILL_TARGET, jax.ffi.pycapsule(lib.JaxInferPagedPrefillAttention), platform="cpu"
         )
         bits = int(lib.JaxInferKernelFeatures())
         if bits & 4:
@@ -190,6 +195,31 @@ def paged_decode_attention(q, k_pages, v_pages, tables, kv_lens, positions, wind
         v_pages,
         tables.astype(i32),
         kv_lens.astype(i32),
+        positions.astype(i32),
+        window=np.int64(window),
+    )
+
+
+def paged_prefill_attention(q, k_pages, v_pages, tables, positions, window: int = 0):
+    """Causal prefill rows: q f32[P * Q, N, H] holds row r's Q queries at r * Q.., read through
+    tables i32[P, pages]; positions i32[P * Q] (-1 for padding, whose output is zero). Query
+    at position p sees keys 0..p of its row (window > 0: those > p - window). Float pools
+    f32[P_, L, K, H] -> f32[P * Q, N, H]; each query's result equals `paged_decode_attention`
+    with kv_len = p + 1."""
+    _require(8)
+    if q.shape[0] % tables.shape[0]:
+        raise ValueError(
+            f"paged_prefill_attention: q has {q.shape[0]} queries, not a multiple of the "
+            f"{tables.shape[0]} table rows"
+        )
+    i32 = jax.numpy.int32
+    return jax.ffi.ffi_call(
+        PREFILL_TARGET, jax.ShapeDtypeStruct(q.shape, jax.numpy.float32), vmap_method="sequential"
+    )(
+        q.astype(jax.numpy.float32),
+        k_pages,
+        v_pages,
+        tables.astype(i32),
         positions.astype(i32),
         window=np.int64(window),
     )
