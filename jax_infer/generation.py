@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_infer import sharding
+from jax_infer.attention.paged import default_backend, use_native_decode
 from jax_infer.config import ModelConfig
 from jax_infer.model.llama import init_cache
 from jax_infer.model.step import bucket, forward
@@ -52,10 +53,15 @@ class StaticBatchGenerator:
         *,
         mesh=None,
         rules=None,
+        attention_backend: str | None = None,
     ):
         """mesh: None, or a `sharding.make_mesh` Mesh over which params are already placed;
         the batch (rows of tokens and cache) is then split over `data` where the padded
-        batch size divides it, kv heads over `model`."""
+        batch size divides it, kv heads over `model`.
+
+        attention_backend: as the paged engine's (None: the platform default). "cpu" (the
+        default on a CPU without a mesh) attends with the C++ kernel where the cache is
+        float32 of a supported head shape; anything else with the jnp `attend`."""
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
@@ -66,6 +72,16 @@ class StaticBatchGenerator:
         self.eos_ids = tuple(sorted(tokenizer.eos_token_ids))
         self.mesh = mesh
         self.rules = rules
+        backend = attention_backend or default_backend(sharded=mesh is not None)
+        self.native_attention = (
+            backend == "cpu"
+            and mesh is None
+            and jnp.dtype(self.cache_dtype) == jnp.float32
+            and use_native_decode(
+                jax.ShapeDtypeStruct((1, 1, config.num_kv_heads, config.head_dim), jnp.float32),
+                config.num_heads,
+            )
+        )
 
     def _batch(self, a: np.ndarray):
         """A host array with a leading batch dim, on the device(s): split over `data`."""
@@ -118,6 +134,7 @@ class StaticBatchGenerator:
             config=self.config,
             dtype=self.dtype,
             attn_len=t,
+            native_attention=self.native_attention,
         )
         positions = np.array(_pad_rows(lens, b, 0), np.int32)  # next cache slot per row
         while True:
@@ -178,6 +195,7 @@ class StaticBatchGenerator:
                 config=self.config,
                 dtype=self.dtype,
                 attn_len=attn_len,
+                native_attention=self.native_attention,
             )
 
     # -- bookkeeping -------------------------------------------------------------------

@@ -86,8 +86,9 @@ class LLM:
     page_size, kv_cache_gb, num_pages: the paged KV cache (num_pages overrides kv_cache_gb).
     enable_prefix_caching: share the KV pages of identical prompt prefixes.
     attention_backend: "reference", "xla", "cpu" or "pallas" (default: pallas on TPU/GPU; on
-        CPU "cpu", the xla path with a C++ kernel for decode rows, or "xla" with a mesh or
-        where the kernel cannot be built).
+        CPU "cpu", C++ kernels for decode and prefill rows, or "xla" with a mesh or where the
+        kernels cannot be built). The static engine uses the kernels under "cpu" and the jnp
+        attention otherwise.
     engine: "continuous" (default) or "static".
     seed: seeds the per-request seeds drawn for requests that set none.
     quantization: None, or a scheme name for `jax_infer.quant.quantize` ("int8", "int4", ...),
@@ -226,6 +227,7 @@ class LLM:
                 max_model_len,
                 mesh=mesh,
                 rules=sharding_rules,
+                attention_backend=attention_backend,
             )
 
     def _draft_model(self, spec, progress):

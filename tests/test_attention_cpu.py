@@ -14,6 +14,7 @@ import pytest
 
 from jax_infer.attention import build_metadata
 from jax_infer.attention.paged import cpu_attention, default_backend, xla_attention
+from jax_infer.model.llama import attend, native_contiguous_attend
 from jax_infer.quant import kernels
 from jax_infer.quant.kv import QuantizedPages, quantize_kv
 
@@ -155,6 +156,26 @@ def test_prefill_kernel_rejects_ragged_query_count():
     pool = jnp.zeros((4, 16, 3, 64), jnp.float32)
     with pytest.raises(ValueError, match="not a multiple"):
         kernels.paged_prefill_attention(q, pool, pool, jnp.zeros((3, 2), jnp.int32), jnp.zeros(10))
+
+
+@pytest.mark.parametrize("window", [None, 7])
+def test_contiguous_cache_through_the_prefill_kernel(window):
+    """The static engine's attention (`native_contiguous_attend`: each row's contiguous cache
+    read as one page) against the jnp `attend`, for prefill rows with padding and decode rows
+    at different offsets. Padding queries (at or past kv_valid_len) are zero, unused."""
+    rng = np.random.default_rng(3)
+    b, s_len, kh, h, n = 3, 80, 2, 32, 6
+    k = jnp.asarray(rng.standard_normal((b, s_len, kh, h)).astype(np.float32))
+    v = jnp.asarray(rng.standard_normal((b, s_len, kh, h)).astype(np.float32))
+    for t, start, num_valid in [(20, [0, 0, 0], [20, 13, 1]), (1, [0, 40, 79], [1, 1, 1])]:
+        start, valid = jnp.asarray(start, jnp.int32), jnp.asarray(start) + jnp.asarray(num_valid)
+        positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+        q = jnp.asarray(rng.standard_normal((b, t, n, h)).astype(np.float32))
+        want = np.asarray(attend(q, k, v, positions, valid, window))
+        got = np.asarray(native_contiguous_attend(q, k, v, positions, valid, sliding_window=window))
+        live = np.asarray(positions < valid[:, None])
+        np.testing.assert_allclose(got[live], want[live], atol=2e-5, rtol=1e-5)
+        assert not got[~live].any()
 
 
 def _mixed_step(rng, page_size=16, kv_heads=3, head_dim=64, heads=9, dtype=np.float32):

@@ -42,10 +42,17 @@ def tok_prompts(smollm2):
 
 @pytest.fixture(scope="module")
 def reference(smollm2, tok_prompts):
-    """The trunk's generation, one request at a time over a contiguous cache."""
+    """The trunk's generation, one request at a time over a contiguous cache, attending with
+    the jnp `attend` (not the C++ kernels the engine uses on this CPU)."""
     gen = StaticBatchGenerator(
-        smollm2.config, smollm2.params, smollm2.tokenizer, smollm2.dtype, MAX_LEN
+        smollm2.config,
+        smollm2.params,
+        smollm2.tokenizer,
+        smollm2.dtype,
+        MAX_LEN,
+        attention_backend="xla",
     )
+    assert not gen.native_attention
     outs = []
     for i, ids in enumerate(tok_prompts):
         detok = IncrementalDetokenizer(smollm2.tokenizer, ids)

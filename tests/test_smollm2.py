@@ -36,8 +36,11 @@ def hf_prompt_ids(tok, prompt):
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
+@pytest.mark.parametrize("native", [False, True], ids=["jnp_attention", "cpu_kernel"])
 @pytest.mark.parametrize("prompt", PLAIN[:2] + CHATS[:1], ids=["plain0", "plain1", "chat0"])
-def test_last_position_logits_match_hf(smollm2, hf_smollm2, prompt):
+def test_last_position_logits_match_hf(smollm2, hf_smollm2, prompt, native):
+    """Static-engine forward (contiguous cache) against HF, attending with the jnp `attend` or
+    the C++ prefill kernel (`native_attention`, the static engine's default on this CPU)."""
     model, tok = hf_smollm2
     ids = hf_prompt_ids(tok, prompt)
     with torch.no_grad():
@@ -52,6 +55,7 @@ def test_last_position_logits_match_hf(smollm2, hf_smollm2, prompt):
         config=smollm2.config,
         dtype=jnp.float32,
         attn_len=64,
+        native_attention=native,
     )
     ours = np.asarray(logits[0])
     rel = np.abs(ours - ref).max() / np.abs(ref).max()

@@ -24,6 +24,7 @@ cache replaces it in the engine.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -93,7 +94,12 @@ def write_cache(cache_x, new_x, start):
 
 
 def contiguous_attention(
-    start, kv_valid_len, attn_len: int, sliding_window: int | None, kv_transform=None
+    start,
+    kv_valid_len,
+    attn_len: int,
+    sliding_window: int | None,
+    kv_transform=None,
+    native: bool = False,
 ):
     """attend_fn for the contiguous cache: (k, v) per layer, each [B, S, K, H].
 
@@ -102,6 +108,10 @@ def contiguous_attention(
     slots keeps decode from paying for the whole max_len cache. kv_transform, when given,
     maps the new k and v before they are stored (the int8 KV cache's round trip, for the
     perplexity evaluator).
+
+    native: on the CPU, attend with the paged C++ kernel instead (`native_contiguous_attend`;
+    float32 caches of a shape `quant.kernels.attention_supports`, one device); elsewhere the
+    same program takes `attend`.
     """
 
     def attend_fn(q, k, v, layer_cache):
@@ -111,17 +121,43 @@ def contiguous_attention(
         positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         cache_k = write_cache(layer_cache[0], k, start)
         cache_v = write_cache(layer_cache[1], v, start)
-        out = attend(
-            q,
-            cache_k[:, :attn_len],
-            cache_v[:, :attn_len],
-            positions,
-            kv_valid_len,
-            sliding_window,
-        )
+        xla = functools.partial(_attend_window, attn_len=attn_len, sliding_window=sliding_window)
+        if native:
+            cpu = functools.partial(native_contiguous_attend, sliding_window=sliding_window)
+            out = jax.lax.platform_dependent(
+                q, cache_k, cache_v, positions, kv_valid_len, cpu=cpu, default=xla
+            )
+        else:
+            out = xla(q, cache_k, cache_v, positions, kv_valid_len)
         return out, (cache_k, cache_v)
 
     return attend_fn
+
+
+def _attend_window(q, cache_k, cache_v, positions, kv_valid_len, *, attn_len, sliding_window):
+    return attend(
+        q, cache_k[:, :attn_len], cache_v[:, :attn_len], positions, kv_valid_len, sliding_window
+    )
+
+
+def native_contiguous_attend(q, cache_k, cache_v, positions, kv_valid_len, *, sliding_window):
+    """`attend` by the paged C++ prefill kernel: each row's cache [S, K, H] is one page of S
+    tokens (tables [[0], [1], ...]), so nothing is copied. Queries at or past kv_valid_len
+    (padding) get position -1 and a zero output; the kernel reads keys up to each query's
+    position, not the whole cache. q [B, T, N, H] -> [B, T, N * H]."""
+    from jax_infer.quant import kernels
+
+    b, t, n, h = q.shape
+    pos = jnp.where(positions < kv_valid_len[:, None], positions, -1)
+    out = kernels.paged_prefill_attention(
+        q.reshape(b * t, n, h),
+        cache_k,
+        cache_v,
+        jnp.arange(b, dtype=jnp.int32)[:, None],
+        pos.reshape(-1),
+        window=sliding_window or 0,
+    )
+    return out.astype(q.dtype).reshape(b, t, n * h)
 
 
 class DecoderLayer(nn.Module):

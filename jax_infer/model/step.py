@@ -20,7 +20,7 @@ from jax_infer.quant.kv import fake_quantize_kv, init_quantized_pages, kv_bytes_
 
 @functools.partial(
     jax.jit,
-    static_argnames=("config", "dtype", "attn_len", "all_logits", "int8_kv"),
+    static_argnames=("config", "dtype", "attn_len", "all_logits", "int8_kv", "native_attention"),
     donate_argnames=("cache",),
 )
 def forward(
@@ -35,12 +35,16 @@ def forward(
     attn_len: int,
     all_logits: bool = False,
     int8_kv: bool = False,
+    native_attention: bool = False,
 ):
     """tokens i32[B, T] at cache slots start i32[B].. (first num_valid i32[B] real).
 
     Returns (logits, cache): logits f32[B, T, V] when all_logits, else f32[B, V] at each row's
     last real token. int8_kv: keys and values go through the int8 KV cache's quantization
     round trip (`quant.kv.fake_quantize_kv`) before they are stored and attended.
+    native_attention: on the CPU, attention by the C++ kernel (see
+    `llama.contiguous_attention`; the caller checks the cache is float32 of a supported shape
+    on one device).
     """
     model = Llama(config, dtype)
     index = None if all_logits else (num_valid - 1)[:, None]
@@ -51,6 +55,7 @@ def forward(
         attn_len,
         config.sliding_window,
         kv_transform=fake_quantize_kv if int8_kv else None,
+        native=native_attention,
     )
     logits, cache = model.apply({"params": params}, tokens, positions, cache, attend_fn, index)
     if not all_logits:
