@@ -330,8 +330,8 @@ class LLMEngine:
         tokens = flat_tokens(meta, rows, offsets)
         logits, self.cache = self._forward(
             self.params,
-            jnp.asarray(tokens),
-            jax.tree.map(jnp.asarray, meta),
+            tokens,  # numpy: the jitted call transfers it (cheaper than jnp.asarray each)
+            meta,
             self.cache,
             config=self.config,
             dtype=self.dtype,

@@ -184,10 +184,10 @@ class SpeculativeDecoder:
         index[:n] = rows
         tokens, counts = verify(
             logits[jnp.asarray(index)],
-            jax.tree.map(jnp.asarray, meta),
-            jnp.asarray(draft_ids),
+            meta,
+            draft_ids,
             q,
-            jnp.asarray(num_drafts),
+            num_drafts,
             flags=SamplerFlags.for_batch(params),
         )
         tokens, counts = np.asarray(tokens), np.asarray(counts)
