@@ -241,6 +241,8 @@ class LLMEngine:
             dtype=self.dtype,
             backend=self.backend,
             draft_model=draft_model,
+            # One device: a self-draft shares the page pool (a sharded pool stays the engine's).
+            cache_owner=self if mesh is None else None,
         )
 
     # -- requests ----------------------------------------------------------------------

@@ -6,6 +6,8 @@ never leak; the metrics count what happened."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -148,6 +150,9 @@ def test_draft_model_greedy_identical(tokenizer, params, prompts, reference, dra
         speculative_method="draft_model",
         num_speculative_tokens=K,
     )
+    # A draft with the target's config attends over the target's page pool (no pool of its
+    # own); with the target's weights it must then still agree on every draft.
+    assert eng.spec.proposer.cache_owner is eng and not hasattr(eng.spec.proposer, "cache")
     got, _ = run(eng, prompts, GREEDY)
     assert got == reference
     s = eng.stats()["speculative"]
@@ -156,6 +161,24 @@ def test_draft_model_greedy_identical(tokenizer, params, prompts, reference, dra
         assert s["acceptance_rate"] == 1.0 and s["mean_accepted_tokens_per_step"] > 3
     elif draft == "other":
         assert s["acceptance_rate"] < 0.2
+
+
+def test_draft_of_another_shape_keeps_its_own_pool(tokenizer, params, prompts, reference):
+    """A draft with fewer layers cannot read the target's pool: it keeps its own, catches up
+    on each prompt itself, and the outputs are still the target's."""
+    small = dataclasses.replace(CONFIG, num_layers=1)
+    eng = engine(
+        tokenizer,
+        params,
+        draft_model=(small, init_params(small, seed=3)),
+        speculative_method="draft_model",
+        num_speculative_tokens=K,
+    )
+    assert eng.spec.proposer.cache_owner is None
+    assert len(eng.spec.proposer.cache) == 1
+    got, _ = run(eng, prompts, GREEDY)
+    assert got == reference
+    assert eng.stats()["speculative"]["num_verify_rows"] > 0
 
 
 def test_draft_vocab_mismatch_is_a_clear_error(tokenizer, params):

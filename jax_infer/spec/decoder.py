@@ -239,11 +239,15 @@ def make_speculative_decoder(
     dtype,
     backend: str,
     draft_model=None,
+    cache_owner=None,
 ) -> SpeculativeDecoder | None:
     """The decoder an EngineConfig asks for (None without speculative_method).
 
     draft_model: (ModelConfig, params) of the draft for speculative_method="draft_model"; a
     self-draft is (target config, quantize(target params, "int4+embed")).
+    cache_owner: the engine (its `.cache` the target's page pool), or None. A draft with the
+    target's config (a quantized self-draft) then reads and writes the target's pool instead
+    of a pool of its own: no second KV cache, no draft prefill of each prompt.
     """
     from jax_infer.spec.proposers import DraftModelProposer, NgramProposer
 
@@ -273,6 +277,7 @@ def make_speculative_decoder(
             dtype=dtype,
             backend=backend,
             max_decode_rows=ec.max_num_seqs,
+            cache_owner=cache_owner if draft_config == target_config else None,
         )
     return SpeculativeDecoder(
         proposer, ec.num_speculative_tokens, ec.speculative_disable_by_batch_size

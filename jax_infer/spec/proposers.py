@@ -138,7 +138,11 @@ class DraftModelProposer:
         dtype=jnp.float32,
         backend: str = "xla",
         max_decode_rows: int | None = None,
+        cache_owner=None,
     ):
+        """cache_owner: an object whose `.cache` is the target's page pool (the engine), for a
+        draft whose K/V pools have the target's shape (a quantized self-draft): the draft then
+        attends over the target's K/V and keeps no pool of its own (see `propose`)."""
         if config.vocab_size != target_config.vocab_size:
             raise ValueError(
                 f"draft model vocab_size={config.vocab_size} != target vocab_size="
@@ -147,7 +151,9 @@ class DraftModelProposer:
         self.config, self.params, self.dtype, self.backend = config, params, dtype, backend
         self.page_size = page_size
         self.max_decode_rows = max_decode_rows
-        self.cache = init_paged_cache(config, num_pages, page_size, dtype)
+        self.cache_owner = cache_owner
+        if cache_owner is None:
+            self.cache = init_paged_cache(config, num_pages, page_size, dtype)
         self.computed: dict[str, int] = {}  # positions of the draft cache that are valid
         self.num_forward_steps = 0
 
@@ -170,11 +176,12 @@ class DraftModelProposer:
             min_chunk=2,
         )
         tokens = flat_tokens(meta, chunks, offsets)
-        logits, self.cache = paged_forward(
+        owner = self.cache_owner or self
+        logits, owner.cache = paged_forward(
             self.params,
             tokens,
             meta,
-            self.cache,
+            owner.cache,
             config=self.config,
             dtype=self.dtype,
             backend=self.backend,
@@ -195,8 +202,15 @@ class DraftModelProposer:
         flags = SamplerFlags.for_batch(params)
         k_max = max(r.num_drafts for r in active)
         # Step 1 catches each request up from its first uncomputed position to its last known
-        # token; each later step feeds the previous draft.
-        starts = [self.computed.get(r.request_id, 0) for r in active]
+        # token; each later step feeds the previous draft. Over the target's pool there is
+        # nothing to catch up: the target holds positions [0, len - 1), so step 1 feeds the last
+        # known token alone. The draft's writes at len - 1.. land on slots the target rewrites
+        # in its verify step before it attends (and K/V past the accepted tokens is never read
+        # before it is rewritten), so the target only ever reads its own K/V.
+        if self.cache_owner is not None:
+            starts = [len(r.token_ids) - 1 for r in active]
+        else:
+            starts = [self.computed.get(r.request_id, 0) for r in active]
         chunks = [r.token_ids[s:] for r, s in zip(active, starts)]
         ids_steps, prob_steps = [], []
         live = list(range(len(active)))
