@@ -21,11 +21,12 @@ KEYS = (
     "prompt_lookup_min",
     "disable_by_batch_size",
 )
-# On the 2-core CPU a step verifying k+1 tokens costs about two single-token decodes whatever
-# k (XLA:CPU leaves the matrix-vector path for a matrix-matrix one at 2+ rows), so prompt
-# lookup pays with long drafts of confident (3-gram) matches: k=12 gave 8 tokens per verify on
-# the input-grounded benchmark against 2.6 with k=4 and 1-gram matches.
-DEFAULT_K = {"ngram": 12, "draft_model": 3}
+# Prompt lookup pays with long drafts of confident (3-gram) matches: k=12 gave 6-8 tokens per
+# verify on the input-grounded benchmark (a 13-token verify costs ~1.5 single-token decodes
+# here; k=4 with 1-gram matches measured 1.66x against 1.72x). An int4 self-draft step costs
+# ~0.4 of a decode and a verify of up to 5 tokens about one decode; at ~0.83 acceptance k=4
+# and k=5 measured alike (1.52x / 1.55x open-ended), k=3 1.43x.
+DEFAULT_K = {"ngram": 12, "draft_model": 4}
 SHORTHANDS = ("ngram", "self-int4", "self-int8", "draft:<path>")
 
 

@@ -123,6 +123,33 @@ def _draw(logits, where, meta: SamplingMetadata, position, *, flags: SamplerFlag
     return ids, probs
 
 
+@functools.partial(
+    jax.jit,
+    static_argnames=("config", "dtype", "backend", "flags"),
+    donate_argnames=("cache",),
+)
+def _draft_steps(params, tokens, metas, where, sampling, cache, *, config, dtype, backend, flags):
+    """k draft steps in one program (a scan over metas, AttentionMetadata stacked on a leading
+    k axis; every row a 1-token decode row): each step's drawn tokens are the next step's
+    inputs without a round trip to the host. -> (ids i32[k, B], probs f32[k, B, V], cache)."""
+
+    def step(carry, xs):
+        tokens, cache = carry
+        meta, j = xs
+        logits, cache = paged_forward(
+            params, tokens, meta, cache, config=config, dtype=dtype, backend=backend
+        )
+        ids, probs = _draw(logits, where, sampling, j, flags=flags)
+        # Decode row r is flat token r: the drafts go where their rows read them.
+        return (tokens.at[where].set(ids), cache), (ids, probs)
+
+    k = metas.positions.shape[0]
+    (_, cache), (ids, probs) = jax.lax.scan(
+        step, (tokens, cache), (metas, jnp.arange(k, dtype=jnp.int32))
+    )
+    return ids, probs, cache
+
+
 class DraftModelProposer:
     """A smaller model (or the target quantized) drafting k tokens per request; see the module
     docstring for how its cache follows the target's pages."""
@@ -201,16 +228,16 @@ class DraftModelProposer:
         params = [r.params for r in active]
         flags = SamplerFlags.for_batch(params)
         k_max = max(r.num_drafts for r in active)
-        # Step 1 catches each request up from its first uncomputed position to its last known
-        # token; each later step feeds the previous draft. Over the target's pool there is
-        # nothing to catch up: the target holds positions [0, len - 1), so step 1 feeds the last
-        # known token alone. The draft's writes at len - 1.. land on slots the target rewrites
-        # in its verify step before it attends (and K/V past the accepted tokens is never read
-        # before it is rewritten), so the target only ever reads its own K/V.
+        # Over the target's pool there is nothing to catch up: the target holds positions
+        # [0, len - 1), so step 1 feeds the last known token alone. The draft's writes at
+        # len - 1.. land on slots the target rewrites in its verify step before it attends (and
+        # K/V past the accepted tokens is never read before it is rewritten), so the target
+        # only ever reads its own K/V.
         if self.cache_owner is not None:
-            starts = [len(r.token_ids) - 1 for r in active]
-        else:
-            starts = [self.computed.get(r.request_id, 0) for r in active]
+            return self._propose_over_target_pool(rows, active, flags, k_max)
+        # With its own pool, step 1 catches each request up from its first uncomputed position
+        # to its last known token; each later step feeds the previous draft.
+        starts = [self.computed.get(r.request_id, 0) for r in active]
         chunks = [r.token_ids[s:] for r, s in zip(active, starts)]
         ids_steps, prob_steps = [], []
         live = list(range(len(active)))
@@ -255,4 +282,65 @@ class DraftModelProposer:
             # and all drafts but the newest were fed.
             self.computed[r.request_id] = len(r.token_ids) + n - 1
             drafts[r.request_id] = Draft(toks, probs)
+        return [drafts.get(r.request_id, Draft([])) for r in rows]
+
+    def _propose_over_target_pool(self, rows, active, flags, k_max):
+        """Every draft step is a 1-token decode row per request (the target's pool holds the
+        rest), so all k_max steps run as one jitted scan (`_draft_steps`): no host round trip
+        between them. Step j feeds position len - 1 + j; a request with fewer drafts repeats
+        its last fed position (a slot its verify row rewrites) and its extra drafts are
+        dropped."""
+        tables = [r.block_table for r in active]
+        steps = []
+        for j in range(k_max):
+            starts = [len(r.token_ids) - 1 + min(j, r.num_drafts - 1) for r in active]
+            meta, order, offsets = build_metadata(
+                starts,
+                [1] * len(active),
+                tables,
+                self.page_size,
+                max_decode_rows=self.max_decode_rows,
+            )
+            steps.append(meta)
+        width = max(m.block_tables.shape[1] for m in steps)
+        steps = [
+            m._replace(
+                block_tables=np.pad(m.block_tables, ((0, 0), (0, width - m.block_tables.shape[1])))
+            )
+            for m in steps
+        ]
+        metas = jax.tree.map(lambda *a: np.stack(a), *steps)
+        tokens = flat_tokens(steps[0], [[r.token_ids[-1]] for r in active], offsets)
+        where = np.zeros(len(active), np.int32)
+        for r, i in enumerate(order):
+            if i >= 0:
+                where[i] = r
+        sampling = SamplingMetadata.build(
+            [r.params for r in active],
+            [r.seed for r in active],
+            [r.step for r in active],
+            len(active),
+        )
+        owner = self.cache_owner
+        ids, probs, owner.cache = _draft_steps(
+            self.params,
+            tokens,
+            metas,
+            where,
+            sampling,
+            owner.cache,
+            config=self.config,
+            dtype=self.dtype,
+            backend=self.backend,
+            flags=flags,
+        )
+        self.num_forward_steps += k_max
+        ids_host = np.asarray(ids)
+        drafts = {}
+        for i, r in enumerate(active):
+            n = r.num_drafts
+            # A greedy request's q is one-hot at the draft: the point mass (None) is the same.
+            drafts[r.request_id] = Draft(
+                ids_host[:n, i].tolist(), None if r.params.is_greedy else probs[:n, i]
+            )
         return [drafts.get(r.request_id, Draft([])) for r in rows]
