@@ -49,6 +49,7 @@
 #include <memory>
 #include <mutex>
 #include <new>
+#include <string>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -792,14 +793,31 @@ void decode_heads(const float* q, const float* kp, const float* vp, const int32_
   }
 }
 
-// decode_heads<hv>: the head dimension as a compile-time count of vectors (1..HV).
-template <int HV, typename... Args>
-void decode_heads_any(int64_t hv, Args... args) {
+// fn(std::integral_constant<int, hv>()): the head dimension as a compile-time count of vectors
+// (1..HV), for the attention loops' templates.
+template <int HV, typename Fn>
+void with_head_vectors(int64_t hv, const Fn& fn) {
   if (hv == HV) {
-    decode_heads<HV>(args...);
+    fn(std::integral_constant<int, HV>());
   } else if constexpr (HV > 1) {
-    decode_heads_any<HV - 1>(hv, args...);
+    with_head_vectors<HV - 1>(hv, fn);
   }
+}
+
+// The checks both attention kernels share: float pools K and V of one shape [P, L, K, H] with
+// q's head_dim, query heads a multiple of KV heads (at most kAttnMaxGroup per group), head_dim
+// a multiple of the vector width up to kAttnMaxDim. nullptr when they hold.
+template <typename Dims>
+const char* attention_shape_error(const Dims& qd, const Dims& pd, const Dims& vd) {
+  bool same_pools = vd.size() == pd.size();
+  for (size_t i = 0; same_pools && i < pd.size(); ++i) same_pools = vd[i] == pd[i];
+  if (qd.size() != 3 || pd.size() != 4 || !same_pools || pd[3] != qd[2])
+    return "expected q[T,N,H] and K/V pools of one shape [P,L,K,H]";
+  const int64_t N = qd[1], H = qd[2], K = pd[2];
+  if (K < 1 || N % K != 0 || N / K > kAttnMaxGroup || H % kLanes != 0 || H > kAttnMaxDim)
+    return "needs heads a multiple of kv heads (at most 16 per group) and head_dim a multiple "
+           "of 16, at most 256";
+  return nullptr;
 }
 
 // q[D, N, H], pools [P, L, K, H], tables[D, pages], kv_lens[D], positions[D] -> out[D, N, H].
@@ -812,19 +830,14 @@ ffi::Error PagedDecodeAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F3
   const auto pd = k_pages.dimensions();
   const auto vd = v_pages.dimensions();
   const auto td = tables.dimensions();
-  bool same_pools = vd.size() == pd.size();
-  for (size_t i = 0; same_pools && i < pd.size(); ++i) same_pools = vd[i] == pd[i];
-  if (qd.size() != 3 || pd.size() != 4 || td.size() != 2 || td[0] != qd[0] || pd[3] != qd[2] ||
-      !same_pools || kv_lens.dimensions().size() != 1 || kv_lens.dimensions()[0] != qd[0] ||
-      positions.dimensions().size() != 1 || positions.dimensions()[0] != qd[0])
+  if (const char* error = attention_shape_error(qd, pd, vd))
+    return ffi::Error::InvalidArgument(std::string("paged decode attention: ") + error);
+  if (td.size() != 2 || td[0] != qd[0] || kv_lens.dimensions().size() != 1 ||
+      kv_lens.dimensions()[0] != qd[0] || positions.dimensions().size() != 1 ||
+      positions.dimensions()[0] != qd[0])
     return ffi::Error::InvalidArgument(
-        "paged decode attention: expected q[D,N,H], pages[P,L,K,H], tables[D,pages], "
-        "kv_lens[D], positions[D]");
+        "paged decode attention: expected q[D,N,H], tables[D,pages], kv_lens[D], positions[D]");
   const int64_t D = qd[0], N = qd[1], H = qd[2], L = pd[1], K = pd[2], pages = td[1];
-  if (N % K != 0 || N / K > kAttnMaxGroup || H % kLanes != 0 || H > kAttnMaxDim)
-    return ffi::Error::InvalidArgument(
-        "paged decode attention: needs heads a multiple of kv heads (at most 16 per group) and "
-        "head_dim a multiple of 16, at most 256");
   const int64_t G = N / K;
   const float scale = 1.0f / std::sqrt(static_cast<float>(H));
   const float* qp = q.typed_data();
@@ -841,9 +854,10 @@ ffi::Error PagedDecodeAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F3
     const int64_t d = t / (K / span), kh0 = (t % (K / span)) * span;
     const int64_t len = std::clamp<int64_t>(lp[d], 0, pages * L);
     const int64_t first = window > 0 ? std::clamp<int64_t>(pp[d] - window + 1, 0, len) : 0;
-    decode_heads_any<kAttnMaxDim / kLanes>(H / kLanes, qp + d * N * H, kp, vp, tp + d * pages,
-                                           first, len, K, kh0, kh0 + span, G, L, scale,
-                                           op + d * N * H);
+    with_head_vectors<kAttnMaxDim / kLanes>(H / kLanes, [&](auto hv) {
+      decode_heads<decltype(hv)::value>(qp + d * N * H, kp, vp, tp + d * pages, first, len, K,
+                                        kh0, kh0 + span, G, L, scale, op + d * N * H);
+    });
   });
   return ffi::Error::Success();
 }
@@ -917,15 +931,6 @@ void prefill_heads(const float* q, const int32_t* pos, int64_t nq, const float* 
   ::operator delete(acc, std::align_val_t(alignof(vf)));
 }
 
-template <int HV, typename... Args>
-void prefill_heads_any(int64_t hv, Args... args) {
-  if (hv == HV) {
-    prefill_heads<HV>(args...);
-  } else if constexpr (HV > 1) {
-    prefill_heads_any<HV - 1>(hv, args...);
-  }
-}
-
 // q[P * Q, N, H] (row r's queries at r * Q ..), pools [P_, L, K, H], tables[P, pages],
 // positions[P * Q] (-1: padding) -> out[P * Q, N, H]. Query i of row r sees keys 0..pos
 // (window > 0: only those at positions > pos - window).
@@ -937,19 +942,13 @@ ffi::Error PagedPrefillAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F
   const auto pd = k_pages.dimensions();
   const auto vd = v_pages.dimensions();
   const auto td = tables.dimensions();
-  bool same_pools = vd.size() == pd.size();
-  for (size_t i = 0; same_pools && i < pd.size(); ++i) same_pools = vd[i] == pd[i];
-  if (qd.size() != 3 || pd.size() != 4 || td.size() != 2 || td[0] < 1 || qd[0] % td[0] != 0 ||
-      pd[3] != qd[2] || !same_pools || positions.dimensions().size() != 1 ||
+  if (const char* error = attention_shape_error(qd, pd, vd))
+    return ffi::Error::InvalidArgument(std::string("paged prefill attention: ") + error);
+  if (td.size() != 2 || td[0] < 1 || qd[0] % td[0] != 0 || positions.dimensions().size() != 1 ||
       positions.dimensions()[0] != qd[0])
     return ffi::Error::InvalidArgument(
-        "paged prefill attention: expected q[P*Q,N,H], pages[P_,L,K,H], tables[P,pages], "
-        "positions[P*Q]");
+        "paged prefill attention: expected q[P*Q,N,H], tables[P,pages], positions[P*Q]");
   const int64_t T = qd[0], N = qd[1], H = qd[2], L = pd[1], K = pd[2], P = td[0], pages = td[1];
-  if (N % K != 0 || N / K > kAttnMaxGroup || H % kLanes != 0 || H > kAttnMaxDim)
-    return ffi::Error::InvalidArgument(
-        "paged prefill attention: needs heads a multiple of kv heads (at most 16 per group) and "
-        "head_dim a multiple of 16, at most 256");
   const int64_t G = N / K, Q = T / P, blocks = (Q + kPrefillBlock - 1) / kPrefillBlock;
   const float scale = 1.0f / std::sqrt(static_cast<float>(H));
   const float* qp = q.typed_data();
@@ -962,9 +961,10 @@ ffi::Error PagedPrefillAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F
   parallel_tiles(blocks * P * K, [=](int64_t t) {
     const int64_t b = blocks - 1 - t / (P * K), r = (t / K) % P, kh = t % K;
     const int64_t i0 = r * Q + b * kPrefillBlock, nq = std::min(kPrefillBlock, Q - b * kPrefillBlock);
-    prefill_heads_any<kAttnMaxDim / kLanes>(H / kLanes, qp + i0 * N * H, pp + i0, nq, kp, vp,
-                                            tp + r * pages, pages * L, window, K, kh, G, L, scale,
-                                            op + i0 * N * H);
+    with_head_vectors<kAttnMaxDim / kLanes>(H / kLanes, [&](auto hv) {
+      prefill_heads<decltype(hv)::value>(qp + i0 * N * H, pp + i0, nq, kp, vp, tp + r * pages,
+                                         pages * L, window, K, kh, G, L, scale, op + i0 * N * H);
+    });
   });
   return ffi::Error::Success();
 }

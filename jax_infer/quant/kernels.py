@@ -185,18 +185,8 @@ def paged_decode_attention(q, k_pages, v_pages, tables, kv_lens, positions, wind
     """One query per row against its pages: q f32[D, N, H], float pools f32[P, L, K, H],
     tables i32[D, pages], kv_lens i32[D], positions i32[D] -> f32[D, N, H]. window > 0 is a
     sliding window (keys at positions > position - window)."""
-    _require(8)
-    i32 = jax.numpy.int32
-    return jax.ffi.ffi_call(
-        ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jax.numpy.float32), vmap_method="sequential"
-    )(
-        q.astype(jax.numpy.float32),
-        k_pages,
-        v_pages,
-        tables.astype(i32),
-        kv_lens.astype(i32),
-        positions.astype(i32),
-        window=np.int64(window),
+    return _attention_call(
+        ATTENTION_TARGET, q, k_pages, v_pages, tables, kv_lens, positions, window=window
     )
 
 
@@ -212,14 +202,13 @@ def paged_prefill_attention(q, k_pages, v_pages, tables, positions, window: int 
             f"paged_prefill_attention: q has {q.shape[0]} queries, not a multiple of the "
             f"{tables.shape[0]} table rows"
         )
-    i32 = jax.numpy.int32
+    return _attention_call(PREFILL_TARGET, q, k_pages, v_pages, tables, positions, window=window)
+
+
+def _attention_call(target, q, k_pages, v_pages, *index_arrays, window):
+    """An attention kernel's FFI call: f32 q and pools, int32 index arrays, out like q."""
+    _require(8)
+    ints = [a.astype(jax.numpy.int32) for a in index_arrays]
     return jax.ffi.ffi_call(
-        PREFILL_TARGET, jax.ShapeDtypeStruct(q.shape, jax.numpy.float32), vmap_method="sequential"
-    )(
-        q.astype(jax.numpy.float32),
-        k_pages,
-        v_pages,
-        tables.astype(i32),
-        positions.astype(i32),
-        window=np.int64(window),
-    )
+        target, jax.ShapeDtypeStruct(q.shape, jax.numpy.float32), vmap_method="sequential"
+    )(q.astype(jax.numpy.float32), k_pages, v_pages, *ints, window=np.int64(window))
