@@ -19,11 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_infer import sharding
-from jax_infer.attention.paged import default_backend, use_native_decode
+from jax_infer.attention.paged import default_backend
 from jax_infer.config import ModelConfig
 from jax_infer.model.llama import init_cache
 from jax_infer.model.step import bucket, forward
 from jax_infer.outputs import RequestOutput, SequenceState, logprob_entry
+from jax_infer.quant import kernels
 from jax_infer.sampling import (
     SamplerFlags,
     SamplingMetadata,
@@ -77,10 +78,7 @@ class StaticBatchGenerator:
             backend == "cpu"
             and mesh is None
             and jnp.dtype(self.cache_dtype) == jnp.float32
-            and use_native_decode(
-                jax.ShapeDtypeStruct((1, 1, config.num_kv_heads, config.head_dim), jnp.float32),
-                config.num_heads,
-            )
+            and kernels.attention_supports(config.num_heads, config.num_kv_heads, config.head_dim)
         )
 
     def _batch(self, a: np.ndarray):

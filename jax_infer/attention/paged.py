@@ -151,17 +151,17 @@ def xla_attention(
     meta: AttentionMetadata,
     sliding_window=None,
     *,
-    native_decode: bool = False,
+    native: bool = False,
 ):
     """q [T, N, H] -> [T, N, H], decode rows and prefill chunks each in one batched einsum
-    (native_decode: both by the C++ kernels instead, on the CPU)."""
+    (native: both by the C++ kernels instead, on the CPU)."""
     t, n, h = q.shape
     p_pad, q_pad = meta.prefill_token_index.shape
     d_pad = meta.block_tables.shape[0] - p_pad
     out = jnp.zeros((t, n, h), q.dtype)
     if d_pad:
         static = dict(d_pad=d_pad, sliding_window=sliding_window)
-        if native_decode and use_native_decode(k_pages, n):
+        if native and use_native_decode(k_pages, n):
             od = jax.lax.platform_dependent(
                 q,
                 k_pages,
@@ -175,7 +175,7 @@ def xla_attention(
         out = out.at[:d_pad].set(od)
     if p_pad:
         xla = functools.partial(_xla_chunks, d_pad=d_pad, sliding_window=sliding_window)
-        if native_decode and use_native_decode(k_pages, n):
+        if native and use_native_decode(k_pages, n):
             native = functools.partial(_native_chunks, d_pad=d_pad, sliding_window=sliding_window)
             op = jax.lax.platform_dependent(q, k_pages, v_pages, meta, cpu=native, default=xla)
         else:
@@ -234,7 +234,7 @@ def _native_chunks(q, k_pages, v_pages, meta: AttentionMetadata, d_pad: int, sli
 def cpu_attention(q, k_pages, v_pages, meta: AttentionMetadata, sliding_window=None):
     """The xla backend with decode and prefill rows by the C++ kernels (float pools,
     supported shapes; otherwise exactly the xla backend)."""
-    return xla_attention(q, k_pages, v_pages, meta, sliding_window, native_decode=True)
+    return xla_attention(q, k_pages, v_pages, meta, sliding_window, native=True)
 
 
 def pallas_attention(q, k_pages, v_pages, meta: AttentionMetadata, sliding_window=None):
