@@ -107,7 +107,9 @@ class EngineConfig:
     num_speculative_tokens: int = 0
     speculative_disable_by_batch_size: int | None = None
     ngram_prompt_lookup_max: int = 4
-    ngram_prompt_lookup_min: int = 3  # shorter matches mostly propose wrong tokens
+    # A match of n tokens proposes up to 2**n (capped at k): 1-token matches propose 2 tokens,
+    # which verify at about the cost of a plain decode step.
+    ngram_prompt_lookup_min: int = 1
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "page_size"):
@@ -317,9 +319,9 @@ class LLMEngine:
             s.token_ids + (drafts[s.request_id].token_ids if s.request_id in drafts else [])
             for s in scheduled
         ]
-        # With drafts, logits at each row's last k+1 tokens, and (k+1)-token rows bucketed by
-        # k+1 rather than padded to a 32-token prefill chunk.
-        per_row = self.spec.logits_per_row if drafts else None
+        # With drafts, logits at each row's last W tokens (W: the longest draft + 1, bucketed),
+        # and draft rows padded to W rather than to a 32-token prefill chunk.
+        per_row = self.spec.verify_width(drafts) if drafts else None
         meta, order, offsets = build_metadata(
             [s.start for s in scheduled],
             [len(r) for r in rows],
@@ -368,6 +370,8 @@ class LLMEngine:
                 st = self.states[scheduled[i].request_id]
                 states[r], row_params[r] = st, st.params
                 seeds[r], steps[r] = st.seed, len(st.out_ids)
+        if all(st is None for st in states):  # e.g. every row verifies drafts this step
+            return {}, {}
         flags = SamplerFlags.for_batch(row_params)
         vocab = self.config.vocab_size
         if flags.use_penalties:

@@ -130,6 +130,40 @@ def test_stop_rules_cut_an_accepted_run(tokenizer, params, prompts, reference):
     assert "stop" in want[1]
 
 
+@pytest.mark.parametrize("max_num_seqs", [4, 1])
+def test_ngram_greedy_identical(tokenizer, params, prompts, reference, max_num_seqs):
+    """Prompt lookup on the 16 prompts, batched and one request at a time: drafts of several
+    lengths (so several verify widths), never gated, outputs those of plain decoding."""
+    eng = engine(
+        tokenizer,
+        params,
+        max_num_seqs=max_num_seqs,
+        speculative_method="ngram",
+        num_speculative_tokens=8,
+    )
+    widths = []
+    width_of = eng.spec.verify_width
+    eng.spec.verify_width = lambda drafts: widths.append(width_of(drafts)) or widths[-1]
+    got, _ = run(eng, prompts, GREEDY)
+    assert got == reference
+    s = eng.stats()["speculative"]
+    assert s["num_verify_rows"] > 0 and s["num_gated_decodes"] == 0, s
+    assert len(set(widths)) > 1, widths
+
+
+def test_verify_width_follows_the_longest_draft():
+    from jax_infer.spec import NgramProposer
+
+    def width(k, *lengths):
+        dec = SpeculativeDecoder(NgramProposer(), k)
+        return dec.verify_width({str(i): Draft([1] * n) for i, n in enumerate(lengths)})
+
+    assert [width(12, n) for n in range(1, 13)] == [2, 3, 5, 5, 9, 9, 9, 9, 13, 13, 13, 13]
+    assert width(12, 1, 6, 2) == 9  # the longest draft of the step decides
+    assert [width(4, n) for n in range(1, 5)] == [2, 3, 5, 5]
+    assert [width(3, n) for n in range(1, 4)] == [2, 3, 4]
+
+
 @pytest.mark.parametrize(
     "draft",
     ["same", pytest.param("other", marks=pytest.mark.slow), "self-int8"],
@@ -161,6 +195,7 @@ def test_draft_model_greedy_identical(tokenizer, params, prompts, reference, dra
         assert s["acceptance_rate"] == 1.0 and s["mean_accepted_tokens_per_step"] > 3
     elif draft == "other":
         assert s["acceptance_rate"] < 0.2
+        assert s["num_gated_decodes"] > 0  # a draft model that keeps failing stops drafting
 
 
 def test_draft_of_another_shape_keeps_its_own_pool(tokenizer, params, prompts, reference):

@@ -164,3 +164,48 @@ def chi2_pvalue_n(observed: np.ndarray, probs: np.ndarray) -> float:
     expected = probs[keep].astype(np.float64)
     expected *= observed[keep].sum() / expected.sum()
     return stats.chisquare(observed[keep], expected).pvalue
+
+
+@pytest.mark.parametrize("with_q", [False, True])
+def test_greedy_verify_shortcut_equals_the_general_rule(with_q):
+    """`verify` skips the probabilities for all-greedy batches (argmax comparison); it must
+    emit what the general rule emits for greedy rows (one-hot p), with or without draft
+    distributions, for every draft count including none."""
+    from jax_infer.spec.rejection import verify
+
+    rng = np.random.default_rng(3)
+    steps, width, vocab = 5, 5, 40
+    logits = rng.normal(size=(steps, width, vocab)).astype(np.float32)
+    rows = np.array([4, 0, 2, 1], np.int32)
+    num_drafts = np.array([4, 2, 0, 3], np.int32)
+    drafts = rng.integers(0, vocab, size=(len(rows), width - 1)).astype(np.int32)
+    for b, r in enumerate(rows):
+        n = num_drafts[b]
+        # Right-aligned: the row's n drafts are scored by its last n + 1 logits; agree with
+        # the argmax for a prefix of b + 1 drafts so that accepted runs differ between rows.
+        target = logits[r, width - 1 - n :].argmax(-1)
+        agree = min(b + 1, n)
+        drafts[b, :agree] = target[:agree]
+    q = None
+    if with_q:
+        q = jnp.asarray(rng.dirichlet(np.ones(vocab), size=(len(rows), width - 1)), jnp.float32)
+    params = [SamplingParams(temperature=0.0)] * len(rows)
+    meta = jax.tree.map(jnp.asarray, SamplingMetadata.build(params, [7] * 4, [0] * 4, 4))
+    fast = SamplerFlags.for_batch(params)
+    assert fast.all_greedy
+    general = SamplerFlags(False, False, False, -1, 0)
+    got = verify(jnp.asarray(logits), rows, meta, drafts, q, num_drafts, flags=fast)
+    want = verify(jnp.asarray(logits), rows, meta, drafts, q, num_drafts, flags=general)
+    got_tokens, got_counts = map(np.asarray, got)
+    want_tokens, want_counts = map(np.asarray, want)
+    np.testing.assert_array_equal(got_counts, want_counts)
+    for b, r in enumerate(rows):
+        n = num_drafts[b]
+        target = logits[r, width - 1 - n :].argmax(-1)  # numpy: the argmax at each position
+        accepted = 0
+        while accepted < n and drafts[b, accepted] == target[accepted]:
+            accepted += 1
+        assert got_counts[b] == accepted + 1
+        np.testing.assert_array_equal(got_tokens[b, : accepted + 1], target[: accepted + 1])
+        np.testing.assert_array_equal(want_tokens[b, : accepted + 1], target[: accepted + 1])
+    assert len(set(got_counts.tolist())) > 1  # the rows accept runs of different lengths

@@ -8,8 +8,9 @@ One engine step with speculation:
    already uses the weights it reads, and verifying k+1 tokens per row no longer pays).
 2. The scheduler reserves pages for the decodes it runs (`ScheduledRequest.num_lookahead`).
 3. `propose()`: the proposer drafts up to num_lookahead tokens per decode; the engine appends
-   them to the row, which becomes a (k+1)-token row of the same ragged step, and asks for the
-   logits of each row's last k+1 tokens (`build_metadata(logits_per_row=k+1)`).
+   them to the row, which becomes a (n+1)-token row of the same ragged step, and asks for the
+   logits of each row's last W tokens (`build_metadata(logits_per_row=W)`, W from
+   `verify_width`: the longest draft + 1, bucketed).
 4. `verify()`: the modified rejection sampling (rejection.py) keeps a prefix of the drafts plus
    one token; they are appended one by one through `SequenceState.append`, so eos, stop tokens,
    stop strings and max_tokens cut the accepted run exactly where plain decoding would stop.
@@ -65,11 +66,14 @@ class SpecStats:
         }
 
 
-# Per-request gating: a verify step costs about two plain decodes on the 2-core CPU (see
-# spec/config.py), so drafting pays only while a request accepts about one draft per verify or
-# more. A request whose running mean (EMA) of accepted drafts falls below GATE_MIN_ACCEPTED
-# decodes without drafts; each such step raises the mean by GATE_RECOVERY so it is retried
-# every few steps (the text may become predictable again). Output is unaffected either way.
+# Per-request gating, for proposers whose drafts cost compute (`proposer.gated`: a draft
+# model runs one step per draft): drafting pays only while a request accepts about one draft
+# per verify or more. A request whose running mean (EMA) of accepted drafts falls below
+# GATE_MIN_ACCEPTED decodes without drafts; each such step raises the mean by GATE_RECOVERY so
+# it is retried every few steps (the text may become predictable again). Prompt lookup is not
+# gated: its drafts cost nothing to make, and a weak match proposes few tokens, whose verify
+# costs about a plain decode (measured on the grounded and open-ended benchmark outputs, gating
+# it off lost 3-4%). Output is unaffected either way.
 GATE_MIN_ACCEPTED = 1.0
 GATE_RECOVERY = 0.1
 GATE_EMA = 0.3
@@ -90,6 +94,8 @@ class SpeculativeDecoder:
                 "int >= 1 when a speculative method is set"
             )
         self.proposer = proposer
+        # Proposers without the attribute (written outside this package) are gated.
+        self._gated = bool(getattr(proposer, "gated", True))
         self.k = num_speculative_tokens
         self.disable_by_batch_size = disable_by_batch_size
         self.stats = SpecStats(
@@ -98,9 +104,13 @@ class SpeculativeDecoder:
         self._tracked: set[str] = set()
         self._mean_accepted: dict[str, float] = {}  # EMA of accepted drafts per verify
 
-    @property
-    def logits_per_row(self) -> int:
-        return self.k + 1
+    def verify_width(self, drafts: dict[str, Draft]) -> int:
+        """Logits per row (`build_metadata(logits_per_row=...)`) for a step with these drafts:
+        the longest draft + 1, its draft count rounded up to a power of two and capped at k. A
+        step of short drafts then costs about a plain decode on a CPU (k=12: 2 drafts verify
+        as 3 rows, not 13), and the compiled widths stay few (k=12: 2, 3, 5, 9, 13)."""
+        longest = max(len(d.token_ids) for d in drafts.values())
+        return min(bucket(longest, 1), self.k) + 1
 
     def lookahead(self, states: dict, num_running: int) -> dict[str, int] | None:
         """{request id: k} for the requests that may speculate this step, or None."""
@@ -124,7 +134,7 @@ class SpeculativeDecoder:
             if sr.num_lookahead:
                 rid = sr.request_id
                 mean = self._mean_accepted.get(rid, float(self.k))
-                if mean < GATE_MIN_ACCEPTED:
+                if self._gated and mean < GATE_MIN_ACCEPTED:
                     self._mean_accepted[rid] = mean + GATE_RECOVERY
                     self.stats.num_gated_decodes += 1
                     continue
@@ -147,14 +157,15 @@ class SpeculativeDecoder:
         return {r.request_id: d for r, d in zip(rows, drafts) if d.token_ids}
 
     def verify(self, logits, scheduled, order, drafts, states, outputs, max_model_len):
-        """Accept drafts for the rows in `drafts`; logits f32[S, k+1, V] from the step.
+        """Accept drafts for the rows in `drafts`; logits f32[S, W, V] from the step, W =
+        `verify_width(drafts)`.
         Appends tokens to the requests' SequenceStates and chunks to `outputs`; returns
         (sampled, finished) for Scheduler.update like the engine's sampler."""
         rows = [r for r, i in enumerate(order) if i >= 0 and scheduled[i].request_id in drafts]
         ids = [scheduled[order[r]].request_id for r in rows]
         n = len(rows)
         pad = bucket(n, 1)  # a bounded set of compiled verify shapes
-        k = self.k
+        k = logits.shape[1] - 1
         draft_ids = np.zeros((pad, k), np.int32)
         num_drafts = np.zeros(pad, np.int32)
         sts = [states[rid] for rid in ids]
@@ -162,8 +173,10 @@ class SpeculativeDecoder:
             toks = drafts[rid].token_ids
             draft_ids[b, : len(toks)] = toks
             num_drafts[b] = len(toks)
-        q = None
-        if any(drafts[rid].probs is not None for rid in ids):
+        params = [st.params for st in sts]
+        flags = SamplerFlags.for_batch(params)
+        q = None  # greedy rows ignore q (see rejection.verify)
+        if not flags.all_greedy and any(drafts[rid].probs is not None for rid in ids):
             vocab = logits.shape[-1]
             parts = []
             for b in range(pad):
@@ -176,20 +189,12 @@ class SpeculativeDecoder:
                     probs = jax.nn.one_hot(jnp.asarray(d.token_ids), vocab, dtype=jnp.float32)
                 parts.append(jnp.pad(probs, ((0, k - probs.shape[0]), (0, 0))))
             q = jnp.stack(parts)
-        params = [st.params for st in sts]
         meta = SamplingMetadata.build(
             params, [st.seed for st in sts], [len(st.out_ids) for st in sts], pad
         )
         index = np.zeros(pad, np.int32)
         index[:n] = rows
-        tokens, counts = verify(
-            logits[jnp.asarray(index)],
-            meta,
-            draft_ids,
-            q,
-            num_drafts,
-            flags=SamplerFlags.for_batch(params),
-        )
+        tokens, counts = verify(logits, index, meta, draft_ids, q, num_drafts, flags=flags)
         tokens, counts = np.asarray(tokens), np.asarray(counts)
         sampled: dict[str, list[int]] = {}
         finished: dict[str, str] = {}

@@ -114,17 +114,28 @@ def rejection_sample(p, draft_ids, q, num_drafts, keys):
 
 
 @functools.partial(jax.jit, static_argnames=("flags",))
-def verify(logits, meta: SamplingMetadata, draft_ids, q, num_drafts, *, flags: SamplerFlags):
-    """The engine's verify step. logits f32[B, K+1, V] are right-aligned: row b scored its
-    last known token and n = num_drafts[b] drafts, and their logits are the last n + 1 of the
-    K+1 entries (`build_metadata(logits_per_row=K+1)` lays them out so). meta is over the B
-    rows (seed, step per request).
+def verify(logits, rows, meta: SamplingMetadata, draft_ids, q, num_drafts, *, flags: SamplerFlags):
+    """The engine's verify step. logits f32[S, K+1, V] are the step's, right-aligned: the
+    verified row rows[b] scored its last known token and n = num_drafts[b] drafts, and their
+    logits are the last n + 1 of the K+1 entries (`build_metadata(logits_per_row=K+1)` lays
+    them out so). rows i32[B] picks the B verified rows; meta is over them (seed, step per
+    request).
 
     Returns (tokens i32[B, K+1], num_tokens i32[B]) as `rejection_sample`.
     """
+    logits = logits[rows]
     b, k1, vocab = logits.shape
     index = jnp.minimum(k1 - 1 - num_drafts[:, None] + jnp.arange(k1)[None, :], k1 - 1)
     logits = jnp.take_along_axis(logits, index[..., None], axis=1)  # left-aligned
+    if flags.all_greedy:
+        # p is one-hot at the argmax: a draft is accepted iff it is the argmax, and the token
+        # after the accepted run (correction or bonus) is the argmax there, whatever q is. So
+        # the argmaxes themselves are the emitted tokens (no softmax, no random draws).
+        target = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # i32[B, K+1]
+        valid = jnp.arange(k1 - 1)[None, :] < num_drafts[:, None]
+        accept = (target[:, :-1] == draft_ids.astype(jnp.int32)) & valid
+        num_accepted = jnp.sum(jnp.cumprod(accept.astype(jnp.int32), axis=1), axis=1)
+        return target, num_accepted + 1
     per_pos = jax.tree.map(lambda a: jnp.repeat(a, k1, axis=0), meta)
     p = target_probs(logits.reshape(b * k1, vocab), per_pos, flags).reshape(b, k1, vocab)
     # Derived from (seed, step) like the normal sampler's key, on a separate stream so a
