@@ -39,7 +39,11 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer("prompt_len", 512, "Prompt tokens for the prefill measurement.")
 flags.DEFINE_integer("decode_tokens", 128, "Generated tokens for the decode measurement.")
-flags.DEFINE_integer("repeats", 3, "Timed repetitions (the median is reported).")
+flags.DEFINE_integer(
+    "repeats",
+    3,
+    "Timed repetitions (the median is reported; with --speculative, per prompt and engine).",
+)
 flags.DEFINE_enum(
     "engine", "continuous", ["continuous", "static"], "Paged continuous engine or static batching."
 )
@@ -104,7 +108,7 @@ def speculative_main() -> None:
         f"{'accept':>7} {'tok/verify':>10} identical"
     )
     for name, prompts in workloads.items():
-        r = spec_bench.compare(base_llm, spec_llm, prompts, FLAGS.decode_tokens)
+        r = spec_bench.compare(base_llm, spec_llm, prompts, FLAGS.decode_tokens, FLAGS.repeats)
         result[name] = r
         print(
             f"{name:<16} {r['baseline_tokens_per_s']:>10.1f} {r['speculative_tokens_per_s']:>10.1f} "

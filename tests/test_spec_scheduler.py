@@ -154,3 +154,65 @@ def test_ngram_lookup_prefers_long_and_recent_matches():
     assert lookup(seq, 3, max_n=4, min_n=4) == []  # no earlier 4-gram [3, 1, 2, 3]
     assert lookup([5, 6, 5], 4, max_n=2, min_n=1) == [6, 5]  # stops at the end
     assert lookup([4], 2, max_n=3, min_n=1) == []
+
+
+def brute_force_draft(seq, k, max_n, min_n):
+    """What NgramProposer must propose, written out with lists: the longest n in
+    [min_n, max_n] whose suffix occurred earlier (with a token after it), then up to
+    min(k, 2**n) tokens, each the most common next token among the occurrences that still
+    agree (ties: the latest such occurrence)."""
+    size = len(seq)
+    for n in range(min(max_n, size - 1), min_n - 1, -1):
+        suffix = seq[size - n :]
+        alive = [i + n for i in range(size - n) if seq[i : i + n] == suffix]
+        if alive:
+            break
+    else:
+        return []
+    out = []
+    for j in range(min(k, 2**n)):
+        alive = [a for a in alive if a + j < size]
+        if not alive:
+            break
+        counts = {}
+        for a in alive:
+            counts[seq[a + j]] = counts.get(seq[a + j], 0) + 1
+        best = max(counts.values())
+        token = [seq[a + j] for a in alive if counts[seq[a + j]] == best][-1]
+        out.append(token)
+        alive = [a for a in alive if seq[a + j] == token]
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    seq=st.lists(st.integers(0, 3), min_size=1, max_size=40),
+    k=st.integers(1, 16),
+    max_n=st.integers(1, 5),
+    data=st.data(),
+)
+def test_ngram_proposer_matches_brute_force(seq, k, max_n, data):
+    from jax_infer.spec import NgramProposer
+    from jax_infer.spec.proposers import DraftRow
+
+    min_n = data.draw(st.integers(1, max_n))
+    row = DraftRow("r", list(seq), k, [], None, 0, 0)
+    got = NgramProposer(max_n, min_n).propose([row])[0].token_ids
+    assert got == brute_force_draft(list(seq), k, max_n, min_n)
+
+
+def test_ngram_draft_length_grows_with_the_match():
+    """One matched token earns 2 drafts, two earn 4, three 8, four the whole k; the
+    continuation is the one most earlier occurrences share."""
+    from jax_infer.spec import NgramProposer
+    from jax_infer.spec.proposers import DraftRow
+
+    text = list(range(10, 40))  # 30 distinct tokens, then their copy resumed at various points
+    prop = NgramProposer(max_n=4, min_n=1)
+    for n, want in [(1, 2), (2, 4), (3, 8), (4, 12)]:
+        seq = text + [99] * (5 - n) + text[:n]  # the last n tokens match text[:n] only
+        row = DraftRow("r", seq, 12, [], None, 0, 0)
+        assert prop.propose([row])[0].token_ids == text[n : n + want], n
+    # Token 5 was followed by 6 twice and by 7 once (the latest): the majority wins.
+    seq = [5, 6, 1, 5, 6, 2, 5, 7, 3, 5]
+    assert prop.propose([DraftRow("r", seq, 12, [], None, 0, 0)])[0].token_ids == [6, 2]

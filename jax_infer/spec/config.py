@@ -1,6 +1,6 @@
 """`LLM(speculative_config=...)`: a vLLM-like dict turned into EngineConfig fields and a draft.
 
-    {"method": "ngram", "num_speculative_tokens": 4,
+    {"method": "ngram", "num_speculative_tokens": 12,
      "prompt_lookup_max": 4, "prompt_lookup_min": 1}
     {"method": "draft_model", "num_speculative_tokens": 3, "model": "draft.gguf"}
     {"method": "draft_model", "num_speculative_tokens": 3, "quantization": "int4+embed"}
@@ -21,11 +21,11 @@ KEYS = (
     "prompt_lookup_min",
     "disable_by_batch_size",
 )
-# Prompt lookup pays with long drafts of confident (3-gram) matches: k=12 gave 6-8 tokens per
-# verify on the input-grounded benchmark (a 13-token verify costs ~1.5 single-token decodes
-# here; k=4 with 1-gram matches measured 1.66x against 1.72x). An int4 self-draft step costs
-# ~0.4 of a decode and a verify of up to 5 tokens about one decode; at ~0.83 acceptance k=4
-# and k=5 measured alike (1.52x / 1.55x open-ended), k=3 1.43x.
+# Prompt lookup: k caps the drafts of the strongest matches (a match of n tokens proposes up
+# to 2**n, so k=12 is reached by 4-gram matches, which on the input-grounded benchmark accept
+# ~7 of 12); a 13-token verify costs ~1.6 single-token decodes on the 2-core CPU, a verify of
+# up to 5 tokens about one. An int4 self-draft step costs ~0.4 of a decode; at ~0.83
+# acceptance k=4 and k=5 measured alike (1.52x / 1.55x open-ended), k=3 1.43x.
 DEFAULT_K = {"ngram": 12, "draft_model": 4}
 SHORTHANDS = ("ngram", "self-int4", "self-int8", "draft:<path>")
 

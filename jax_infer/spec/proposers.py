@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import jax
@@ -59,6 +60,8 @@ class Draft:
 
 
 class Proposer(Protocol):
+    gated: bool  # whether drafting stops for a request that accepts little (drafts cost compute)
+
     def propose(self, rows: list[DraftRow]) -> list[Draft]: ...
 
     def verified(self, request_id: str, num_valid: int) -> None: ...
@@ -67,10 +70,19 @@ class Proposer(Protocol):
 
 
 class NgramProposer:
-    """Prompt lookup: propose the continuation of the latest earlier match of the last n
-    tokens, trying n = max_n, max_n - 1, ..., min_n."""
+    """Prompt lookup: find the earlier occurrences of the sequence's last n tokens, trying
+    n = max_n, max_n - 1, ..., min_n, and propose what followed them.
 
-    def __init__(self, max_n: int = 4, min_n: int = 3):
+    A match of n tokens proposes at most 2**n tokens (capped at the request's k): one shared
+    token is weak evidence that the text is being copied, four are strong. Short drafts cost
+    little to verify (the step's verify width follows the longest draft, see
+    `SpeculativeDecoder.verify_width`), so weak matches are still worth a try, while long drafts
+    are kept for matches likely to run on. Where the occurrences disagree on what follows, the
+    draft takes the continuation most of them share (`continuation`)."""
+
+    gated = False
+
+    def __init__(self, max_n: int = 4, min_n: int = 1):
         for name, value in (("ngram_prompt_lookup_max", max_n), ("ngram_prompt_lookup_min", min_n)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r} is invalid: must be an int >= 1")
@@ -81,7 +93,13 @@ class NgramProposer:
         self.max_n, self.min_n = max_n, min_n
 
     def propose(self, rows: list[DraftRow]) -> list[Draft]:
-        return [Draft(lookup(r.token_ids, r.num_drafts, self.max_n, self.min_n)) for r in rows]
+        drafts = []
+        for r in rows:
+            seq = np.asarray(r.token_ids, np.int64)
+            n, starts = matches(seq, self.max_n, self.min_n)
+            length = min(r.num_drafts, 2**n) if n else 0
+            drafts.append(Draft(continuation(seq, starts, length) if length else []))
+        return drafts
 
     def verified(self, request_id: str, num_valid: int) -> None:
         pass
@@ -90,9 +108,10 @@ class NgramProposer:
         pass
 
 
-def lookup(tokens: list[int], k: int, max_n: int, min_n: int) -> list[int]:
-    """Up to k tokens that followed the latest earlier occurrence of tokens' last n tokens."""
-    seq = np.asarray(tokens, np.int64)
+def matches(seq: np.ndarray, max_n: int, min_n: int) -> tuple[int, np.ndarray]:
+    """(n, starts): the longest n in [min_n, max_n] for which seq's last n tokens occurred
+    earlier, and where the tokens after each earlier occurrence start (ascending); (0, [])
+    if there is none."""
     size = len(seq)
     for n in range(min(max_n, size - 1), min_n - 1, -1):
         # Windows starting at 0 .. size - n - 1: each has at least one token after it, and the
@@ -100,9 +119,37 @@ def lookup(tokens: list[int], k: int, max_n: int, min_n: int) -> list[int]:
         windows = np.lib.stride_tricks.sliding_window_view(seq[:-1], n)
         hits = np.flatnonzero((windows == seq[size - n :]).all(axis=1))
         if hits.size:
-            start = int(hits[-1]) + n
-            return seq[start : start + k].tolist()
-    return []
+            return n, hits + n
+    return 0, np.zeros(0, np.int64)
+
+
+def continuation(seq: np.ndarray, starts: np.ndarray, length: int) -> list[int]:
+    """Up to `length` tokens continuing the occurrences that start at `starts`: at each
+    position the token most of the occurrences still agreeing so far continue with (ties: the
+    latest occurrence's), stopping where none of them has a next token. With one occurrence
+    that is simply what followed it."""
+    out: list[int] = []
+    alive = np.asarray(starts, np.int64)
+    for i in range(length):
+        alive = alive[alive + i < len(seq)]
+        if not alive.size:
+            break
+        nxt = seq[alive + i]
+        values, counts = np.unique(nxt, return_counts=True)
+        best = values[counts == counts.max()]
+        # The latest occurrence among those continuing with a most common token.
+        tok = int(nxt[np.flatnonzero(np.isin(nxt, best))[-1]])
+        out.append(tok)
+        alive = alive[nxt == tok]
+    return out
+
+
+def lookup(tokens: Sequence[int], k: int, max_n: int, min_n: int) -> list[int]:
+    """Up to k tokens that followed the latest earlier occurrence of tokens' last n tokens
+    (plain prompt lookup, without the proposer's majority vote or length rule)."""
+    seq = np.asarray(tokens, np.int64)
+    n, starts = matches(seq, max_n, min_n)
+    return seq[int(starts[-1]) : int(starts[-1]) + k].tolist() if n else []
 
 
 @functools.partial(jax.jit, static_argnames=("flags",))
@@ -153,6 +200,8 @@ def _draft_steps(params, tokens, metas, where, sampling, cache, *, config, dtype
 class DraftModelProposer:
     """A smaller model (or the target quantized) drafting k tokens per request; see the module
     docstring for how its cache follows the target's pages."""
+
+    gated = True
 
     def __init__(
         self,
