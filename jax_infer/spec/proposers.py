@@ -134,11 +134,18 @@ def continuation(seq: np.ndarray, starts: np.ndarray, length: int) -> list[int]:
         alive = alive[alive + i < len(seq)]
         if not alive.size:
             break
+        if alive.size == 1:  # one occurrence left: the rest is what followed it
+            start = int(alive[0])
+            out += seq[start + i : start + length].tolist()
+            break
         nxt = seq[alive + i]
-        values, counts = np.unique(nxt, return_counts=True)
-        best = values[counts == counts.max()]
-        # The latest occurrence among those continuing with a most common token.
-        tok = int(nxt[np.flatnonzero(np.isin(nxt, best))[-1]])
+        if (nxt == nxt[-1]).all():
+            tok = int(nxt[-1])
+        else:
+            values, counts = np.unique(nxt, return_counts=True)
+            best = values[counts == counts.max()]
+            # The latest occurrence among those continuing with a most common token.
+            tok = int(nxt[np.flatnonzero(np.isin(nxt, best))[-1]])
         out.append(tok)
         alive = alive[nxt == tok]
     return out
