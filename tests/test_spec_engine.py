@@ -291,3 +291,83 @@ def test_int4_self_draft_greedy_identical(tokenizer, params, prompts, reference,
     assert got == reference
     s = eng.stats()["speculative"]
     assert s["num_verify_rows"] > 0 and s["acceptance_rate"] > 0.3, s
+
+
+@pytest.mark.slow
+def test_sampled_outputs_keep_the_target_distribution(tokenizer, monkeypatch):
+    """End to end through the engine (a draft model that agrees with the target part of the
+    time, the verify widths, the q layout, the seeds): with temperature and top-k, the 2nd
+    and 3rd tokens of 600 seeded requests of one prompt follow the same distribution with and
+    without speculation (chi-square homogeneity). The same check run with an always-accept
+    rule must fail."""
+    import jax
+    import jax.numpy as jnp
+    from scipy import stats
+
+    import jax_infer.spec.decoder as decoder_module
+    import jax_infer.spec.rejection as rejection_module
+
+    # A peaked target (few likely tokens, so the cells are populated) and a draft mixed from
+    # it and an unrelated model: acceptance well inside (0, 1).
+    target = init_params(CONFIG, seed=1)
+    target["embed"] = target["embed"] * 30
+    other = init_params(CONFIG, seed=7)
+    other["embed"] = other["embed"] * 30
+    draft = jax.tree.map(lambda a, b: 0.7 * a + 0.3 * b, target, other)
+    sp = [
+        SamplingParams(temperature=1.0, top_k=4, max_tokens=3, ignore_eos=True, seed=s)
+        for s in range(600)
+    ]
+    prompt = list(range(40, 50))
+
+    def tokens(eng):
+        ids = [eng.add_request(prompt, p) for p in sp]
+        final = {}
+        while eng.has_unfinished_requests():
+            for chunk in eng.step():
+                if chunk.finished:
+                    final[chunk.request_id] = chunk.token_ids
+        return np.array([final[i] for i in ids])
+
+    def speculative():
+        eng = engine(
+            tokenizer,
+            target,
+            max_num_seqs=16,
+            draft_model=(CONFIG, draft),
+            speculative_method="draft_model",
+            num_speculative_tokens=2,
+        )
+        return tokens(eng), eng.stats()["speculative"]
+
+    def pvalues(a, b):
+        out = []
+        for pos in (1, 2):
+            values = np.union1d(a[:, pos], b[:, pos])
+            table = np.array([[np.sum(t[:, pos] == v) for v in values] for t in (a, b)])
+            table = table[:, table.sum(0) >= 5]  # chi-square wants populated cells
+            assert table.shape[1] >= 4
+            out.append(stats.chi2_contingency(table).pvalue)
+        return out
+
+    plain = tokens(engine(tokenizer, target, max_num_seqs=16))
+    spec, s = speculative()
+    assert s["num_verify_rows"] > 0 and 0.2 < s["acceptance_rate"] < 0.9, s
+    assert min(pvalues(plain, spec)) > 1e-3
+
+    real_rule = rejection_module.rejection_sample
+
+    def always_accept(p, draft_ids, q, num_drafts, keys):
+        tokens, _ = real_rule(p, draft_ids, q, num_drafts * 0, keys)  # the bonus from p
+        return jnp.concatenate([draft_ids, tokens[:, :1]], axis=1), num_drafts + 1
+
+    # A fresh jit of verify tracing the wrong rule (jit caches by function: wrap it anew).
+    monkeypatch.setattr(rejection_module, "rejection_sample", always_accept)
+    unjitted = rejection_module.verify.__wrapped__
+    monkeypatch.setattr(
+        decoder_module,
+        "verify",
+        jax.jit(lambda *a, flags: unjitted(*a, flags=flags), static_argnames=("flags",)),
+    )
+    wrong, _ = speculative()
+    assert max(pvalues(plain, wrong)) < 1e-6
