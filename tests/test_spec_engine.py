@@ -216,6 +216,25 @@ def test_draft_of_another_shape_keeps_its_own_pool(tokenizer, params, prompts, r
     assert eng.stats()["speculative"]["num_verify_rows"] > 0
 
 
+def test_layer_pruned_self_draft_greedy_identical(tokenizer, params, prompts, reference):
+    """The self-draft with layers removed (prune/layers.py: the target's remaining layers,
+    embedding and head, shared): another shape, so it keeps its own pool; outputs unchanged."""
+    from jax_infer.prune.layers import remove_layers
+
+    draft_params, draft_config = remove_layers(params, CONFIG, [1])
+    eng = engine(
+        tokenizer,
+        params,
+        draft_model=(draft_config, draft_params),
+        speculative_method="draft_model",
+        num_speculative_tokens=K,
+    )
+    assert eng.spec.proposer.cache_owner is None and len(eng.spec.proposer.cache) == 1
+    got, _ = run(eng, prompts, GREEDY)
+    assert got == reference
+    assert eng.stats()["speculative"]["num_verify_rows"] > 0
+
+
 def test_draft_vocab_mismatch_is_a_clear_error(tokenizer, params):
     other = ModelConfig(**{**CONFIG.__dict__, "vocab_size": VOCAB * 2})
     with pytest.raises(ValueError, match="vocab_size=1024 != target vocab_size=512"):
