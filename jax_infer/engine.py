@@ -319,9 +319,13 @@ class LLMEngine:
             s.token_ids + (drafts[s.request_id].token_ids if s.request_id in drafts else [])
             for s in scheduled
         ]
-        # With drafts, logits at each row's last W tokens (W: the longest draft + 1, bucketed),
-        # and draft rows padded to W rather than to a 32-token prefill chunk.
-        per_row = self.spec.verify_width(drafts) if drafts else None
+        # With drafts, logits at each row's last W tokens (W: the longest draft + 1, bucketed;
+        # k + 1 beside a prompt chunk), and draft rows padded to W rather than to a 32-token
+        # prefill chunk.
+        per_row = None
+        if drafts:
+            chunk = any(len(s.token_ids) > 1 for s in scheduled)
+            per_row = self.spec.verify_width(drafts, with_prompt_chunk=chunk)
         meta, order, offsets = build_metadata(
             [s.start for s in scheduled],
             [len(r) for r in rows],

@@ -143,7 +143,7 @@ def test_ngram_greedy_identical(tokenizer, params, prompts, reference, max_num_s
     )
     widths = []
     width_of = eng.spec.verify_width
-    eng.spec.verify_width = lambda drafts: widths.append(width_of(drafts)) or widths[-1]
+    eng.spec.verify_width = lambda *a, **kw: widths.append(width_of(*a, **kw)) or widths[-1]
     got, _ = run(eng, prompts, GREEDY)
     assert got == reference
     s = eng.stats()["speculative"]
@@ -162,6 +162,9 @@ def test_verify_width_follows_the_longest_draft():
     assert width(12, 1, 6, 2) == 9  # the longest draft of the step decides
     assert [width(4, n) for n in range(1, 5)] == [2, 3, 5, 5]
     assert [width(3, n) for n in range(1, 4)] == [2, 3, 4]
+    # Beside a prompt chunk the step keeps one width, k + 1 (fewer shapes to compile).
+    dec = SpeculativeDecoder(NgramProposer(), 12)
+    assert dec.verify_width({"a": Draft([1])}, with_prompt_chunk=True) == 13
 
 
 @pytest.mark.parametrize(

@@ -104,11 +104,15 @@ class SpeculativeDecoder:
         self._tracked: set[str] = set()
         self._mean_accepted: dict[str, float] = {}  # EMA of accepted drafts per verify
 
-    def verify_width(self, drafts: dict[str, Draft]) -> int:
+    def verify_width(self, drafts: dict[str, Draft], with_prompt_chunk: bool = False) -> int:
         """Logits per row (`build_metadata(logits_per_row=...)`) for a step with these drafts:
         the longest draft + 1, its draft count rounded up to a power of two and capped at k. A
         step of short drafts then costs about a plain decode on a CPU (k=12: 2 drafts verify
-        as 3 rows, not 13), and the compiled widths stay few (k=12: 2, 3, 5, 9, 13)."""
+        as 3 rows, not 13), and the compiled widths stay few (k=12: 2, 3, 5, 9, 13). A step
+        that also computes a prompt chunk is costly anyway and takes k + 1, so that its many
+        shapes (chunk and page buckets) are not compiled once per width."""
+        if with_prompt_chunk:
+            return self.k + 1
         longest = max(len(d.token_ids) for d in drafts.values())
         return min(bucket(longest, 1), self.k) + 1
 
