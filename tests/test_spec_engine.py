@@ -61,8 +61,22 @@ def engine(tokenizer, params, max_num_seqs=4, draft_model=None, **spec):
     )
 
 
+def draft_engine(tokenizer, params, draft_model, k=K, **kw):
+    """An engine speculating with a draft model: draft_model=(config, params)."""
+    return engine(
+        tokenizer,
+        params,
+        draft_model=draft_model,
+        speculative_method="draft_model",
+        num_speculative_tokens=k,
+        **kw,
+    )
+
+
 def run(eng, prompts, sp):
-    ids = [eng.add_request(p, sp) for p in prompts]
+    """Runs prompts to the end under sp (one SamplingParams for all, or one per prompt)."""
+    sps = sp if isinstance(sp, list) else [sp] * len(prompts)
+    ids = [eng.add_request(p, s) for p, s in zip(prompts, sps)]
     final = {}
     while eng.has_unfinished_requests():
         for chunk in eng.step():
@@ -180,13 +194,7 @@ def test_draft_model_greedy_identical(tokenizer, params, prompts, reference, dra
         from jax_infer.quant import quantize
 
         draft_model = (CONFIG, quantize(params, "int8"))
-    eng = engine(
-        tokenizer,
-        params,
-        draft_model=draft_model,
-        speculative_method="draft_model",
-        num_speculative_tokens=K,
-    )
+    eng = draft_engine(tokenizer, params, draft_model)
     # A draft with the target's config attends over the target's page pool (no pool of its
     # own); with the target's weights it must then still agree on every draft.
     assert eng.spec.proposer.cache_owner is eng and not hasattr(eng.spec.proposer, "cache")
@@ -205,13 +213,7 @@ def test_draft_of_another_shape_keeps_its_own_pool(tokenizer, params, prompts, r
     """A draft with fewer layers cannot read the target's pool: it keeps its own, catches up
     on each prompt itself, and the outputs are still the target's."""
     small = dataclasses.replace(CONFIG, num_layers=1)
-    eng = engine(
-        tokenizer,
-        params,
-        draft_model=(small, init_params(small, seed=3)),
-        speculative_method="draft_model",
-        num_speculative_tokens=K,
-    )
+    eng = draft_engine(tokenizer, params, (small, init_params(small, seed=3)))
     assert eng.spec.proposer.cache_owner is None
     assert len(eng.spec.proposer.cache) == 1
     got, _ = run(eng, prompts, GREEDY)
@@ -225,13 +227,7 @@ def test_layer_pruned_self_draft_greedy_identical(tokenizer, params, prompts, re
     from jax_infer.prune.layers import remove_layers
 
     draft_params, draft_config = remove_layers(params, CONFIG, [1])
-    eng = engine(
-        tokenizer,
-        params,
-        draft_model=(draft_config, draft_params),
-        speculative_method="draft_model",
-        num_speculative_tokens=K,
-    )
+    eng = draft_engine(tokenizer, params, (draft_config, draft_params))
     assert eng.spec.proposer.cache_owner is None and len(eng.spec.proposer.cache) == 1
     got, _ = run(eng, prompts, GREEDY)
     assert got == reference
@@ -241,13 +237,7 @@ def test_layer_pruned_self_draft_greedy_identical(tokenizer, params, prompts, re
 def test_draft_vocab_mismatch_is_a_clear_error(tokenizer, params):
     other = ModelConfig(**{**CONFIG.__dict__, "vocab_size": VOCAB * 2})
     with pytest.raises(ValueError, match="vocab_size=1024 != target vocab_size=512"):
-        engine(
-            tokenizer,
-            params,
-            draft_model=(other, init_params(other)),
-            speculative_method="draft_model",
-            num_speculative_tokens=K,
-        )
+        draft_engine(tokenizer, params, (other, init_params(other)))
 
 
 def test_unsupported_requests_fall_back(tokenizer, params, prompts):
@@ -261,13 +251,7 @@ def test_unsupported_requests_fall_back(tokenizer, params, prompts):
     ps = prompts[:3]
     base = engine(tokenizer, params)
     want = [run(base, [p], sp)[0][0] for p, sp in zip(ps, sps)]
-    eng = engine(
-        tokenizer,
-        params,
-        draft_model=(CONFIG, params),
-        speculative_method="draft_model",
-        num_speculative_tokens=K,
-    )
+    eng = draft_engine(tokenizer, params, (CONFIG, params))
     ids = [eng.add_request(p, sp) for p, sp in zip(ps, sps)]
     final = {}
     while eng.has_unfinished_requests():
@@ -280,14 +264,7 @@ def test_unsupported_requests_fall_back(tokenizer, params, prompts):
 
 
 def test_speculation_off_for_large_batches(tokenizer, params, prompts, reference):
-    eng = engine(
-        tokenizer,
-        params,
-        draft_model=(CONFIG, params),
-        speculative_method="draft_model",
-        num_speculative_tokens=K,
-        speculative_disable_by_batch_size=2,
-    )
+    eng = draft_engine(tokenizer, params, (CONFIG, params), speculative_disable_by_batch_size=2)
     got, _ = run(eng, prompts, GREEDY)
     assert got == reference
     rows = eng.stats()["speculative"]["num_verify_rows"]
@@ -301,13 +278,8 @@ def test_int4_self_draft_greedy_identical(tokenizer, params, prompts, reference,
     prompts, batched and one request at a time."""
     from jax_infer.quant import quantize
 
-    eng = engine(
-        tokenizer,
-        params,
-        max_num_seqs=max_num_seqs,
-        draft_model=(CONFIG, quantize(params, "int4+embed")),
-        speculative_method="draft_model",
-        num_speculative_tokens=K,
+    eng = draft_engine(
+        tokenizer, params, (CONFIG, quantize(params, "int4+embed")), max_num_seqs=max_num_seqs
     )
     got, _ = run(eng, prompts, GREEDY)
     assert got == reference
@@ -343,23 +315,10 @@ def test_sampled_outputs_keep_the_target_distribution(tokenizer, monkeypatch):
     prompt = list(range(40, 50))
 
     def tokens(eng):
-        ids = [eng.add_request(prompt, p) for p in sp]
-        final = {}
-        while eng.has_unfinished_requests():
-            for chunk in eng.step():
-                if chunk.finished:
-                    final[chunk.request_id] = chunk.token_ids
-        return np.array([final[i] for i in ids])
+        return np.array(run(eng, [prompt] * len(sp), sp)[0])
 
     def speculative():
-        eng = engine(
-            tokenizer,
-            target,
-            max_num_seqs=16,
-            draft_model=(CONFIG, draft),
-            speculative_method="draft_model",
-            num_speculative_tokens=2,
-        )
+        eng = draft_engine(tokenizer, target, (CONFIG, draft), k=2, max_num_seqs=16)
         return tokens(eng), eng.stats()["speculative"]
 
     def pvalues(a, b):
