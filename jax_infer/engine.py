@@ -38,7 +38,7 @@ from jax_infer.sampling import (
     sample,
 )
 from jax_infer.scheduler import Request, Scheduler
-from jax_infer.spec.decoder import make_speculative_decoder
+from jax_infer.speculative.decoder import make_speculative_decoder
 from jax_infer.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ class EngineConfig:
     # "auto" stores K/V in the model dtype; "int8" quantizes them per token and KV head
     # (quant/kv.py), fitting 1.9x the tokens of bf16 (3.8x of f32) in the same kv_cache_gb.
     kv_cache_dtype: str = "auto"
-    # Speculative decoding (vLLM names, spec/): "ngram" (prompt lookup) or "draft_model" (give
+    # Speculative decoding (vLLM names, speculative/): "ngram" (prompt lookup) or "draft_model" (give
     # LLMEngine draft_model=(config, params), e.g. the target quantized: a self-draft); k drafts
     # per decode, verified in the same ragged step; off for a step when more requests run than
     # speculative_disable_by_batch_size.
@@ -235,7 +235,7 @@ class LLMEngine:
         self._next_id = 0
         self.num_steps = 0
         self.num_preemptions = 0
-        # Speculative decoding (spec/decoder.py), or None. draft_model: (ModelConfig, params).
+        # Speculative decoding (speculative/decoder.py), or None. draft_model: (ModelConfig, params).
         self.spec = make_speculative_decoder(
             ec,
             config,

@@ -27,7 +27,7 @@ from jax_infer.model.llama import untie_lm_head
 from jax_infer.outputs import RequestOutput, SequenceState
 from jax_infer.quant.transform import tile_f32_params, untile_f32_params
 from jax_infer.sampling import SamplingParams
-from jax_infer.spec import config as spec_config
+from jax_infer.speculative import config as spec_config
 from jax_infer.tokenizer import IncrementalDetokenizer, Tokenizer
 
 DTYPES = {
@@ -100,7 +100,7 @@ class LLM:
         and GGUF), the KV cache is split by kv heads; the continuous engine replicates each
         step over `data`, the static engine splits its batch over it (see engine.LLMEngine).
     sharding_rules: logical axis -> mesh axis table (default `sharding.DEFAULT_RULES`).
-    speculative_config: speculative decoding (spec/config.py): a dict like vLLM's
+    speculative_config: speculative decoding (speculative/config.py): a dict like vLLM's
         ({"method": "ngram" | "draft_model", "num_speculative_tokens": k, "model": draft path,
         "quantization": scheme for a self-draft, ...}) or "ngram", "self-int4", "self-int8",
         "draft:<path>". Greedy outputs are unchanged; sampled ones keep their distribution.

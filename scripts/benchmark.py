@@ -58,7 +58,7 @@ flags.DEFINE_string(
     "speculative",
     None,
     "Instead of the prefill/decode numbers: batch-1 decode tokens/s with and without "
-    "speculative decoding (jax_infer/spec/benchmark.py) on input-grounded and open-ended "
+    "speculative decoding (jax_infer/speculative/benchmark.py) on input-grounded and open-ended "
     "prompts. One of ngram, self-int4, self-int8, draft:<path>.",
 )
 flags.DEFINE_integer("num_speculative_tokens", None, "Drafts per step (default: per method).")
@@ -72,8 +72,8 @@ TEXT = (
 
 
 def speculative_main() -> None:
-    from jax_infer.spec import benchmark as spec_bench
-    from jax_infer.spec import config as spec_config
+    from jax_infer.speculative import benchmark as spec_bench
+    from jax_infer.speculative import config as spec_config
 
     spec = spec_config.normalize(FLAGS.speculative)
     if FLAGS.num_speculative_tokens is not None:

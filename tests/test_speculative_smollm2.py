@@ -8,7 +8,7 @@ import pytest
 
 from jax_infer import SamplingParams
 from jax_infer.engine import EngineConfig, LLMEngine
-from jax_infer.spec.benchmark import grounded_prompts
+from jax_infer.speculative.benchmark import grounded_prompts
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 

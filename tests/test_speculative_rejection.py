@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 
 from jax_infer.sampling import SamplerFlags, SamplingMetadata, SamplingParams, sample
-from jax_infer.spec.rejection import rejection_sample, target_probs
+from jax_infer.speculative.rejection import rejection_sample, target_probs
 
 V, K, N = 6, 3, 40_000
 
@@ -171,7 +171,7 @@ def test_greedy_verify_shortcut_equals_the_general_rule(with_q):
     """`verify` skips the probabilities for all-greedy batches (argmax comparison); it must
     emit what the general rule emits for greedy rows (one-hot p), with or without draft
     distributions, for every draft count including none."""
-    from jax_infer.spec.rejection import verify
+    from jax_infer.speculative.rejection import verify
 
     rng = np.random.default_rng(3)
     steps, width, vocab = 5, 5, 40

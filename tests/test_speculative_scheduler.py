@@ -143,7 +143,7 @@ def test_speculative_random_configs(seed, page_size, extra_pages, max_num_seqs, 
 
 
 def test_ngram_lookup_prefers_long_and_recent_matches():
-    from jax_infer.spec import lookup
+    from jax_infer.speculative import lookup
 
     seq = [1, 2, 3, 9, 9, 5, 2, 3, 7, 8, 1, 2, 3]
     # The 3-gram [1, 2, 3] occurred at 0 (followed by 9 9 5 ...); the latest 2-gram [2, 3] at
@@ -192,8 +192,8 @@ def brute_force_draft(seq, k, max_n, min_n):
     data=st.data(),
 )
 def test_ngram_proposer_matches_brute_force(seq, k, max_n, data):
-    from jax_infer.spec import NgramProposer
-    from jax_infer.spec.proposers import DraftRow
+    from jax_infer.speculative import NgramProposer
+    from jax_infer.speculative.proposers import DraftRow
 
     min_n = data.draw(st.integers(1, max_n))
     row = DraftRow("r", list(seq), k, [], None, 0, 0)
@@ -204,8 +204,8 @@ def test_ngram_proposer_matches_brute_force(seq, k, max_n, data):
 def test_ngram_draft_length_grows_with_the_match():
     """One matched token earns 2 drafts, two earn 4, three 8, four the whole k; the
     continuation is the one most earlier occurrences share."""
-    from jax_infer.spec import NgramProposer
-    from jax_infer.spec.proposers import DraftRow
+    from jax_infer.speculative import NgramProposer
+    from jax_infer.speculative.proposers import DraftRow
 
     text = list(range(10, 40))  # 30 distinct tokens, then their copy resumed at various points
     prop = NgramProposer(max_n=4, min_n=1)

@@ -15,7 +15,7 @@ from jax_infer import SamplingParams
 from jax_infer.config import ModelConfig
 from jax_infer.engine import EngineConfig, LLMEngine
 from jax_infer.model.llama import init_params
-from jax_infer.spec import Draft, SpeculativeDecoder
+from jax_infer.speculative import Draft, SpeculativeDecoder
 from jax_infer.tokenizer import Tokenizer
 
 VOCAB = 512  # ids below 512 are real tokens of the SmolLM2 tokenizer used to detokenize
@@ -166,7 +166,7 @@ def test_ngram_greedy_identical(tokenizer, params, prompts, reference, max_num_s
 
 
 def test_verify_width_follows_the_longest_draft():
-    from jax_infer.spec import NgramProposer
+    from jax_infer.speculative import NgramProposer
 
     def width(k, *lengths):
         dec = SpeculativeDecoder(NgramProposer(), k)
@@ -298,8 +298,8 @@ def test_sampled_outputs_keep_the_target_distribution(tokenizer, monkeypatch):
     import jax.numpy as jnp
     from scipy import stats
 
-    import jax_infer.spec.decoder as decoder_module
-    import jax_infer.spec.rejection as rejection_module
+    import jax_infer.speculative.decoder as decoder_module
+    import jax_infer.speculative.rejection as rejection_module
 
     # A peaked target (few likely tokens, so the cells are populated) and a draft mixed from
     # it and an unrelated model: acceptance well inside (0, 1).

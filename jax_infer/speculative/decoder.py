@@ -32,8 +32,8 @@ import numpy as np
 
 from jax_infer.attention.metadata import bucket
 from jax_infer.sampling import SamplerFlags, SamplingMetadata
-from jax_infer.spec.proposers import Draft, DraftRow, Proposer
-from jax_infer.spec.rejection import supports_speculation, verify
+from jax_infer.speculative.proposers import Draft, DraftRow, Proposer
+from jax_infer.speculative.rejection import supports_speculation, verify
 
 
 @dataclasses.dataclass
@@ -258,7 +258,7 @@ def make_speculative_decoder(
     target's config (a quantized self-draft) then reads and writes the target's pool instead
     of a pool of its own: no second KV cache, no draft prefill of each prompt.
     """
-    from jax_infer.spec.proposers import DraftModelProposer, NgramProposer
+    from jax_infer.speculative.proposers import DraftModelProposer, NgramProposer
 
     ec = engine_config
     if ec.speculative_method is None:

@@ -35,7 +35,7 @@ from jax_infer.attention import build_metadata, flat_tokens
 from jax_infer.config import ModelConfig
 from jax_infer.model.step import init_paged_cache, paged_forward
 from jax_infer.sampling import SamplerFlags, SamplingMetadata, SamplingParams
-from jax_infer.spec.rejection import target_probs
+from jax_infer.speculative.rejection import target_probs
 
 
 @dataclasses.dataclass

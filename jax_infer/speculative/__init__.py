@@ -1,8 +1,8 @@
 """Speculative decoding: proposers (n-gram prompt lookup, draft model, quantized self-draft),
 the lossless acceptance rule, and the engine-side glue (see decoder.py for one step)."""
 
-from jax_infer.spec.decoder import SpecStats, SpeculativeDecoder, make_speculative_decoder
-from jax_infer.spec.proposers import (
+from jax_infer.speculative.decoder import SpecStats, SpeculativeDecoder, make_speculative_decoder
+from jax_infer.speculative.proposers import (
     Draft,
     DraftModelProposer,
     DraftRow,
@@ -10,7 +10,12 @@ from jax_infer.spec.proposers import (
     Proposer,
     lookup,
 )
-from jax_infer.spec.rejection import rejection_sample, supports_speculation, target_probs, verify
+from jax_infer.speculative.rejection import (
+    rejection_sample,
+    supports_speculation,
+    target_probs,
+    verify,
+)
 
 SPECULATIVE_METHODS = ("ngram", "draft_model")
 
