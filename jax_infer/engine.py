@@ -7,12 +7,13 @@
             print(chunk.request_id, chunk.delta_text)
 
 Each `step()` asks the scheduler what to compute (decodes first, then prefill chunks under
-a token budget), lays the tokens out flat with `attention.build_metadata` (every dimension
-bucketed, so serving compiles a bounded set of programs), runs one jitted `paged_forward`
-over the page pool (donated, updated in place), samples a token for every request whose chunk
-reached its end, applies the stop rules (`outputs.SequenceState`) and reports back to the
-scheduler. A bad request is refused by `add_request` with a ValueError and never reaches the
-batch; aborting frees its pages at once.
+a token budget) and hands the rows to the model runner (`runner.ModelRunner.execute`), which
+lays them out flat (every dimension bucketed, so serving compiles a bounded set of programs),
+runs one jitted step over the page pool and samples a token for every request whose chunk
+reached its end. The engine appends them with the stop rules (`outputs.commit_tokens`, the
+one commit path), reports back to the scheduler and streams `RequestOutput`s. Each request
+is one `scheduler.Request` record. A bad request is refused by `add_request` with a
+ValueError and never reaches the batch; aborting frees its pages at once.
 """
 
 from __future__ import annotations
@@ -20,24 +21,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_infer import sharding
-from jax_infer.attention import BACKENDS, build_metadata, default_backend, flat_tokens
+from jax_infer.attention import BACKENDS, default_backend
 from jax_infer.config import ModelConfig
-from jax_infer.model.step import init_paged_cache, kv_bytes_per_token, paged_forward
-from jax_infer.outputs import RequestOutput, SequenceState, logprob_entry
+from jax_infer.model.step import kv_bytes_per_token
+from jax_infer.outputs import RequestOutput, make_output
 from jax_infer.quant.kv import KV_DTYPES, resolve_kv_cache_dtype
-from jax_infer.sampling import (
-    SamplerFlags,
-    SamplingMetadata,
-    SamplingParams,
-    min_tokens_banned_ids,
-    sample,
-)
+from jax_infer.runner import ModelRunner, StepBatch
+from jax_infer.sampling import SamplingParams
 from jax_infer.scheduler import Request, Scheduler
+from jax_infer.scheduler.request import finish
 from jax_infer.speculative.decoder import make_speculative_decoder
 from jax_infer.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -154,8 +149,28 @@ class EngineConfig:
             )
 
 
+def make_request(
+    request_id: str, text: str | None, ids: list[int], params: SamplingParams, tokenizer, rng
+) -> Request:
+    """The one record of a request checked by `prepare_prompt` (any engine). A request without
+    a seed gets one drawn from `rng` (np.random.Generator), so it is reproducible per engine."""
+    seed = params.seed if params.seed is not None else int(rng.integers(0, 2**32))
+    return Request(
+        request_id,
+        ids,
+        params.max_tokens,
+        sampling_params=params,
+        seed=seed % 2**32,
+        prompt=text,
+        detokenizer=IncrementalDetokenizer(
+            tokenizer, ids, skip_special_tokens=params.skip_special_tokens
+        ),
+        eos_token_ids=frozenset(tokenizer.eos_token_ids),
+    )
+
+
 class LLMEngine:
-    """Owns params and the page pool; turns scheduler output into jitted steps."""
+    """Owns the requests and the scheduler; a `ModelRunner` owns params, pool and the step."""
 
     def __init__(
         self,
@@ -172,13 +187,13 @@ class LLMEngine:
         rules=None,
         draft_model=None,
     ):
-        """mesh: a `sharding.make_mesh` Mesh, or None for one device. With a mesh, params must
-        already be placed (`sharding.shard_params`); the page pool is created split by kv heads
-        over `model` and replicated over `data` (see `sharding.init_sharded_paged_cache`), and
-        each step's inputs are replicated: in this engine `data` adds replicas, not throughput
-        (run one engine per data slice for that; the static engine splits its batch)."""
+        """params: canonical (as loaded, maybe quantized); the runner lays them out for the
+        backend. mesh: a `sharding.make_mesh` Mesh, or None for one device. With a mesh the
+        page pool is split by kv heads over `model` and replicated over `data`, and each
+        step's inputs are replicated: in this engine `data` adds replicas, not throughput
+        (run one engine per data slice for that; the static engine splits its batch).
+        draft_model: (ModelConfig, canonical params) for speculative_method="draft_model"."""
         self.config = config
-        self.params = params
         self.tokenizer = tokenizer
         self.dtype = dtype
         self.max_model_len = max_model_len
@@ -219,23 +234,26 @@ class LLMEngine:
             max_model_len,
         )
         self.mesh = mesh
-        if mesh is None:
-            self.cache = init_paged_cache(config, num_pages, ec.page_size, self.cache_dtype)
-            self._forward = paged_forward
-        else:
-            self.cache = sharding.init_sharded_paged_cache(
-                config, num_pages, ec.page_size, mesh, rules, self.cache_dtype
-            )
-            # Logits are gathered (the sampler reads every row); the pool keeps its sharding.
-            replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-            pool = jax.tree.map(lambda a: a.sharding, self.cache)
-            self._forward = sharding.sharded_step(paged_forward, replicated, pool)
-        self.states: dict[str, SequenceState] = {}
+        self.runner = ModelRunner(
+            config,
+            params,
+            dtype=dtype,
+            backend=self.backend,
+            num_pages=num_pages,
+            page_size=ec.page_size,
+            cache_dtype=self.cache_dtype,
+            max_decode_rows=ec.max_num_seqs,
+            eos_token_ids=tokenizer.eos_token_ids,
+            mesh=mesh,
+            rules=rules,
+        )
+        # Requests not yet reported finished, by id (the scheduler forgets them at finish).
+        self.requests: dict[str, Request] = {}
         self._rng = np.random.default_rng(seed)
         self._next_id = 0
         self.num_steps = 0
         self.num_preemptions = 0
-        # Speculative decoding (speculative/decoder.py), or None. draft_model: (ModelConfig, params).
+        # Speculative decoding (speculative/decoder.py), or None.
         self.spec = make_speculative_decoder(
             ec,
             config,
@@ -243,9 +261,19 @@ class LLMEngine:
             dtype=self.dtype,
             backend=self.backend,
             draft_model=draft_model,
-            # One device: a self-draft shares the page pool (a sharded pool stays the engine's).
-            cache_owner=self if mesh is None else None,
+            # One device: a self-draft may share the page pool (a sharded pool may not).
+            share_pool=mesh is None,
         )
+
+    @property
+    def params(self):
+        """The params in the runner's layout."""
+        return self.runner.params
+
+    @property
+    def cache(self):
+        """The page pool (the runner's)."""
+        return self.runner.pool
 
     # -- requests ----------------------------------------------------------------------
 
@@ -267,17 +295,11 @@ class LLMEngine:
         if request_id is None:
             request_id = f"req-{self._next_id}"
             self._next_id += 1
-        if request_id in self.states:
+        if request_id in self.requests:
             raise ValueError(f"request_id={request_id!r} is already in use")
-        seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**32))
-        detok = IncrementalDetokenizer(
-            self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens
-        )
-        state = SequenceState(
-            request_id, text, ids, params, seed % 2**32, detok, self.tokenizer.eos_token_ids
-        )
-        self.scheduler.add_request(Request(request_id, ids, params.max_tokens, payload=state))
-        self.states[request_id] = state
+        req = make_request(request_id, text, ids, params, self.tokenizer, self._rng)
+        self.scheduler.add_request(req)
+        self.requests[request_id] = req
         return request_id
 
     def abort(self, request_id: str) -> bool:
@@ -285,36 +307,30 @@ class LLMEngine:
         return self.scheduler.abort(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.states)
+        return bool(self.requests)
 
     # -- one step ----------------------------------------------------------------------
 
-    def _end(self, request_id: str, reason: str, error: str | None = None) -> RequestOutput | None:
-        state = self.states.pop(request_id, None)
-        if state is None:
-            return None
-        if not state.finished:
-            state.finish(reason, error=error)
-        return state.chunk()
-
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled step; returns a chunk for every request that changed."""
+        """Run one scheduled step; returns an output for every request that changed."""
         lookahead = None
         if self.spec is not None:
-            lookahead = self.spec.lookahead(self.states, self.scheduler.num_running())
+            lookahead = self.spec.lookahead(self.requests.values(), self.scheduler.num_running())
         out = self.scheduler.schedule(lookahead)
         outputs = []
         # Aborted requests, and requests the scheduler found can never fit (errors).
         for req in self.scheduler.pop_finished():
-            chunk = self._end(req.request_id, req.status.finish_reason or "error", req.error)
-            if chunk is not None:
-                outputs.append(chunk)
+            if self.requests.pop(req.request_id, None) is not None:
+                finish(req)
+                outputs.append(make_output(req))
         self.num_preemptions += len(out.preempted)
         if out.is_empty:
             return outputs
         self.num_steps += 1
         scheduled = out.scheduled
-        drafts = self.spec.propose(out, self.states) if self.spec is not None else {}
+        drafts = {}
+        if self.spec is not None:
+            drafts, self.runner.pool = self.spec.propose(out, self.runner.pool)
         rows = [
             s.token_ids + (drafts[s.request_id].token_ids if s.request_id in drafts else [])
             for s in scheduled
@@ -326,100 +342,39 @@ class LLMEngine:
         if drafts:
             chunk = any(len(s.token_ids) > 1 for s in scheduled)
             per_row = self.spec.verify_width(drafts, with_prompt_chunk=chunk)
-        meta, order, offsets = build_metadata(
-            [s.start for s in scheduled],
-            [len(r) for r in rows],
-            [s.block_table for s in scheduled],
-            self.engine_config.page_size,
-            max_decode_rows=self.engine_config.max_num_seqs,
+        batch = StepBatch(
+            starts=[s.start for s in scheduled],
+            rows=rows,
+            block_tables=[s.block_table for s in scheduled],
+            sample=[
+                s.request if s.sample and s.request_id not in drafts else None for s in scheduled
+            ],
             logits_per_row=per_row,
             min_chunk=per_row or 32,
         )
-        tokens = flat_tokens(meta, rows, offsets)
-        logits, self.cache = self._forward(
-            self.params,
-            tokens,  # numpy: the jitted call transfers it (cheaper than jnp.asarray each)
-            meta,
-            self.cache,
-            config=self.config,
-            dtype=self.dtype,
-            backend=self.backend,
-        )
+        result = self.runner.execute(batch)
+        sampled: dict[str, list[int]] = {}
+        logprobs: dict[str, list] = {}
+        for s, token, entry in zip(scheduled, result.tokens, result.logprobs):
+            if token is not None:
+                sampled[s.request_id], logprobs[s.request_id] = [token], [entry]
         if drafts:
-            sampled, finished = self._sample(logits[:, -1], scheduled, order, outputs, drafts)
-            spec_sampled, spec_finished = self.spec.verify(
-                logits, scheduled, order, drafts, self.states, outputs, self.max_model_len
+            verified = self.spec.verify(result.logits, result.order, scheduled, drafts)
+            sampled.update(verified)
+            before = {rid: self.requests[rid].num_output_tokens for rid in verified}
+        self.scheduler.update(out, sampled, logprobs=logprobs)
+        if drafts:
+            self.spec.stats.num_emitted_tokens += sum(
+                self.requests[rid].num_output_tokens - n for rid, n in before.items()
             )
-            sampled.update(spec_sampled)
-            finished.update(spec_finished)
-        else:
-            sampled, finished = self._sample(logits, scheduled, order, outputs)
-        for req in self.scheduler.update(out, sampled, finished):
-            chunk = self._end(req.request_id, req.status.finish_reason or "length", req.error)
-            if chunk is not None and req.request_id not in finished:
-                outputs.append(chunk)
+        for rid in sampled:
+            req = self.requests[rid]
+            if req.is_finished:
+                del self.requests[rid]
+            outputs.append(make_output(req))
         if self.spec is not None:
             self.spec.synced(self.scheduler)
         return outputs
-
-    def _sample(self, logits, scheduled, order, outputs, skip=()):
-        """Sample for rows whose chunk reached the end of their known tokens (except the
-        request ids in `skip`: speculative rows, verified by self.spec)."""
-        rows = len(order)
-        row_params: list[SamplingParams | None] = [None] * rows
-        seeds, steps = [0] * rows, [0] * rows
-        states: list[SequenceState | None] = [None] * rows
-        for r, i in enumerate(order):
-            if i >= 0 and scheduled[i].sample and scheduled[i].request_id not in skip:
-                st = self.states[scheduled[i].request_id]
-                states[r], row_params[r] = st, st.params
-                seeds[r], steps[r] = st.seed, len(st.out_ids)
-        if all(st is None for st in states):  # e.g. every row verifies drafts this step
-            return {}, {}
-        flags = SamplerFlags.for_batch(row_params)
-        vocab = self.config.vocab_size
-        if flags.use_penalties:
-            counts = np.zeros((rows, vocab), np.int32)
-            prompt_mask = np.zeros((rows, vocab), bool)
-            for r, st in enumerate(states):
-                if st is not None:
-                    np.add.at(counts[r], st.out_ids, 1)
-                    prompt_mask[r, st.prompt_ids] = True
-        else:
-            counts = np.zeros((rows, 1), np.int32)
-            prompt_mask = np.zeros((rows, 1), bool)
-        num_generated = [len(st.out_ids) if st is not None else 0 for st in states]
-        eos = sorted(self.tokenizer.eos_token_ids)
-        banned = min_tokens_banned_ids(row_params, num_generated, eos, rows)
-        res = sample(
-            logits,
-            SamplingMetadata.build(row_params, seeds, steps, rows),
-            jnp.asarray(counts),
-            jnp.asarray(prompt_mask),
-            flags=flags,
-            banned_ids=None if banned is None else jnp.asarray(banned),
-        )
-        token_ids = np.asarray(res.token_ids)
-        lp_rows = None
-        if flags.num_logprobs >= 0:
-            lp_rows = (
-                np.asarray(res.logprob),
-                np.asarray(res.top_ids),
-                np.asarray(res.top_logprobs),
-            )
-        sampled: dict[str, list[int]] = {}
-        finished: dict[str, str] = {}
-        for r, st in enumerate(states):
-            if st is None:
-                continue
-            tok = int(token_ids[r])
-            st.append(tok, logprob_entry(tok, st.params.logprobs, r, lp_rows), self.max_model_len)
-            sampled[st.request_id] = [tok]
-            if st.finished:
-                finished[st.request_id] = st.finish_reason
-                del self.states[st.request_id]
-            outputs.append(st.chunk())
-        return sampled, finished
 
     # -- introspection -------------------------------------------------------------------
 

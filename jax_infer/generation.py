@@ -23,8 +23,9 @@ from jax_infer.attention.paged import default_backend
 from jax_infer.config import ModelConfig
 from jax_infer.model.llama import init_cache
 from jax_infer.model.step import bucket, forward
-from jax_infer.outputs import RequestOutput, SequenceState, logprob_entry
+from jax_infer.outputs import RequestOutput, logprob_entry, make_output
 from jax_infer.quant import kernels
+from jax_infer.runner import backend_params
 from jax_infer.sampling import (
     SamplerFlags,
     SamplingMetadata,
@@ -32,6 +33,7 @@ from jax_infer.sampling import (
     sample,
     update_output_counts,
 )
+from jax_infer.scheduler.request import Request, commit_tokens
 from jax_infer.tokenizer import Tokenizer
 
 
@@ -56,15 +58,15 @@ class StaticBatchGenerator:
         rules=None,
         attention_backend: str | None = None,
     ):
-        """mesh: None, or a `sharding.make_mesh` Mesh over which params are already placed;
-        the batch (rows of tokens and cache) is then split over `data` where the padded
+        """params: canonical (as loaded), laid out here like the paged engine's
+        (`runner.backend_params`). mesh: None, or a `sharding.make_mesh` Mesh; the batch (rows of tokens and cache) is then split over `data` where the padded
         batch size divides it, kv heads over `model`.
 
         attention_backend: as the paged engine's (None: the platform default). "cpu" (the
         default on a CPU without a mesh) attends with the C++ kernel where the cache is
         float32 of a supported head shape; anything else with the jnp `attend`."""
         self.config = config
-        self.params = params
+        self.params = backend_params(params, config, mesh, rules)
         self.tokenizer = tokenizer
         self.dtype = dtype
         self.cache_dtype = cache_dtype or dtype
@@ -90,13 +92,13 @@ class StaticBatchGenerator:
 
     # -- one batch ---------------------------------------------------------------------
 
-    def run(self, seqs: list[SequenceState]) -> Iterator[RequestOutput]:
+    def run(self, seqs: list[Request]) -> Iterator[RequestOutput]:
         """Prefill then decode `seqs` together; yields a chunk per sequence per step."""
         n = len(seqs)
         b = bucket(n, 1)
-        lens = [len(s.prompt_ids) for s in seqs]
+        lens = [s.num_prompt_tokens for s in seqs]
         t = min(bucket(max(lens), self.min_prompt_bucket), bucket(self.max_model_len, 1))
-        total = max(len_ + s.params.max_tokens for len_, s in zip(lens, seqs))
+        total = max(len_ + s.max_tokens for len_, s in zip(lens, seqs))
         cache_len = bucket(max(t, total), 64)
         if self.mesh is None:
             cache = init_cache(self.config, b, cache_len, self.cache_dtype)
@@ -105,13 +107,13 @@ class StaticBatchGenerator:
                 self.config, b, cache_len, self.mesh, self.rules, self.cache_dtype
             )
 
-        params_list = [s.params for s in seqs]
+        params_list = [s.sampling_params for s in seqs]
         flags = SamplerFlags.for_batch(params_list)
         vocab = self.config.vocab_size
         if flags.use_penalties:
             prompt_mask = np.zeros((b, vocab), bool)
             for i, s in enumerate(seqs):
-                prompt_mask[i, s.prompt_ids] = True
+                prompt_mask[i, s.prompt_token_ids] = True
             prompt_mask = jnp.asarray(prompt_mask)
             counts = jnp.zeros((b, vocab), jnp.int32)
         else:
@@ -120,7 +122,7 @@ class StaticBatchGenerator:
 
         tokens = np.zeros((b, t), np.int32)
         for i, s in enumerate(seqs):
-            tokens[i, : lens[i]] = s.prompt_ids
+            tokens[i, : lens[i]] = s.prompt_token_ids
         start = np.zeros(b, np.int32)
         num_valid = np.array(_pad_rows(lens, b, 1), np.int32)
         logits, cache = forward(
@@ -137,10 +139,10 @@ class StaticBatchGenerator:
         positions = np.array(_pad_rows(lens, b, 0), np.int32)  # next cache slot per row
         while True:
             meta = SamplingMetadata.build(
-                params_list, [s.seed for s in seqs], [len(s.out_ids) for s in seqs], b
+                params_list, [s.seed for s in seqs], [s.num_output_tokens for s in seqs], b
             )
             banned = min_tokens_banned_ids(
-                params_list, [len(s.out_ids) for s in seqs], self.eos_ids, b
+                params_list, [s.num_output_tokens for s in seqs], self.eos_ids, b
             )
             out = sample(
                 logits,
@@ -152,7 +154,7 @@ class StaticBatchGenerator:
             )
             token_ids = np.asarray(out.token_ids)
             if flags.use_penalties:
-                active = np.array(_pad_rows([not s.finished for s in seqs], b, False))
+                active = np.array(_pad_rows([not s.is_finished for s in seqs], b, False))
                 counts = update_output_counts(counts, out.token_ids, jnp.asarray(active))
             logprob_rows = None
             if flags.num_logprobs >= 0:
@@ -162,16 +164,13 @@ class StaticBatchGenerator:
                     np.asarray(out.top_logprobs),
                 )
             for i, s in enumerate(seqs):
-                if s.finished:
+                if s.is_finished:
                     continue
                 token = int(token_ids[i])
-                s.append(
-                    token,
-                    logprob_entry(token, s.params.logprobs, i, logprob_rows),
-                    self.max_model_len,
-                )
-                yield s.chunk()
-            if all(s.finished for s in seqs):
+                entry = logprob_entry(token, s.sampling_params.logprobs, i, logprob_rows)
+                commit_tokens(s, [token], self.max_model_len, [entry])
+                yield make_output(s)
+            if all(s.is_finished for s in seqs):
                 return
             # Finished rows stay where they are (their writes land in their own dead slot),
             # so no row ever writes past the cache.
@@ -179,7 +178,7 @@ class StaticBatchGenerator:
             step_tokens[:n, 0] = token_ids[:n]
             step_start = positions.copy()
             for i, s in enumerate(seqs):
-                if not s.finished:
+                if not s.is_finished:
                     positions[i] += 1
                 else:
                     step_start[i] = max(positions[i] - 1, 0)

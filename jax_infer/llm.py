@@ -13,6 +13,7 @@ benchmark compares against.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Iterator, Sequence
 
@@ -21,14 +22,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_infer import sharding, weights
-from jax_infer.engine import EngineConfig, LLMEngine, prepare_prompt
+from jax_infer.engine import EngineConfig, LLMEngine, make_request, prepare_prompt
 from jax_infer.generation import StaticBatchGenerator
-from jax_infer.model.llama import untie_lm_head
-from jax_infer.outputs import RequestOutput, SequenceState
-from jax_infer.quant.transform import tile_f32_params, untile_f32_params
+from jax_infer.outputs import RequestOutput
+from jax_infer.quant import quantize
+from jax_infer.runner import canonical_params
 from jax_infer.sampling import SamplingParams
+from jax_infer.scheduler.request import Request
 from jax_infer.speculative import config as spec_config
-from jax_infer.tokenizer import IncrementalDetokenizer, Tokenizer
+from jax_infer.tokenizer import Tokenizer
 
 DTYPES = {
     "float32": jnp.float32,
@@ -37,6 +39,10 @@ DTYPES = {
     "bf16": jnp.bfloat16,
 }
 ENGINES = ("continuous", "static")
+# Engine knobs LLM passes through to EngineConfig (whose fields hold their one default).
+ENGINE_OPTIONS = frozenset(f.name for f in dataclasses.fields(EngineConfig)) - set(
+    spec_config.ENGINE_FIELDS
+)
 
 
 def resolve_dtype(dtype) -> jnp.dtype:
@@ -79,22 +85,26 @@ class LLM:
     model: a name (`smollm2-135m`), a .gguf file, an HF directory or an orbax checkpoint dir.
     dtype: "float32" or "bfloat16" (weights and activations; softmax and norms run in f32).
     max_model_len: longest prompt + completion accepted (default: the model's, capped at 4096).
+
+    Engine options are keywords passed to `EngineConfig`, where each default is written once:
     max_num_seqs: most requests in one step (a batch, for the static engine).
     max_num_batched_tokens: token budget of one step (chunked prefill splits longer prompts).
     max_num_partial_prefills: most prompt chunks in one step (None: as many as the token budget
         holds); see `EngineConfig`.
     page_size, kv_cache_gb, num_pages: the paged KV cache (num_pages overrides kv_cache_gb).
     enable_prefix_caching: share the KV pages of identical prompt prefixes.
+    kv_cache_dtype: "auto" (the model dtype), "float32", "bfloat16" or "int8" (per-token,
+        per-head scales; about 1.9x the tokens of bf16 in the same kv_cache_gb).
     attention_backend: "reference", "xla", "cpu" or "pallas" (default: pallas on TPU/GPU; on
         CPU "cpu", C++ kernels for decode and prefill rows, or "xla" with a mesh or where the
         kernels cannot be built). The static engine uses the kernels under "cpu" and the jnp
         attention otherwise.
+    long_prefill_chunk: cap on one prompt chunk's tokens (None: the token budget).
+
     engine: "continuous" (default) or "static".
     seed: seeds the per-request seeds drawn for requests that set none.
     quantization: None, or a scheme name for `jax_infer.quant.quantize` ("int8", "int4", ...),
         applied on load.
-    kv_cache_dtype: "auto" (the model dtype), "float32", "bfloat16" or "int8" (per-token,
-        per-head scales; about 1.9x the tokens of bf16 in the same kv_cache_gb).
     mesh: None (one device), a `sharding.make_mesh` Mesh, or (data, model) sizes for one. Params
         are placed by `sharding_rules` (loaded straight into their shards from HF safetensors
         and GGUF), the KV cache is split by kv heads; the continuous engine replicates each
@@ -112,25 +122,23 @@ class LLM:
         *,
         dtype="float32",
         max_model_len: int | None = None,
-        max_num_seqs: int = 32,
-        max_num_batched_tokens: int = 512,
-        max_num_partial_prefills: int | None = 1,
-        page_size: int = 16,
-        kv_cache_gb: float = 1.0,
-        num_pages: int | None = None,
-        enable_prefix_caching: bool = True,
-        attention_backend: str | None = None,
         engine: str = "continuous",
         seed: int = 0,
         quantization: str | None = None,
-        kv_cache_dtype: str = "auto",
         progress: bool = True,
         mesh=None,
         sharding_rules=None,
         speculative_config=None,
+        **engine_options,
     ):
         if engine not in ENGINES:
             raise ValueError(f"engine={engine!r} is not one of {ENGINES}")
+        unknown = sorted(set(engine_options) - ENGINE_OPTIONS)
+        if unknown:
+            raise ValueError(
+                f"LLM got unknown argument(s) {unknown}: allowed engine options are "
+                f"{sorted(ENGINE_OPTIONS)} (EngineConfig fields)"
+            )
         spec = spec_config.normalize(speculative_config)
         if spec is not None and (engine != "continuous" or mesh is not None):
             raise ValueError(
@@ -145,32 +153,8 @@ class LLM:
         )
         params = jax.tree.map(self._cast_float, params)
         if quantization is not None:
-            try:
-                from jax_infer.quant import quantize
-            except ImportError as e:
-                raise ValueError(
-                    f"quantization={quantization!r} is not available: jax_infer.quant is not "
-                    "part of this build; use quantization=None"
-                ) from e
             params = quantize(params, quantization)
         self.config = config
-        self._loaded_params = params
-        self._untied = False  # whether params["lm_head"] is a copy added below
-        if jax.default_backend() == "cpu":
-            had_head = "lm_head" in params
-            params = untie_lm_head(params, config)
-            self._untied = not had_head and "lm_head" in params
-            if mesh is None:
-                # f32 projections in the column tiles of the CPU's f32 kernel (lossless). The
-                # loaded layout is rebuilt when needed (`_saved_params`), not kept beside them.
-                params = tile_f32_params(params)
-                if params is not self._loaded_params:
-                    self._loaded_params = None
-        if mesh is not None:
-            # A no-op for leaves already loaded in place; quantized and derived leaves
-            # (lm_head) move to their rule's sharding.
-            params = sharding.shard_params(params, config, mesh, sharding_rules)
-        self.params = params
         self.model_path = path
         self.tokenizer = load_tokenizer(fmt, path, reader)
         if max_model_len is None:
@@ -186,17 +170,9 @@ class LLM:
             )
         self.max_model_len = max_model_len
         self.engine_config = EngineConfig(
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            max_num_partial_prefills=max_num_partial_prefills,
-            page_size=page_size,
-            kv_cache_gb=kv_cache_gb,
-            num_pages=num_pages,
-            enable_prefix_caching=enable_prefix_caching,
-            attention_backend=attention_backend,
-            kv_cache_dtype=kv_cache_dtype,
-            **(spec_config.engine_fields(spec) if spec else {}),
+            **engine_options, **(spec_config.engine_fields(spec) if spec else {})
         )
+        kv_cache_dtype = self.engine_config.kv_cache_dtype
         if engine == "static" and kv_cache_dtype not in ("auto", str(self.dtype)):
             raise ValueError(
                 f"kv_cache_dtype={kv_cache_dtype!r} needs engine='continuous' (the paged "
@@ -205,7 +181,10 @@ class LLM:
         self.engine_kind = engine
         self._rng = np.random.default_rng(seed)
         self._ids = itertools.count()
+        # The engine's runner (or the static generator) lays the params out for the backend
+        # and keeps only that copy; `params` rebuilds the canonical ones when asked.
         if engine == "continuous":
+            draft = self._draft_model(spec, params, progress)
             self.engine = LLMEngine(
                 config,
                 params,
@@ -216,7 +195,7 @@ class LLM:
                 seed=seed,
                 mesh=mesh,
                 rules=sharding_rules,
-                draft_model=self._draft_model(spec, progress),
+                draft_model=draft,
             )
         else:
             self.generator = StaticBatchGenerator(
@@ -227,36 +206,33 @@ class LLM:
                 max_model_len,
                 mesh=mesh,
                 rules=sharding_rules,
-                attention_backend=attention_backend,
+                attention_backend=self.engine_config.attention_backend,
             )
 
-    def _draft_model(self, spec, progress):
-        """(config, params) of the draft for speculative_config, or None."""
+    def _draft_model(self, spec, params, progress):
+        """(config, canonical params) of the draft for speculative_config, or None."""
         if spec is None or spec["method"] != "draft_model":
             return None
         if spec["model"] is None:  # self-draft: the target's weights, quantized
-            config, params = self.config, self._saved_params
+            config = self.config
         else:
             config, params, *_ = weights.load(spec["model"], self.dtype, progress)
             params = jax.tree.map(self._cast_float, params)
         if spec["quantization"] is not None:
-            from jax_infer.quant import quantize
-
             params = quantize(params, spec["quantization"])
-        if jax.default_backend() == "cpu":
-            params = tile_f32_params(untie_lm_head(params, config))
         return config, params
 
     @property
-    def _saved_params(self):
+    def params(self):
+        """The params in the layout the model runs on this backend (`runner.backend_params`):
+        what to pass to a model function or another engine (laying them out again is a
+        no-op)."""
+        return self.engine.params if self.engine_kind == "continuous" else self.generator.params
+
+    def canonical_params(self):
         """The params as loaded (and quantized): what `save` writes and a self-draft starts
-        from. Rebuilt from `params` where those hold the f32 matrices in column tiles."""
-        if self._loaded_params is not None:
-            return self._loaded_params
-        params = untile_f32_params(self.params)
-        if self._untied:
-            params = {k: v for k, v in params.items() if k != "lm_head"}
-        return params
+        from, rebuilt from the runner's layout on each call (only that copy is kept)."""
+        return canonical_params(self.params, self.config)
 
     def _cast_float(self, leaf):
         # Only float leaves follow `dtype`: integer leaves are quantized values.
@@ -270,7 +246,7 @@ class LLM:
     def save(self, path: str) -> None:
         """Write an orbax checkpoint (params, config, tokenizer): `LLM(model=path)` restores it
         without touching the original weights file."""
-        weights.save_orbax(path, self._saved_params, self.config, tokenizer=self.tokenizer)
+        weights.save_orbax(path, self.canonical_params(), self.config, tokenizer=self.tokenizer)
 
     # -- requests ----------------------------------------------------------------------
 
@@ -304,31 +280,17 @@ class LLM:
             out.append((text, ids, params))
         return out
 
-    def _static_sequences(self, requests) -> list[SequenceState]:
-        seqs = []
-        for text, ids, params in requests:
-            seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**32))
-            detok = IncrementalDetokenizer(
-                self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens
-            )
-            seqs.append(
-                SequenceState(
-                    str(next(self._ids)),
-                    text,
-                    ids,
-                    params,
-                    seed % 2**32,
-                    detok,
-                    self.tokenizer.eos_token_ids,
-                )
-            )
-        return seqs
+    def _static_requests(self, requests) -> list[Request]:
+        return [
+            make_request(str(next(self._ids)), text, ids, params, self.tokenizer, self._rng)
+            for text, ids, params in requests
+        ]
 
     # -- generation --------------------------------------------------------------------
 
     def _run(self, requests) -> tuple[list[str], Iterator[RequestOutput]]:
         if self.engine_kind == "static":
-            seqs = self._static_sequences(requests)
+            seqs = self._static_requests(requests)
             size = self.engine_config.max_num_seqs
 
             def chunks():

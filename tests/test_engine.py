@@ -8,11 +8,9 @@ import numpy as np
 import pytest
 
 from jax_infer import SamplingParams
-from jax_infer.engine import EngineConfig, LLMEngine
+from jax_infer.engine import EngineConfig, LLMEngine, make_request
 from jax_infer.generation import StaticBatchGenerator
 from jax_infer.model.step import paged_forward
-from jax_infer.outputs import SequenceState
-from jax_infer.tokenizer import IncrementalDetokenizer
 
 pytestmark = pytest.mark.real_model
 
@@ -55,11 +53,10 @@ def reference(smollm2, tok_prompts):
     assert not gen.native_attention
     outs = []
     for i, ids in enumerate(tok_prompts):
-        detok = IncrementalDetokenizer(smollm2.tokenizer, ids)
-        seq = SequenceState(str(i), None, ids, GREEDY, 0, detok, smollm2.tokenizer.eos_token_ids)
+        seq = make_request(str(i), None, ids, GREEDY, smollm2.tokenizer, np.random.default_rng(0))
         for _ in gen.run([seq]):
             pass
-        outs.append(seq.out_ids)
+        outs.append(seq.output_token_ids)
     return outs
 
 

@@ -102,7 +102,7 @@ class OracleProposer:
         self.truth = {tuple(p): r for p, r in zip(prompts, reference)}
         self.rng = np.random.default_rng(seed)
 
-    def propose(self, rows):
+    def propose(self, rows, pool):
         out = []
         for r in rows:
             for prompt, ref in self.truth.items():
@@ -112,7 +112,7 @@ class OracleProposer:
                     break
             toks = [t if self.rng.random() < 0.75 else (t + 1) % VOCAB for t in toks]
             out.append(Draft(toks[: self.rng.integers(0, r.num_drafts + 1)]))
-        return out
+        return out, pool
 
     def verified(self, request_id, num_valid):
         pass
@@ -197,7 +197,7 @@ def test_draft_model_greedy_identical(tokenizer, params, prompts, reference, dra
     eng = draft_engine(tokenizer, params, draft_model)
     # A draft with the target's config attends over the target's page pool (no pool of its
     # own); with the target's weights it must then still agree on every draft.
-    assert eng.spec.proposer.cache_owner is eng and not hasattr(eng.spec.proposer, "cache")
+    assert eng.spec.proposer.shares_pool and not hasattr(eng.spec.proposer, "cache")
     got, _ = run(eng, prompts, GREEDY)
     assert got == reference
     s = eng.stats()["speculative"]
@@ -214,7 +214,7 @@ def test_draft_of_another_shape_keeps_its_own_pool(tokenizer, params, prompts, r
     on each prompt itself, and the outputs are still the target's."""
     small = dataclasses.replace(CONFIG, num_layers=1)
     eng = draft_engine(tokenizer, params, (small, init_params(small, seed=3)))
-    assert eng.spec.proposer.cache_owner is None
+    assert not eng.spec.proposer.shares_pool
     assert len(eng.spec.proposer.cache) == 1
     got, _ = run(eng, prompts, GREEDY)
     assert got == reference
@@ -228,7 +228,7 @@ def test_layer_pruned_self_draft_greedy_identical(tokenizer, params, prompts, re
 
     draft_params, draft_config = remove_layers(params, CONFIG, [1])
     eng = draft_engine(tokenizer, params, (draft_config, draft_params))
-    assert eng.spec.proposer.cache_owner is None and len(eng.spec.proposer.cache) == 1
+    assert not eng.spec.proposer.shares_pool and len(eng.spec.proposer.cache) == 1
     got, _ = run(eng, prompts, GREEDY)
     assert got == reference
     assert eng.stats()["speculative"]["num_verify_rows"] > 0

@@ -197,7 +197,7 @@ def test_ngram_proposer_matches_brute_force(seq, k, max_n, data):
 
     min_n = data.draw(st.integers(1, max_n))
     row = DraftRow("r", list(seq), k, [], None, 0, 0)
-    got = NgramProposer(max_n, min_n).propose([row])[0].token_ids
+    got = NgramProposer(max_n, min_n).propose([row])[0][0].token_ids
     assert got == brute_force_draft(list(seq), k, max_n, min_n)
 
 
@@ -212,7 +212,7 @@ def test_ngram_draft_length_grows_with_the_match():
     for n, want in [(1, 2), (2, 4), (3, 8), (4, 12)]:
         seq = text + [99] * (5 - n) + text[:n]  # the last n tokens match text[:n] only
         row = DraftRow("r", seq, 12, [], None, 0, 0)
-        assert prop.propose([row])[0].token_ids == text[n : n + want], n
+        assert prop.propose([row])[0][0].token_ids == text[n : n + want], n
     # Token 5 was followed by 6 twice and by 7 once (the latest): the majority wins.
     seq = [5, 6, 1, 5, 6, 2, 5, 7, 3, 5]
-    assert prop.propose([DraftRow("r", seq, 12, [], None, 0, 0)])[0].token_ids == [6, 2]
+    assert prop.propose([DraftRow("r", seq, 12, [], None, 0, 0)])[0][0].token_ids == [6, 2]

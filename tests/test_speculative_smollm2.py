@@ -69,7 +69,7 @@ def test_self_draft_int4_identical(smollm2, prompts, reference):
     # Eight of the prompts (one batch of 8 seats) keep this within CI's time budget; the
     # int4 self-draft on all 16 prompts, batched and single, runs on the tiny model
     # (test_spec_engine.py).
-    draft = (smollm2.config, quantize(smollm2._saved_params, "int4+embed"))
+    draft = (smollm2.config, quantize(smollm2.canonical_params(), "int4+embed"))
     eng = make(
         smollm2, 8, draft_model=draft, speculative_method="draft_model", num_speculative_tokens=3
     )

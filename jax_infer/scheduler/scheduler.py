@@ -33,7 +33,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 
 from jax_infer.scheduler.allocator import PageAllocator, page_hashes
-from jax_infer.scheduler.request import FINISH_REASONS, Request, RequestStatus
+from jax_infer.scheduler.request import FINISH_REASONS, Request, RequestStatus, commit_tokens
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -205,7 +205,9 @@ class Scheduler:
         return self._requests.get(request_id)
 
     def _finish(self, req: Request, status: RequestStatus, error: str | None = None) -> None:
-        if req.status is RequestStatus.RUNNING:
+        # The status may already say finished (set by outputs.commit_tokens): where the
+        # request sits is told by its pages-or-queue state, not by its status.
+        if any(r is req for r in self._running):
             self._running.remove(req)
         else:
             self._waiting.remove(req)
@@ -305,7 +307,7 @@ class Scheduler:
         """Draft slots a decode of `req` may reserve: at most `wanted`, what the token budget
         leaves after the decode itself, and what max_tokens leaves after the bonus token (which
         also keeps every written position below max_model_len); 0 when pages are short."""
-        room = req.max_tokens - len(req.output_token_ids) - 1
+        room = req.room(self.max_model_len) - 1
         k = max(0, min(wanted, budget - 1, room))
         if k and not self._grow(req, req.num_tokens + k):
             k = 0  # never preempt for a draft: the decode proceeds without one
@@ -400,16 +402,20 @@ class Scheduler:
         output: SchedulerOutput,
         sampled: Mapping[str, Sequence[int]],
         finished: Mapping[str, str] | None = None,
+        logprobs: Mapping[str, Sequence[dict | None]] | None = None,
     ) -> list[Request]:
         """Advance the requests of `output` after the model step; returns those that finished.
 
         `sampled` maps each request whose ScheduledRequest.sample was set to its new
-        token(s) (may be omitted for a request also in `finished`); tokens past
-        max_tokens are dropped. `finished` maps request ids to "stop", "length",
-        "abort" or "error" as decided by the engine; requests reaching max_tokens
-        are finished with "length" here. Requests aborted since schedule() are skipped.
+        token(s) (may be omitted for a request also in `finished`), appended through
+        `commit_tokens` (with `logprobs[rid]`, one entry per token, where given): a stop
+        rule ends the request there and drops the tokens after it, reaching max_tokens or
+        max_model_len finishes it with "length". `finished` maps request ids to "stop",
+        "length", "abort" or "error" as decided by the engine outside the tokens (e.g. a
+        failure). Requests aborted since schedule() are skipped.
         """
         finished = dict(finished or {})
+        logprobs = logprobs or {}
         if output.scheduled and output is not self._pending:
             raise ValueError("update() takes the output of the latest schedule(), once")
         by_id = {sr.request_id: sr for sr in output.scheduled}
@@ -444,18 +450,16 @@ class Scheduler:
             if req.status is not RequestStatus.RUNNING:
                 continue  # aborted after schedule(); its pages are already free
             assert req.num_computed_tokens == sr.start, "request advanced outside update()"
-            new_tokens = list(sampled.get(sr.request_id, ())) if sr.sample else []
-            if sr.sample:
-                room = min(
-                    req.max_tokens - len(req.output_token_ids),
-                    self.max_model_len - req.num_tokens,
+            new = 0
+            if sr.sample and sampled.get(sr.request_id):
+                new = commit_tokens(
+                    req, sampled[sr.request_id], self.max_model_len, logprobs.get(sr.request_id)
                 )
-                req.output_token_ids.extend(new_tokens[:room])
             end = sr.end
             if sr.num_lookahead:
                 # Verified drafts: the accepted ones (all new tokens but the last) were
                 # computed; the rest of the step's K/V is overwritten by later steps.
-                end = min(sr.start + max(1, len(new_tokens)), req.num_tokens - 1)
+                end = min(sr.start + max(1, new), req.num_tokens - 1)
             req.num_computed_tokens = end
             self._register_full_pages(req, sr.start, end)
             if sr.num_lookahead:
@@ -465,11 +469,10 @@ class Scheduler:
                     self.allocator.free(reversed(req.block_table[keep:]))
                     del req.block_table[keep:]
             reason = finished.pop(sr.request_id, None)
-            if reason is None and (
-                len(req.output_token_ids) >= req.max_tokens or req.num_tokens >= self.max_model_len
-            ):
-                reason = "length"
-            if reason is not None:
+            if req.is_finished:  # a stop rule or the length limit, in commit_tokens
+                self._finish(req, req.status)
+                done.append(req)
+            elif reason is not None:
                 self._finish_with(req, reason)
                 done.append(req)
         for rid, reason in finished.items():  # unscheduled requests the engine ends

@@ -7,13 +7,15 @@ One engine step with speculation:
    draft slots (none when more than `disable_by_batch_size` requests run: a large batch
    already uses the weights it reads, and verifying k+1 tokens per row no longer pays).
 2. The scheduler reserves pages for the decodes it runs (`ScheduledRequest.num_lookahead`).
-3. `propose()`: the proposer drafts up to num_lookahead tokens per decode; the engine appends
+3. `propose()`: the proposer drafts up to num_lookahead tokens per decode (the engine lends it
+   the target's page pool and takes it back: a self-draft attends over it); the engine appends
    them to the row, which becomes a (n+1)-token row of the same ragged step, and asks for the
    logits of each row's last W tokens (`build_metadata(logits_per_row=W)`, W from
    `verify_width`: the longest draft + 1, bucketed).
 4. `verify()`: the modified rejection sampling (rejection.py) keeps a prefix of the drafts plus
-   one token; they are appended one by one through `SequenceState.append`, so eos, stop tokens,
-   stop strings and max_tokens cut the accepted run exactly where plain decoding would stop.
+   one token and returns them; the engine appends them through `outputs.commit_tokens`, so
+   eos, stop tokens, stop strings and max_tokens cut the accepted run exactly where plain
+   decoding would stop.
 5. The scheduler advances num_computed_tokens past the accepted drafts only (rejected drafts'
    K/V is overwritten later) and `synced()` tells the proposer how far its own cache is valid.
 
@@ -25,6 +27,7 @@ step, from the same logits.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +35,13 @@ import numpy as np
 
 from jax_infer.attention.metadata import bucket
 from jax_infer.sampling import SamplerFlags, SamplingMetadata
-from jax_infer.speculative.proposers import Draft, DraftRow, Proposer
+from jax_infer.speculative.proposers import (
+    Draft,
+    DraftModelProposer,
+    DraftRow,
+    NgramProposer,
+    Proposer,
+)
 from jax_infer.speculative.rejection import supports_speculation, verify
 
 
@@ -116,18 +125,20 @@ class SpeculativeDecoder:
         longest = max(len(d.token_ids) for d in drafts.values())
         return min(bucket(longest, 1), self.k) + 1
 
-    def lookahead(self, states: dict, num_running: int) -> dict[str, int] | None:
-        """{request id: k} for the requests that may speculate this step, or None."""
+    def lookahead(self, requests, num_running: int) -> dict[str, int] | None:
+        """{request id: k} for the requests (scheduler Requests) that may speculate this step,
+        or None."""
         if self.disable_by_batch_size is not None and num_running > self.disable_by_batch_size:
             return None
         return {
-            rid: self.k
-            for rid, st in states.items()
-            if supports_speculation(st.params, len(st.out_ids))
+            req.request_id: self.k
+            for req in requests
+            if supports_speculation(req.sampling_params, req.num_output_tokens)
         }
 
-    def propose(self, out, states: dict) -> dict[str, Draft]:
-        """Drafts for the scheduled decodes that reserved lookahead slots (empty ones dropped)."""
+    def propose(self, out, pool) -> tuple[dict[str, Draft], Any]:
+        """Drafts for the scheduled decodes that reserved lookahead slots (empty ones dropped),
+        and the target's page pool back (a self-draft writes to it)."""
         for rid in out.preempted:
             self.proposer.forget(rid)
         for sr in out.scheduled:
@@ -142,42 +153,41 @@ class SpeculativeDecoder:
                     self._mean_accepted[rid] = mean + GATE_RECOVERY
                     self.stats.num_gated_decodes += 1
                     continue
-                st = states[sr.request_id]
+                req = sr.request
                 rows.append(
                     DraftRow(
-                        sr.request_id,
-                        st.prompt_ids + st.out_ids,
+                        rid,
+                        req.all_token_ids,
                         sr.num_lookahead,
                         sr.block_table,
-                        st.params,
-                        st.seed,
-                        len(st.out_ids),
+                        req.sampling_params,
+                        req.seed,
+                        req.num_output_tokens,
                     )
                 )
         if not rows:
-            return {}
-        drafts = self.proposer.propose(rows)
+            return {}, pool
+        drafts, pool = self.proposer.propose(rows, pool)
         self._tracked.update(r.request_id for r in rows)
-        return {r.request_id: d for r, d in zip(rows, drafts) if d.token_ids}
+        return {r.request_id: d for r, d in zip(rows, drafts) if d.token_ids}, pool
 
-    def verify(self, logits, scheduled, order, drafts, states, outputs, max_model_len):
+    def verify(self, logits, order, scheduled, drafts) -> dict[str, list[int]]:
         """Accept drafts for the rows in `drafts`; logits f32[S, W, V] from the step, W =
-        `verify_width(drafts)`.
-        Appends tokens to the requests' SequenceStates and chunks to `outputs`; returns
-        (sampled, finished) for Scheduler.update like the engine's sampler."""
+        `verify_width(drafts)`, `order[r]` the scheduled index of sequence row r. Returns
+        {request id: accepted drafts + one token} for the engine to commit."""
         rows = [r for r, i in enumerate(order) if i >= 0 and scheduled[i].request_id in drafts]
-        ids = [scheduled[order[r]].request_id for r in rows]
+        reqs = [scheduled[order[r]].request for r in rows]
+        ids = [req.request_id for req in reqs]
         n = len(rows)
         pad = bucket(n, 1)  # a bounded set of compiled verify shapes
         k = logits.shape[1] - 1
         draft_ids = np.zeros((pad, k), np.int32)
         num_drafts = np.zeros(pad, np.int32)
-        sts = [states[rid] for rid in ids]
         for b, rid in enumerate(ids):
             toks = drafts[rid].token_ids
             draft_ids[b, : len(toks)] = toks
             num_drafts[b] = len(toks)
-        params = [st.params for st in sts]
+        params = [req.sampling_params for req in reqs]
         flags = SamplerFlags.for_batch(params)
         q = None  # greedy rows ignore q (see rejection.verify)
         if not flags.all_greedy and any(drafts[rid].probs is not None for rid in ids):
@@ -194,16 +204,15 @@ class SpeculativeDecoder:
                 parts.append(jnp.pad(probs, ((0, k - probs.shape[0]), (0, 0))))
             q = jnp.stack(parts)
         meta = SamplingMetadata.build(
-            params, [st.seed for st in sts], [len(st.out_ids) for st in sts], pad
+            params, [req.seed for req in reqs], [req.num_output_tokens for req in reqs], pad
         )
         index = np.zeros(pad, np.int32)
         index[:n] = rows
         tokens, counts = verify(logits, index, meta, draft_ids, q, num_drafts, flags=flags)
         tokens, counts = np.asarray(tokens), np.asarray(counts)
-        sampled: dict[str, list[int]] = {}
-        finished: dict[str, str] = {}
+        accepted_tokens: dict[str, list[int]] = {}
         s = self.stats
-        for b, (rid, st) in enumerate(zip(ids, sts)):
+        for b, rid in enumerate(ids):
             accepted = int(counts[b]) - 1
             s.num_verify_rows += 1
             mean = self._mean_accepted.get(rid, float(self.k))
@@ -213,19 +222,8 @@ class SpeculativeDecoder:
             for j in range(int(num_drafts[b])):
                 s.proposed_per_position[j] += 1
                 s.accepted_per_position[j] += j < accepted
-            emitted = []
-            for tok in tokens[b, : accepted + 1].tolist():
-                st.append(tok, None, max_model_len)
-                emitted.append(tok)
-                if st.finished:
-                    break
-            s.num_emitted_tokens += len(emitted)
-            sampled[rid] = emitted
-            if st.finished:
-                finished[rid] = st.finish_reason
-                del states[rid]
-            outputs.append(st.chunk())
-        return sampled, finished
+            accepted_tokens[rid] = tokens[b, : accepted + 1].tolist()
+        return accepted_tokens
 
     def synced(self, scheduler) -> None:
         """After Scheduler.update: tell the proposer how much of each request is computed, and
@@ -248,18 +246,16 @@ def make_speculative_decoder(
     dtype,
     backend: str,
     draft_model=None,
-    cache_owner=None,
+    share_pool: bool = False,
 ) -> SpeculativeDecoder | None:
     """The decoder an EngineConfig asks for (None without speculative_method).
 
     draft_model: (ModelConfig, params) of the draft for speculative_method="draft_model"; a
     self-draft is (target config, quantize(target params, "int4+embed")).
-    cache_owner: the engine (its `.cache` the target's page pool), or None. A draft with the
+    share_pool: the target's pool may be lent to the draft (one device). A draft with the
     target's config (a quantized self-draft) then reads and writes the target's pool instead
     of a pool of its own: no second KV cache, no draft prefill of each prompt.
     """
-    from jax_infer.speculative.proposers import DraftModelProposer, NgramProposer
-
     ec = engine_config
     if ec.speculative_method is None:
         if draft_model is not None:
@@ -286,7 +282,7 @@ def make_speculative_decoder(
             dtype=dtype,
             backend=backend,
             max_decode_rows=ec.max_num_seqs,
-            cache_owner=cache_owner if draft_config == target_config else None,
+            share_pool=share_pool and draft_config == target_config,
         )
     return SpeculativeDecoder(
         proposer, ec.num_speculative_tokens, ec.speculative_disable_by_batch_size

@@ -1,6 +1,9 @@
 """Draft proposers for speculative decoding, behind one interface.
 
-    proposer.propose(rows) -> [Draft, ...]   one per DraftRow, at most row.num_drafts tokens
+    proposer.propose(rows, pool) -> ([Draft, ...], pool)
+                                             one per DraftRow, at most row.num_drafts tokens;
+                                             pool: the target's page pool, passed through
+                                             (a self-draft writes to it, others leave it)
     proposer.verified(request_id, num_valid) the target kept positions [0, num_valid)
     proposer.forget(request_id)              preempted, finished or aborted: drop its state
 
@@ -14,6 +17,8 @@
   tokens it has not seen (the whole prompt the first time, then the 1-2 tokens a verify step
   added). A quantized copy of the target (`quantize(params, "int4+embed")`) is the
   self-draft: same tokenizer by construction, and it agrees with the target most of the time.
+  A draft with the target's config (`shares_pool`) keeps no pool of its own: it attends over
+  the target's pool, which the engine lends it for the call and takes back.
 
 A draft model samples its tokens from q = the request's sampling distribution applied to its
 own logits (one-hot for greedy requests) and returns q, which the rejection rule needs; the
@@ -34,6 +39,7 @@ import numpy as np
 from jax_infer.attention import build_metadata, flat_tokens
 from jax_infer.config import ModelConfig
 from jax_infer.model.step import init_paged_cache, paged_forward
+from jax_infer.runner import backend_params
 from jax_infer.sampling import SamplerFlags, SamplingMetadata, SamplingParams
 from jax_infer.speculative.rejection import target_probs
 
@@ -62,7 +68,7 @@ class Draft:
 class Proposer(Protocol):
     gated: bool  # whether drafting stops for a request that accepts little (drafts cost compute)
 
-    def propose(self, rows: list[DraftRow]) -> list[Draft]: ...
+    def propose(self, rows: list[DraftRow], pool) -> tuple[list[Draft], Any]: ...
 
     def verified(self, request_id: str, num_valid: int) -> None: ...
 
@@ -92,14 +98,14 @@ class NgramProposer:
             )
         self.max_n, self.min_n = max_n, min_n
 
-    def propose(self, rows: list[DraftRow]) -> list[Draft]:
+    def propose(self, rows: list[DraftRow], pool=None) -> tuple[list[Draft], Any]:
         drafts = []
         for r in rows:
             seq = np.asarray(r.token_ids, np.int64)
             n, starts = matches(seq, self.max_n, self.min_n)
             length = min(r.num_drafts, 2**n) if n else 0
             drafts.append(Draft(continuation(seq, starts, length) if length else []))
-        return drafts
+        return drafts, pool
 
     def verified(self, request_id: str, num_valid: int) -> None:
         pass
@@ -221,21 +227,27 @@ class DraftModelProposer:
         dtype=jnp.float32,
         backend: str = "xla",
         max_decode_rows: int | None = None,
-        cache_owner=None,
+        share_pool: bool = False,
     ):
-        """cache_owner: an object whose `.cache` is the target's page pool (the engine), for a
-        draft whose K/V pools have the target's shape (a quantized self-draft): the draft then
-        attends over the target's K/V and keeps no pool of its own (see `propose`)."""
+        """params: canonical (as loaded); laid out here for the backend like the target's.
+        share_pool: the draft has the target's config (a quantized self-draft) and attends over
+        the target's pool, passed to each `propose`, keeping no pool of its own."""
+        if share_pool and config != target_config:
+            raise ValueError(
+                "share_pool=True needs a draft with the target's config (a quantized "
+                "self-draft): its K/V pools must have the target's shape"
+            )
         if config.vocab_size != target_config.vocab_size:
             raise ValueError(
                 f"draft model vocab_size={config.vocab_size} != target vocab_size="
                 f"{target_config.vocab_size}: a draft model must share the target's tokenizer"
             )
-        self.config, self.params, self.dtype, self.backend = config, params, dtype, backend
+        self.config, self.dtype, self.backend = config, dtype, backend
+        self.params = backend_params(params, config)
         self.page_size = page_size
         self.max_decode_rows = max_decode_rows
-        self.cache_owner = cache_owner
-        if cache_owner is None:
+        self.shares_pool = share_pool
+        if not share_pool:
             self.cache = init_paged_cache(config, num_pages, page_size, dtype)
         self.computed: dict[str, int] = {}  # positions of the draft cache that are valid
         self.num_forward_steps = 0
@@ -259,12 +271,11 @@ class DraftModelProposer:
             min_chunk=2,
         )
         tokens = flat_tokens(meta, chunks, offsets)
-        owner = self.cache_owner or self
-        logits, owner.cache = paged_forward(
+        logits, self.cache = paged_forward(
             self.params,
             tokens,
             meta,
-            owner.cache,
+            self.cache,
             config=self.config,
             dtype=self.dtype,
             backend=self.backend,
@@ -277,10 +288,12 @@ class DraftModelProposer:
                 where[i] = r
         return logits, where
 
-    def propose(self, rows: list[DraftRow]) -> list[Draft]:
+    def propose(self, rows: list[DraftRow], pool=None) -> tuple[list[Draft], Any]:
+        """Drafts for `rows`; pool: the target's page pool, which a shared-pool draft writes to
+        and returns (others return it untouched)."""
         active = [r for r in rows if r.num_drafts > 0]
         if not active:
-            return [Draft([]) for _ in rows]
+            return [Draft([]) for _ in rows], pool
         params = [r.params for r in active]
         flags = SamplerFlags.for_batch(params)
         k_max = max(r.num_drafts for r in active)
@@ -289,8 +302,8 @@ class DraftModelProposer:
         # len - 1.. land on slots the target rewrites in its verify step before it attends (and
         # K/V past the accepted tokens is never read before it is rewritten), so the target
         # only ever reads its own K/V.
-        if self.cache_owner is not None:
-            return self._propose_over_target_pool(rows, active, flags, k_max)
+        if self.shares_pool:
+            return self._propose_over_target_pool(rows, active, flags, k_max, pool)
         # With its own pool, step 1 catches each request up from its first uncomputed position
         # to its last known token; each later step feeds the previous draft.
         starts = [self.computed.get(r.request_id, 0) for r in active]
@@ -338,9 +351,9 @@ class DraftModelProposer:
             # and all drafts but the newest were fed.
             self.computed[r.request_id] = len(r.token_ids) + n - 1
             drafts[r.request_id] = Draft(toks, probs)
-        return [drafts.get(r.request_id, Draft([])) for r in rows]
+        return [drafts.get(r.request_id, Draft([])) for r in rows], pool
 
-    def _propose_over_target_pool(self, rows, active, flags, k_max):
+    def _propose_over_target_pool(self, rows, active, flags, k_max, pool):
         """Every draft step is a 1-token decode row per request (the target's pool holds the
         rest), so all k_max steps run as one jitted scan (`_draft_steps`): no host round trip
         between them. Step j feeds position len - 1 + j; a request with fewer drafts repeats
@@ -377,14 +390,13 @@ class DraftModelProposer:
             [r.step for r in active],
             len(active),
         )
-        owner = self.cache_owner
-        ids, probs, owner.cache = _draft_steps(
+        ids, probs, pool = _draft_steps(
             self.params,
             tokens,
             metas,
             where,
             sampling,
-            owner.cache,
+            pool,
             config=self.config,
             dtype=self.dtype,
             backend=self.backend,
@@ -399,4 +411,4 @@ class DraftModelProposer:
             drafts[r.request_id] = Draft(
                 ids_host[:n, i].tolist(), None if r.params.is_greedy else probs[:n, i]
             )
-        return [drafts.get(r.request_id, Draft([])) for r in rows]
+        return [drafts.get(r.request_id, Draft([])) for r in rows], pool

@@ -1,0 +1,216 @@
+"""The model runner: everything between the engine's requests and the model's arrays.
+
+    runner = ModelRunner(config, params, dtype=jnp.float32, num_pages=256, page_size=16)
+    result = runner.execute(StepBatch(starts, rows, block_tables, sample=requests))
+
+Why a layer of its own: the engine decides *what* to compute (scheduling, request records,
+stop rules, streaming); the runner decides *how* on this backend. It owns
+
+* the params in the layout its backend wants (`backend_params`: on a CPU the LM head untied
+  and, on one device, the f32 projections in the column tiles of the C++ matmul; on a mesh,
+  placed by the sharding rules), and gives back the canonical ones (`canonical_params`) for
+  saving or for deriving a self-draft;
+* the page pool (`pool`, donated to each step and replaced by its result);
+* the jitted step (sharded or not) and the sampling call.
+
+`execute(batch) -> StepResult` runs one ragged step. Nothing here holds a reference to the
+engine; speculative decoding borrows the pool explicitly (`pool` in, `pool` out).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_infer import sharding
+from jax_infer.attention import build_metadata, flat_tokens
+from jax_infer.config import ModelConfig
+from jax_infer.model.llama import untie_lm_head
+from jax_infer.model.step import init_paged_cache, paged_forward
+from jax_infer.outputs import logprob_entry
+from jax_infer.quant.transform import tile_f32_params, untile_f32_params
+from jax_infer.sampling import SamplerFlags, SamplingMetadata, min_tokens_banned_ids, sample
+from jax_infer.scheduler.request import Request
+
+
+def backend_params(params, config: ModelConfig, mesh=None, rules=None):
+    """Canonical params (as loaded, maybe quantized) -> the layout this backend runs fastest.
+
+    On a CPU the LM head of a tied model gets its own [D, V] copy (x @ W reads it faster than
+    x against the [V, D] table) and, without a mesh, f32 projections go into the column tiles
+    of the C++ f32 matmul (lossless). With a mesh, params move to their rule's sharding (a
+    no-op for leaves loaded in place). `canonical_params` undoes the CPU changes."""
+    if jax.default_backend() == "cpu":
+        params = untie_lm_head(params, config)
+        if mesh is None:
+            params = tile_f32_params(params)
+    if mesh is not None:
+        params = sharding.shard_params(params, config, mesh, rules)
+    return params
+
+
+def canonical_params(params, config: ModelConfig):
+    """Inverse of `backend_params`' layout: f32 tiles back to matrices, an LM head that only
+    copies a tied embedding dropped (sharding is kept: it is placement, not layout)."""
+    params = untile_f32_params(params)
+    if config.tie_word_embeddings and "lm_head" in params:
+        params = {k: v for k, v in params.items() if k != "lm_head"}
+    return params
+
+
+@dataclasses.dataclass
+class StepBatch:
+    """One ragged step, in input order: row i computes `rows[i]` at positions starts[i].. over
+    the pages `block_tables[i]`; `sample[i]` is the request to sample a token for after the
+    row's last token (None: none, e.g. a prompt chunk short of the end, or a row whose drafts
+    are verified instead)."""
+
+    starts: Sequence[int]
+    rows: Sequence[Sequence[int]]
+    block_tables: Sequence[Sequence[int]]
+    sample: Sequence[Request | None]
+    # Logits at each row's last W tokens (speculative verification), and the smallest prompt
+    # chunk bucket (draft rows are padded to W, not to a 32-token chunk).
+    logits_per_row: int | None = None
+    min_chunk: int = 32
+
+
+@dataclasses.dataclass
+class StepResult:
+    """logits f32[S, V] (or f32[S, W, V] with logits_per_row) in sequence-row order; `order[r]`
+    is the input row of sequence row r (-1: padding). tokens[i] / logprobs[i]: the token
+    sampled for input row i and its logprob entry (None where batch.sample[i] is None)."""
+
+    logits: jax.Array
+    order: np.ndarray
+    tokens: list[int | None]
+    logprobs: list[dict[int, float] | None]
+
+
+class ModelRunner:
+    """Params in backend layout, the page pool and the jitted step of one model."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        params,
+        *,
+        dtype=jnp.float32,
+        backend: str,
+        num_pages: int,
+        page_size: int,
+        cache_dtype=None,
+        max_decode_rows: int | None = None,
+        eos_token_ids=(),
+        mesh=None,
+        rules=None,
+    ):
+        """params: canonical (as loaded); laid out here by `backend_params`. mesh: None, or a
+        `sharding.make_mesh` Mesh: the pool is then split by kv heads over `model` and
+        replicated over `data`, and each step's inputs are replicated."""
+        self.config = config
+        self.params = backend_params(params, config, mesh, rules)
+        self.dtype = dtype
+        self.backend = backend
+        self.page_size = page_size
+        self.max_decode_rows = max_decode_rows
+        self.eos_token_ids = sorted(eos_token_ids)
+        cache_dtype = cache_dtype or dtype
+        self.mesh = mesh
+        if mesh is None:
+            self.pool = init_paged_cache(config, num_pages, page_size, cache_dtype)
+            self._forward = paged_forward
+        else:
+            self.pool = sharding.init_sharded_paged_cache(
+                config, num_pages, page_size, mesh, rules, cache_dtype
+            )
+            # Logits are gathered (the sampler reads every row); the pool keeps its sharding.
+            replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            shardings = jax.tree.map(lambda a: a.sharding, self.pool)
+            self._forward = sharding.sharded_step(paged_forward, replicated, shardings)
+
+    def canonical_params(self):
+        """The params as loaded (and quantized): what `LLM.save` writes."""
+        return canonical_params(self.params, self.config)
+
+    def execute(self, batch: StepBatch) -> StepResult:
+        """Run one ragged step over the pool and sample the rows that ask for it."""
+        meta, order, offsets = build_metadata(
+            batch.starts,
+            [len(r) for r in batch.rows],
+            batch.block_tables,
+            self.page_size,
+            max_decode_rows=self.max_decode_rows,
+            logits_per_row=batch.logits_per_row,
+            min_chunk=batch.min_chunk,
+        )
+        tokens = flat_tokens(meta, batch.rows, offsets)
+        logits, self.pool = self._forward(
+            self.params,
+            tokens,  # numpy: the jitted call transfers it (cheaper than jnp.asarray each)
+            meta,
+            self.pool,
+            config=self.config,
+            dtype=self.dtype,
+            backend=self.backend,
+        )
+        last = logits[:, -1] if batch.logits_per_row else logits
+        sampled, entries = self._sample(last, order, batch.sample)
+        return StepResult(logits, order, sampled, entries)
+
+    def _sample(self, logits, order, requests):
+        """Sample the sequence rows whose input row names a request (logits f32[S, V])."""
+        n = len(requests)
+        tokens: list[int | None] = [None] * n
+        entries: list[dict | None] = [None] * n
+        rows = len(order)
+        by_row: list[Request | None] = [None] * rows
+        for r, i in enumerate(order):
+            if i >= 0:
+                by_row[r] = requests[i]
+        if all(req is None for req in by_row):  # e.g. every row verifies drafts this step
+            return tokens, entries
+        params = [req.sampling_params if req is not None else None for req in by_row]
+        flags = SamplerFlags.for_batch(params)
+        vocab = self.config.vocab_size
+        if flags.use_penalties:
+            counts = np.zeros((rows, vocab), np.int32)
+            prompt_mask = np.zeros((rows, vocab), bool)
+            for r, req in enumerate(by_row):
+                if req is not None:
+                    np.add.at(counts[r], req.output_token_ids, 1)
+                    prompt_mask[r, req.prompt_token_ids] = True
+        else:
+            counts = np.zeros((rows, 1), np.int32)
+            prompt_mask = np.zeros((rows, 1), bool)
+        generated = [req.num_output_tokens if req is not None else 0 for req in by_row]
+        seeds = [req.seed if req is not None else 0 for req in by_row]
+        banned = min_tokens_banned_ids(params, generated, self.eos_token_ids, rows)
+        res = sample(
+            logits,
+            SamplingMetadata.build(params, seeds, generated, rows),
+            jnp.asarray(counts),
+            jnp.asarray(prompt_mask),
+            flags=flags,
+            banned_ids=None if banned is None else jnp.asarray(banned),
+        )
+        token_ids = np.asarray(res.token_ids)
+        lp_rows = None
+        if flags.num_logprobs >= 0:
+            lp_rows = (
+                np.asarray(res.logprob),
+                np.asarray(res.top_ids),
+                np.asarray(res.top_logprobs),
+            )
+        for r, req in enumerate(by_row):
+            if req is None:
+                continue
+            tok = int(token_ids[r])
+            i = int(order[r])
+            tokens[i] = tok
+            entries[i] = logprob_entry(tok, req.sampling_params.logprobs, r, lp_rows)
+        return tokens, entries
