@@ -197,12 +197,18 @@ class DecoderLayer(nn.Module):
         # The cache layout (contiguous rows or a page pool) is the attend_fn's business: it
         # stores k, v for these positions and attends q over everything cached so far.
         attn, layer_cache = attend_fn(q, k, v, layer_cache)
-        x = x + linear(attn.astype(self.dtype), p["wo"])
+        attn = attn.astype(self.dtype)  # [B, T, N*H]
+        x = x + linear(attn, p["wo"])
 
-        y = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
-        gate = linear(y, p["w_gate"])
-        up = linear(y, p["w_up"])
-        x = x + linear(jax.nn.silu(gate) * up, p["w_down"])
+        y2 = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
+        act = jax.nn.silu(linear(y2, p["w_gate"])) * linear(y2, p["w_up"])  # [B, T, F]
+        x = x + linear(act, p["w_down"])
+
+        # The input of each projection, for calibration (prune/calibration.py). `sow` stores
+        # only when the caller applies with mutable=["intermediates"]; otherwise it is a no-op
+        # and the jitted inference step computes nothing extra.
+        for name, value in (("attn_in", y), ("attn_out", attn), ("mlp_in", y2), ("mlp_act", act)):
+            self.sow("intermediates", name, value)
         return x, layer_cache
 
 
