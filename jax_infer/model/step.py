@@ -63,15 +63,7 @@ def forward(
     return logits, cache
 
 
-def bucket(n: int, minimum: int = 16) -> int:
-    """Round n up to a power of two (at least `minimum`): few shapes, at most 2x padding."""
-    b = minimum
-    while b < n:
-        b *= 2
-    return b
-
-
-__all__ = ["bucket", "forward", "init_paged_cache", "kv_bytes_per_token", "paged_forward"]
+__all__ = ["forward", "init_paged_cache", "kv_bytes_per_token", "paged_forward"]
 
 
 @functools.partial(
