@@ -33,6 +33,7 @@ from jax_infer.runner import ModelRunner, StepBatch
 from jax_infer.sampling import SamplingParams
 from jax_infer.scheduler import Request, Scheduler
 from jax_infer.scheduler.request import finish
+from jax_infer.speculative.config import SPECULATIVE_METHODS
 from jax_infer.speculative.decoder import make_speculative_decoder
 from jax_infer.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -117,10 +118,10 @@ class EngineConfig:
             not isinstance(self.num_pages, int) or self.num_pages < 2
         ):
             raise ValueError(f"EngineConfig.num_pages={self.num_pages!r} must be an int >= 2")
-        if self.speculative_method not in (None, "ngram", "draft_model"):
+        if self.speculative_method not in (None, *SPECULATIVE_METHODS):
             raise ValueError(
                 f"EngineConfig.speculative_method={self.speculative_method!r} is not one of "
-                "None, 'ngram', 'draft_model'"
+                f"{(None, *SPECULATIVE_METHODS)}"
             )
         k = self.num_speculative_tokens
         if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= 16:

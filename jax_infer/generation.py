@@ -19,10 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_infer import sharding
+from jax_infer.attention.metadata import bucket
 from jax_infer.attention.paged import default_backend
 from jax_infer.config import ModelConfig
 from jax_infer.model.llama import init_cache
-from jax_infer.model.step import bucket, forward
+from jax_infer.model.step import forward
 from jax_infer.outputs import RequestOutput, logprob_entry, make_output
 from jax_infer.quant import kernels
 from jax_infer.runner import backend_params

@@ -11,7 +11,8 @@ Why it is shaped this way:
   any mix of requests, while a few hashable host-side switches (``SamplerFlags``)
   pick *which* program: an all-greedy batch compiles to penalties + argmax and
   never pays for sorting the vocabulary or drawing ``B x V`` random numbers.
-* Randomness is per row: ``key = fold_in(key(seed), step)``. A request's tokens
+* Randomness is per row: ``request_key(seed, step)`` is ``fold_in(key(seed), step)``,
+  with one more fold for the speculative streams (``KeyPurpose``). A request's tokens
   therefore depend only on its own seed, step and logits, never on which other
   requests share the batch or on padding, which is what makes ``seed``
   reproducible under continuous batching.
@@ -44,6 +45,7 @@ logits; argmax and the top-n logprobs break ties toward the lower token id.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import math
 from collections.abc import Sequence
@@ -471,8 +473,33 @@ def _filter_logits(
     return jnp.where(x >= threshold[:, None], x, -jnp.inf)
 
 
-def _row_key(seed: jax.Array, step: jax.Array) -> jax.Array:
-    return jax.random.fold_in(jax.random.key(seed), step)
+class KeyPurpose(enum.IntEnum):
+    """What a request's random numbers at a step are for. Each purpose is its own stream, so
+    e.g. a verify step and a plain sampling step never share random numbers. The value is
+    the salt folded into the key after the step; SAMPLE folds none, so plain sampling keeps
+    the key ``fold_in(key(seed), step)`` it always had (and seeded outputs stay the same)."""
+
+    SAMPLE = 0  # the sampler's one token per row (sample())
+    VERIFY = 1  # speculative acceptance and the correction/bonus token (speculative/rejection.py)
+    DRAFT = 2  # a draft model's proposals, one index per draft (speculative/proposers.py)
+
+
+def request_key(
+    seed: jax.Array,
+    step: jax.Array,
+    purpose: KeyPurpose = KeyPurpose.SAMPLE,
+    index: jax.Array | int | None = None,
+) -> jax.Array:
+    """The PRNG key of one request (seed, step i32[]) for `purpose` (static): every random
+    draw of the stack comes from here, so a request's tokens depend only on its own seed and
+    step. index: a further fold for several keys of one purpose in a step (the draft index).
+    """
+    key = jax.random.fold_in(jax.random.key(seed), step)
+    if purpose != KeyPurpose.SAMPLE:
+        key = jax.random.fold_in(key, int(purpose))
+    if index is not None:
+        key = jax.random.fold_in(key, index)
+    return key
 
 
 def _categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
@@ -497,7 +524,7 @@ def sample(
 
     Order (vLLM): raw logprobs -> banned ids -> penalties -> greedy rows: argmax;
     other rows: temperature -> top-k -> top-p -> min-p -> categorical with the
-    row's key ``fold_in(key(seed), step)``. Every step is row-local, so a row's
+    row's key ``request_key(seed, step)``. Every step is row-local, so a row's
     output does not depend on the other rows or on padding.
     """
     logits = logits.astype(jnp.float32)
@@ -532,7 +559,7 @@ def sample(
             scaled = _filter_logits(
                 scaled, meta.top_k, meta.top_p, meta.min_p, top_k_cap=flags.top_k_cap
             )
-        keys = jax.vmap(_row_key)(meta.seed, meta.step)
+        keys = jax.vmap(request_key)(meta.seed, meta.step)
         sampled = jax.vmap(_categorical)(keys, scaled).astype(jnp.int32)  # i32[B]
         token_ids = jnp.where(is_greedy, greedy_ids, sampled)
 

@@ -22,12 +22,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jax_infer.sampling import (
+    KeyPurpose,
     SamplerFlags,
     SamplingMetadata,
     SamplingParams,
     _filter_logits,
     apply_penalties,
     min_tokens_banned_ids,
+    request_key,
     sample,
     update_output_counts,
 )
@@ -401,6 +403,39 @@ def test_row_result_independent_of_batch_and_padding():
         assert alone.logprob[0] == mixed.logprob[3] == padded.logprob[0]
         np.testing.assert_array_equal(alone.top_ids[0], mixed.top_ids[3, :2])
         np.testing.assert_array_equal(alone.top_ids[0], padded.top_ids[0, :2])
+
+
+def test_request_key_purposes_are_distinct_streams_with_the_keys_of_before():
+    seeds = np.uint32([0, 5, 2**32 - 1])
+    steps = np.int32([0, 3, 1000])
+
+    def data(key):
+        return np.asarray(jax.random.key_data(key))
+
+    for seed, step in zip(seeds, steps):
+        base = jax.random.fold_in(jax.random.key(seed), step)
+        # The formulas each path used before request_key, so seeded outputs do not change.
+        np.testing.assert_array_equal(data(request_key(seed, step)), data(base))
+        np.testing.assert_array_equal(
+            data(request_key(seed, step, KeyPurpose.VERIFY)), data(jax.random.fold_in(base, 1))
+        )
+        np.testing.assert_array_equal(
+            data(request_key(seed, step, KeyPurpose.DRAFT, 4)),
+            data(jax.random.fold_in(jax.random.fold_in(base, 2), 4)),
+        )
+        # Distinct streams: different keys and different random numbers per purpose (and
+        # per draft index), for the same (seed, step).
+        keys = [request_key(seed, step, purpose) for purpose in KeyPurpose]
+        keys += [request_key(seed, step, KeyPurpose.DRAFT, i) for i in range(3)]
+        draws = [tuple(np.asarray(jax.random.uniform(k, (4,))).tolist()) for k in keys]
+        assert len({tuple(data(k).tolist()) for k in keys}) == len(keys)
+        assert len(set(draws)) == len(keys)
+    # And under jit/vmap, as the samplers call it.
+    batched = jax.jit(jax.vmap(lambda s, t: request_key(s, t, KeyPurpose.VERIFY)))(seeds, steps)
+    for i, (seed, step) in enumerate(zip(seeds, steps)):
+        np.testing.assert_array_equal(
+            data(batched[i]), data(request_key(seed, step, KeyPurpose.VERIFY))
+        )
 
 
 # --- distribution -------------------------------------------------------------

@@ -39,7 +39,9 @@ class AttentionMetadata(NamedTuple):
 
 
 def bucket(n: int, minimum: int, factor: int = 2) -> int:
-    """Round n up to minimum * factor**k."""
+    """Round n up to the smallest minimum * factor**k (k >= 0) that holds it: a bounded set of
+    shapes for at most `factor` times the padding. The one bucketing rule of the stack (the
+    paged step here, the contiguous `generation` path and speculative verify widths)."""
     b = minimum
     while b < n:
         b *= factor

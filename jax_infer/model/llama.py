@@ -1,8 +1,13 @@
 """Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2) as pure-functional Flax linen.
 
 `Llama.apply({"params": params}, ...)` is a pure function of (params, tokens, positions,
-cache) -> (logits, cache): nothing mutable crosses `jit`, the KV cache goes in and comes back
-out (and is donated by the jitted callers in `model/step.py`).
+cache, attend_fn) -> (logits, cache): nothing mutable crosses `jit`, the KV cache goes in and
+comes back out (and is donated by the jitted callers in `model/step.py`). The model does not
+know the cache layout: `attend_fn(q, k, v, layer_cache)` stores the new keys/values and
+attends. This file holds the one for a contiguous cache (`contiguous_attention`: one (k, v)
+pair per layer, each [B, S, K, H], `init_cache`); the paged one is
+`attention.paged_attend_fn`; calibration's cache-free one is
+`prune.calibration.full_causal_attention`.
 
 Layers are an unrolled Python loop over per-layer parameter dicts (`layers_0`, `layers_1`,
 ...). On the 2-core CPU this reads the weights at memory bandwidth, while a `lax.scan` over
@@ -16,10 +21,12 @@ at 32 rows than contracting against an [out, in] matrix):
                 attention_bias), wo [N*H, D], mlp_norm [D], w_gate [D, F], w_up [D, F],
                 w_down [F, D]
     final_norm  [D]
-    lm_head     [D, V]      (absent when the embedding is tied)
+    lm_head     [D, V]      (a tied model has none, or the copy `untie_lm_head` adds)
 
-The KV cache is contiguous here: one (k, v) pair per layer, each [B, S, K, H]. The paged
-cache replaces it in the engine.
+Every matrix goes through the seams of `model/layers.py`, so quantized params (jax_infer.quant)
+take the same code. Each `DecoderLayer` also `sow`s the input of its projections into the
+"intermediates" collection, for pruning's calibration; inference does not make it mutable, so
+nothing is stored.
 """
 
 from __future__ import annotations
@@ -197,12 +204,18 @@ class DecoderLayer(nn.Module):
         # The cache layout (contiguous rows or a page pool) is the attend_fn's business: it
         # stores k, v for these positions and attends q over everything cached so far.
         attn, layer_cache = attend_fn(q, k, v, layer_cache)
-        x = x + linear(attn.astype(self.dtype), p["wo"])
+        attn = attn.astype(self.dtype)  # [B, T, N*H]
+        x = x + linear(attn, p["wo"])
 
-        y = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
-        gate = linear(y, p["w_gate"])
-        up = linear(y, p["w_up"])
-        x = x + linear(jax.nn.silu(gate) * up, p["w_down"])
+        y2 = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
+        act = jax.nn.silu(linear(y2, p["w_gate"])) * linear(y2, p["w_up"])  # [B, T, F]
+        x = x + linear(act, p["w_down"])
+
+        # The input of each projection, for calibration (prune/calibration.py). `sow` stores
+        # only when the caller applies with mutable=["intermediates"]; otherwise it is a no-op
+        # and the jitted inference step computes nothing extra.
+        for name, value in (("attn_in", y), ("attn_out", attn), ("mlp_in", y2), ("mlp_act", act)):
+            self.sow("intermediates", name, value)
         return x, layer_cache
 
 

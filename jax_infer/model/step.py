@@ -1,9 +1,16 @@
-"""Jitted model steps over a contiguous KV cache, with static shapes.
+"""The jitted model steps, with static shapes, over the two KV cache layouts.
 
-One function serves prefill (T = a prompt-length bucket) and decode (T = 1); the cache is
-donated so XLA updates it in place. Shapes that vary (prompt length, attended cache length,
-batch) are rounded up to buckets by the caller, so a stream of prompts compiles a bounded
-number of programs.
+`forward`: rows of tokens over a contiguous cache (`llama.init_cache`, one [B, S, K, H] pair
+per layer): the static-batch generator (`generation.py`), the perplexity evaluator and the
+model report. One function serves prefill (T = a prompt-length bucket) and decode (T = 1).
+
+`paged_forward`: one ragged step over the page pool (`init_paged_cache`, page 0 the null
+page), its flat tokens laid out by `attention.build_metadata`: the engine's step and the
+draft model's (speculative/proposers.py). `kv_bytes_per_token` sizes that pool.
+
+Both donate the cache, so XLA updates it in place. Shapes that vary (prompt length, attended
+cache length, batch, pages) are rounded up by the caller with `attention.metadata.bucket`, so
+a stream of prompts compiles a bounded number of programs.
 """
 
 from __future__ import annotations
@@ -63,17 +70,6 @@ def forward(
     return logits, cache
 
 
-def bucket(n: int, minimum: int = 16) -> int:
-    """Round n up to a power of two (at least `minimum`): few shapes, at most 2x padding."""
-    b = minimum
-    while b < n:
-        b *= 2
-    return b
-
-
-__all__ = ["bucket", "forward", "init_paged_cache", "kv_bytes_per_token", "paged_forward"]
-
-
 @functools.partial(
     jax.jit,
     static_argnames=("config", "dtype", "backend"),
@@ -116,3 +112,6 @@ def kv_bytes_per_token(config: ModelConfig, dtype=jnp.float32) -> int:
     """Cache bytes one token takes over all layers (K and V; int8 includes its scales)."""
     per_head = kv_bytes_per_head(dtype, config.head_dim)
     return 2 * config.num_layers * config.num_kv_heads * per_head
+
+
+__all__ = ["forward", "init_paged_cache", "kv_bytes_per_token", "paged_forward"]

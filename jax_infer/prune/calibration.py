@@ -1,10 +1,10 @@
 """Calibration: run the decoder layer by layer on real text and collect what pruning needs.
 
-The normal inference path (`model/llama.py`, `model/step.py`) is untouched: pruning needs the
-hidden state between layers and a few activations inside each layer, so this module runs the
-layers itself with the model's own building blocks (`rms_norm`, `apply_rope`, `attend`,
-`linear`). `layer_forward` computes exactly what `DecoderLayer` computes (a test checks it) and
-also returns per-layer statistics, reduced on the device so only small vectors come back:
+Pruning needs the hidden state between layers and a few activations inside each layer.
+`layer_forward` applies the model's own `DecoderLayer` (so calibration cannot drift from
+inference; a test compares the result with the inference path) with flax's "intermediates"
+collection mutable, which keeps the input of each projection that the layer `sow`s. From those
+it returns per-layer statistics, reduced on the device so only small vectors come back:
 
     attn_in_sq  f32[D]    sum over tokens of the attention input (after the norm) squared
     attn_out_sq f32[N*H]  same for the input of wo (the concatenated head outputs)
@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_infer.config import ModelConfig, rope_frequencies
-from jax_infer.model.layers import embed_lookup, linear
-from jax_infer.model.llama import apply_rope, attend, rms_norm
+from jax_infer.model.layers import embed_lookup
+from jax_infer.model.llama import DecoderLayer, attend
 from jax_infer.quant.transform import is_quantized
 
 STAT_NAMES = ("attn_in_sq", "attn_out_sq", "mlp_in_sq", "mlp_act_sq", "mlp_act_abs", "head_out")
@@ -72,30 +72,26 @@ def full_causal_attention(t: int, sliding_window: int | None) -> Callable:
 
 
 def layer_forward(p: dict, x, config: ModelConfig, dtype=jnp.float32):
-    """One decoder layer over x [B, T, D] (positions 0..T-1, causal), as `DecoderLayer` computes
-    it. Returns (x_out [B, T, D], stats: dict of per-feature sums over the B*T tokens)."""
+    """One decoder layer over x [B, T, D] (positions 0..T-1, causal): the model's own
+    `DecoderLayer`, applied with its "intermediates" (the input of each projection) kept.
+    Returns (x_out [B, T, D], stats: dict of per-feature sums over the B*T tokens)."""
     c = config
     b, t, _ = x.shape
-    n, kh, h = c.num_heads, c.num_kv_heads, c.head_dim
+    n, h = c.num_heads, c.head_dim
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     inv_freq = jnp.asarray(rope_frequencies(c))
-
-    y = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
-    q, k, v = linear(y, p["wq"]), linear(y, p["wk"]), linear(y, p["wv"])
-    if c.attention_bias:
-        q = q + p["bq"].astype(q.dtype)
-        k = k + p["bk"].astype(k.dtype)
-        v = v + p["bv"].astype(v.dtype)
-    q = apply_rope(q.reshape(b, t, n, h), positions, inv_freq)
-    k = apply_rope(k.reshape(b, t, kh, h), positions, inv_freq)
-    v = v.reshape(b, t, kh, h)
-    attn = attend(q, k, v, positions, jnp.full((b,), t, jnp.int32), c.sliding_window)
-    attn = attn.astype(dtype)  # [B, T, N*H]
-    x = x + linear(attn, p["wo"])
-
-    y2 = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
-    act = jax.nn.silu(linear(y2, p["w_gate"])) * linear(y2, p["w_up"])  # [B, T, F]
-    x = x + linear(act, p["w_down"])
+    (x, _), state = DecoderLayer(c, dtype).apply(
+        {"params": p},
+        x,
+        positions,
+        inv_freq,
+        None,
+        full_causal_attention(t, c.sliding_window),
+        mutable=["intermediates"],
+    )
+    # `sow` keeps a tuple per name: one entry, as the layer ran once.
+    taps = {name: values[0] for name, values in state["intermediates"].items()}
+    attn, act = taps["attn_out"], taps["mlp_act"]  # [B, T, N*H], [B, T, F]
 
     def sq(a):
         a = a.astype(jnp.float32)
@@ -105,9 +101,9 @@ def layer_forward(p: dict, x, config: ModelConfig, dtype=jnp.float32):
     wo = jnp.asarray(p["wo"], jnp.float32).reshape(n, h, -1)
     contrib = jnp.einsum("btnh,nhd->btnd", attn.astype(jnp.float32).reshape(b, t, n, h), wo)
     stats = {
-        "attn_in_sq": sq(y),
+        "attn_in_sq": sq(taps["attn_in"]),
         "attn_out_sq": sq(attn),
-        "mlp_in_sq": sq(y2),
+        "mlp_in_sq": sq(taps["mlp_in"]),
         "mlp_act_sq": sq(act),
         "mlp_act_abs": jnp.sum(jnp.abs(act.astype(jnp.float32)), axis=(0, 1)),
         "head_out": jnp.sum(jnp.linalg.norm(contrib, axis=-1), axis=(0, 1)),

@@ -1,6 +1,7 @@
 """Speculative decoding: proposers (n-gram prompt lookup, draft model, quantized self-draft),
 the lossless acceptance rule, and the engine-side glue (see decoder.py for one step)."""
 
+from jax_infer.speculative.config import SPECULATIVE_METHODS
 from jax_infer.speculative.decoder import SpecStats, SpeculativeDecoder, make_speculative_decoder
 from jax_infer.speculative.proposers import (
     Draft,
@@ -16,8 +17,6 @@ from jax_infer.speculative.rejection import (
     target_probs,
     verify,
 )
-
-SPECULATIVE_METHODS = ("ngram", "draft_model")
 
 __all__ = [
     "SPECULATIVE_METHODS",

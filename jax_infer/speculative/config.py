@@ -12,6 +12,11 @@ requests). A string is shorthand: "ngram", "self-int4", "self-int8" or "draft:<p
 
 from __future__ import annotations
 
+# The speculative methods (vLLM's names), listed only here: EngineConfig checks against them.
+NGRAM = "ngram"  # prompt lookup (proposers.NgramProposer)
+DRAFT_MODEL = "draft_model"  # a draft model, or the target quantized (proposers.DraftModelProposer)
+SPECULATIVE_METHODS = (NGRAM, DRAFT_MODEL)
+
 KEYS = (
     "method",
     "num_speculative_tokens",
@@ -26,7 +31,7 @@ KEYS = (
 # ~7 of 12); a 13-token verify costs ~1.6 single-token decodes on the 2-core CPU, a verify of
 # up to 5 tokens about one. An int4 self-draft step costs ~0.4 of a decode; at ~0.83
 # acceptance k=4 and k=5 measured alike (1.52x / 1.55x open-ended), k=3 1.43x.
-DEFAULT_K = {"ngram": 12, "draft_model": 4}
+DEFAULT_K = {NGRAM: 12, DRAFT_MODEL: 4}
 SHORTHANDS = ("ngram", "self-int4", "self-int8", "draft:<path>")
 
 
@@ -36,12 +41,12 @@ def normalize(spec) -> dict | None:
         return None
     if isinstance(spec, str):
         if spec == "ngram":
-            spec = {"method": "ngram"}
+            spec = {"method": NGRAM}
         elif spec in ("self-int4", "self-int8"):
             scheme = "int4+embed" if spec == "self-int4" else "int8+embed"
-            spec = {"method": "draft_model", "quantization": scheme}
+            spec = {"method": DRAFT_MODEL, "quantization": scheme}
         elif spec.startswith("draft:") and len(spec) > len("draft:"):
-            spec = {"method": "draft_model", "model": spec[len("draft:") :]}
+            spec = {"method": DRAFT_MODEL, "model": spec[len("draft:") :]}
         else:
             raise ValueError(
                 f"speculative_config={spec!r} is invalid: allowed strings are {SHORTHANDS}"
@@ -54,11 +59,11 @@ def normalize(spec) -> dict | None:
     if unknown:
         raise ValueError(f"speculative_config has unknown keys {unknown}; allowed are {KEYS}")
     method = spec.get("method")
-    if method not in DEFAULT_K:
+    if method not in SPECULATIVE_METHODS:
         raise ValueError(
-            f"speculative_config['method']={method!r} is invalid: allowed are {tuple(DEFAULT_K)}"
+            f"speculative_config['method']={method!r} is invalid: allowed are {SPECULATIVE_METHODS}"
         )
-    if method == "ngram" and (spec.get("model") or spec.get("quantization")):
+    if method == NGRAM and (spec.get("model") or spec.get("quantization")):
         raise ValueError("speculative_config: 'model' and 'quantization' need method='draft_model'")
     out = {k: spec.get(k) for k in KEYS}
     if out["num_speculative_tokens"] is None:

@@ -35,6 +35,7 @@ import numpy as np
 
 from jax_infer.attention.metadata import bucket
 from jax_infer.sampling import SamplerFlags, SamplingMetadata
+from jax_infer.speculative.config import NGRAM
 from jax_infer.speculative.proposers import (
     Draft,
     DraftModelProposer,
@@ -264,7 +265,7 @@ def make_speculative_decoder(
                 "speculative_method='draft_model'"
             )
         return None
-    if ec.speculative_method == "ngram":
+    if ec.speculative_method == NGRAM:
         proposer = NgramProposer(ec.ngram_prompt_lookup_max, ec.ngram_prompt_lookup_min)
     else:
         if draft_model is None:

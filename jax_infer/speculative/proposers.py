@@ -40,7 +40,13 @@ from jax_infer.attention import build_metadata, flat_tokens
 from jax_infer.config import ModelConfig
 from jax_infer.model.step import init_paged_cache, paged_forward
 from jax_infer.runner import backend_params
-from jax_infer.sampling import SamplerFlags, SamplingMetadata, SamplingParams
+from jax_infer.sampling import (
+    KeyPurpose,
+    SamplerFlags,
+    SamplingMetadata,
+    SamplingParams,
+    request_key,
+)
 from jax_infer.speculative.rejection import target_probs
 
 
@@ -175,8 +181,7 @@ def _draw(logits, where, meta: SamplingMetadata, position, *, flags: SamplerFlag
         return jnp.argmax(probs, axis=-1).astype(jnp.int32), probs
 
     def key(seed, step):
-        k = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), 2)
-        return jax.random.fold_in(k, position)
+        return request_key(seed, step, KeyPurpose.DRAFT, position)
 
     keys = jax.vmap(key)(meta.seed, meta.step)
     ids = jax.vmap(jax.random.categorical)(keys, jnp.log(probs)).astype(jnp.int32)

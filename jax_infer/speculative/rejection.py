@@ -31,10 +31,12 @@ import jax.numpy as jnp
 
 from jax_infer.sampling import (
     GREEDY_TEMPERATURE_EPS,
+    KeyPurpose,
     SamplerFlags,
     SamplingMetadata,
     SamplingParams,
     _filter_logits,
+    request_key,
 )
 
 
@@ -138,9 +140,7 @@ def verify(logits, rows, meta: SamplingMetadata, draft_ids, q, num_drafts, *, fl
         return target, num_accepted + 1
     per_pos = jax.tree.map(lambda a: jnp.repeat(a, k1, axis=0), meta)
     p = target_probs(logits.reshape(b * k1, vocab), per_pos, flags).reshape(b, k1, vocab)
-    # Derived from (seed, step) like the normal sampler's key, on a separate stream so a
-    # verify step and a plain sampling step never share random numbers.
-    keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.fold_in(jax.random.key(s), t), 1))(
-        meta.seed, meta.step
-    )
+    # The VERIFY stream of (seed, step): a verify step and a plain sampling step never share
+    # random numbers.
+    keys = jax.vmap(functools.partial(request_key, purpose=KeyPurpose.VERIFY))(meta.seed, meta.step)
     return rejection_sample(p, draft_ids, q, num_drafts, keys)

@@ -1,6 +1,15 @@
-"""Weight loaders: every format ends in the same params pytree (see model/llama.py).
+"""Weight loaders, one per format, each ending in the params pytree of `model/llama.py`.
 
-`load(model)` resolves a model name or path and returns (config, params, tokenizer source).
+    hf.py           an HF directory: config.json and safetensors files
+    gguf_loader.py  a GGUF file (llama.cpp), every tensor dequantized to float on load
+    orbax_io.py     our own checkpoint (`save_orbax`): config, tokenizer, and float or
+                    quantized params, restored as saved
+    names.py        the name map from each format to the pytree, as data
+    common.py       what the loaders share: transforms, shape checks, sharded placement
+
+`resolve(model)` turns a model name (`NAMED_MODELS`) or a path into (format, path);
+`load(model)` returns (config, params, format, path, GGUF reader or None), from which the
+caller picks its tokenizer.
 """
 
 from __future__ import annotations
