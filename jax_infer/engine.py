@@ -27,7 +27,8 @@ import numpy as np
 from jax_infer import sharding
 from jax_infer.attention import BACKENDS, build_metadata, default_backend, flat_tokens
 from jax_infer.config import ModelConfig
-from jax_infer.model.step import init_paged_cache, kv_bytes_per_token, paged_forward
+from jax_infer.model.cache import init_paged_cache, init_sharded_paged_cache, kv_bytes_per_token
+from jax_infer.model.step import paged_forward
 from jax_infer.outputs import RequestOutput, SequenceState, logprob_entry
 from jax_infer.quant.kv import KV_DTYPES, resolve_kv_cache_dtype
 from jax_infer.sampling import (
@@ -174,7 +175,7 @@ class LLMEngine:
     ):
         """mesh: a `sharding.make_mesh` Mesh, or None for one device. With a mesh, params must
         already be placed (`sharding.shard_params`); the page pool is created split by kv heads
-        over `model` and replicated over `data` (see `sharding.init_sharded_paged_cache`), and
+        over `model` and replicated over `data` (see `model.cache.init_sharded_paged_cache`), and
         each step's inputs are replicated: in this engine `data` adds replicas, not throughput
         (run one engine per data slice for that; the static engine splits its batch)."""
         self.config = config
@@ -223,7 +224,7 @@ class LLMEngine:
             self.cache = init_paged_cache(config, num_pages, ec.page_size, self.cache_dtype)
             self._forward = paged_forward
         else:
-            self.cache = sharding.init_sharded_paged_cache(
+            self.cache = init_sharded_paged_cache(
                 config, num_pages, ec.page_size, mesh, rules, self.cache_dtype
             )
             # Logits are gathered (the sampler reads every row); the pool keeps its sharding.

@@ -18,8 +18,8 @@ at 32 rows than contracting against an [out, in] matrix):
     final_norm  [D]
     lm_head     [D, V]      (absent when the embedding is tied)
 
-The KV cache is contiguous here: one (k, v) pair per layer, each [B, S, K, H]. The paged
-cache replaces it in the engine.
+The KV cache is contiguous here: one (k, v) pair per layer, each [B, S, K, H] (created by
+`model/cache.py`). The paged cache replaces it in the engine.
 """
 
 from __future__ import annotations
@@ -33,9 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_infer.config import ModelConfig, rope_frequencies
+from jax_infer.model.cache import init_cache
 from jax_infer.model.layers import embed_lookup, linear, linear_transposed
-
-KVCache = list  # [(k, v) per layer], each [B, S, K, H]
 
 
 def rms_norm(x, scale, eps: float):
@@ -258,11 +257,6 @@ def untie_lm_head(params: dict, config: ModelConfig) -> dict:
     if not isinstance(embed, jax.Array):
         return params
     return {**params, "lm_head": jnp.asarray(embed.T)}
-
-
-def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-    shape = (batch, max_len, config.num_kv_heads, config.head_dim)
-    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers)]
 
 
 def init_params(config: ModelConfig, seed: int = 0, dtype=jnp.float32) -> dict:
