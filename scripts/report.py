@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import time
 from collections.abc import Sequence
 
@@ -35,19 +36,28 @@ def machine_info() -> dict:
     }
 
 
+# A number as the tables print one: 12, -3.5, 1.2e-05, 2.02x, 0.25/0.99.
+_NUMBER = re.compile(r"[-+]?[\d.,]+(e[-+]?\d+)?x?(/[-+]?[\d.,]+(e[-+]?\d+)?)?")
+
+
 def format_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
-    """Columns as wide as their widest cell; the first left-aligned, the rest right-aligned.
-    Cells are printed with str(): format numbers before passing them."""
+    """Columns as wide as their widest cell: numeric columns (every cell a number) right-
+    aligned, the others left-aligned. Cells are printed with str(): format numbers first."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
     for row in cells:
         if len(row) != len(headers):
             raise ValueError(f"table row {row} has {len(row)} cells for {len(headers)} headers")
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    numeric = [
+        bool(rows) and all(_NUMBER.fullmatch(row[i]) for row in cells[1:])
+        for i in range(len(headers))
+    ]
 
     def line(row):
-        first = row[0].ljust(widths[0])
-        rest = (cell.rjust(w) for cell, w in zip(row[1:], widths[1:]))
-        return "  ".join([first, *rest]).rstrip()
+        parts = (
+            cell.rjust(w) if num else cell.ljust(w) for cell, w, num in zip(row, widths, numeric)
+        )
+        return "  ".join(parts).rstrip()
 
     out = [line(cells[0]), "-" * len(line(cells[0]))]
     out += [line(row) for row in cells[1:]]
