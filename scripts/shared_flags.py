@@ -48,14 +48,6 @@ ENGINE_FLAGS: dict[str, str] = {
     "kv_cache_dtype": "KV cache storage: auto (the model dtype), float32, bfloat16 or int8 "
     "(per-token, per-head scales).",
 }
-MESH_FLAGS = (
-    "mesh_data",
-    "mesh_model",
-    "coordinator_address",
-    "num_processes",
-    "process_id",
-    "distributed",
-)
 
 
 def _fv(flag_values):
@@ -213,7 +205,6 @@ def llm_kwargs(flag_values=None, *, mesh=None) -> dict:
 __all__ = [
     "DTYPES",
     "ENGINE_FLAGS",
-    "MESH_FLAGS",
     "define_engine_flags",
     "define_json_flag",
     "define_mesh_flags",
