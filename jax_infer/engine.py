@@ -26,7 +26,7 @@ import numpy as np
 
 from jax_infer.attention import BACKENDS, default_backend
 from jax_infer.config import ModelConfig
-from jax_infer.model.step import kv_bytes_per_token
+from jax_infer.model.cache import kv_bytes_per_token
 from jax_infer.outputs import RequestOutput, make_output
 from jax_infer.quant.kv import KV_DTYPES, resolve_kv_cache_dtype
 from jax_infer.runner import ModelRunner, StepBatch

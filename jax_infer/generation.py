@@ -22,7 +22,7 @@ from jax_infer import sharding
 from jax_infer.attention.metadata import bucket
 from jax_infer.attention.paged import default_backend
 from jax_infer.config import ModelConfig
-from jax_infer.model.llama import init_cache
+from jax_infer.model.cache import init_cache, init_sharded_cache
 from jax_infer.model.step import forward
 from jax_infer.outputs import RequestOutput, logprob_entry, make_output
 from jax_infer.quant import kernels
@@ -104,7 +104,7 @@ class StaticBatchGenerator:
         if self.mesh is None:
             cache = init_cache(self.config, b, cache_len, self.cache_dtype)
         else:
-            cache = sharding.init_sharded_cache(
+            cache = init_sharded_cache(
                 self.config, b, cache_len, self.mesh, self.rules, self.cache_dtype
             )
 

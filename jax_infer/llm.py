@@ -13,7 +13,6 @@ benchmark compares against.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from collections.abc import Iterator, Sequence
 
@@ -39,10 +38,6 @@ DTYPES = {
     "bf16": jnp.bfloat16,
 }
 ENGINES = ("continuous", "static")
-# Engine knobs LLM passes through to EngineConfig (whose fields hold their one default).
-ENGINE_OPTIONS = frozenset(f.name for f in dataclasses.fields(EngineConfig)) - set(
-    spec_config.ENGINE_FIELDS
-)
 
 
 def resolve_dtype(dtype) -> jnp.dtype:
@@ -85,8 +80,6 @@ class LLM:
     model: a name (`smollm2-135m`), a .gguf file, an HF directory or an orbax checkpoint dir.
     dtype: "float32" or "bfloat16" (weights and activations; softmax and norms run in f32).
     max_model_len: longest prompt + completion accepted (default: the model's, capped at 4096).
-
-    Engine options are keywords passed to `EngineConfig`, where each default is written once:
     max_num_seqs: most requests in one step (a batch, for the static engine).
     max_num_batched_tokens: token budget of one step (chunked prefill splits longer prompts).
     max_num_partial_prefills: most prompt chunks in one step (None: as many as the token budget
@@ -99,8 +92,6 @@ class LLM:
         CPU "cpu", C++ kernels for decode and prefill rows, or "xla" with a mesh or where the
         kernels cannot be built). The static engine uses the kernels under "cpu" and the jnp
         attention otherwise.
-    long_prefill_chunk: cap on one prompt chunk's tokens (None: the token budget).
-
     engine: "continuous" (default) or "static".
     seed: seeds the per-request seeds drawn for requests that set none.
     quantization: None, or a scheme name for `jax_infer.quant.quantize` ("int8", "int4", ...),
@@ -122,23 +113,26 @@ class LLM:
         *,
         dtype="float32",
         max_model_len: int | None = None,
+        # Engine knobs: defaults written once, in EngineConfig.
+        max_num_seqs: int = EngineConfig.max_num_seqs,
+        max_num_batched_tokens: int = EngineConfig.max_num_batched_tokens,
+        max_num_partial_prefills: int | None = EngineConfig.max_num_partial_prefills,
+        page_size: int = EngineConfig.page_size,
+        kv_cache_gb: float = EngineConfig.kv_cache_gb,
+        num_pages: int | None = EngineConfig.num_pages,
+        enable_prefix_caching: bool = EngineConfig.enable_prefix_caching,
+        attention_backend: str | None = EngineConfig.attention_backend,
         engine: str = "continuous",
         seed: int = 0,
         quantization: str | None = None,
+        kv_cache_dtype: str = EngineConfig.kv_cache_dtype,
         progress: bool = True,
         mesh=None,
         sharding_rules=None,
         speculative_config=None,
-        **engine_options,
     ):
         if engine not in ENGINES:
             raise ValueError(f"engine={engine!r} is not one of {ENGINES}")
-        unknown = sorted(set(engine_options) - ENGINE_OPTIONS)
-        if unknown:
-            raise ValueError(
-                f"LLM got unknown argument(s) {unknown}: allowed engine options are "
-                f"{sorted(ENGINE_OPTIONS)} (EngineConfig fields)"
-            )
         spec = spec_config.normalize(speculative_config)
         if spec is not None and (engine != "continuous" or mesh is not None):
             raise ValueError(
@@ -170,9 +164,17 @@ class LLM:
             )
         self.max_model_len = max_model_len
         self.engine_config = EngineConfig(
-            **engine_options, **(spec_config.engine_fields(spec) if spec else {})
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_num_partial_prefills=max_num_partial_prefills,
+            page_size=page_size,
+            kv_cache_gb=kv_cache_gb,
+            num_pages=num_pages,
+            enable_prefix_caching=enable_prefix_caching,
+            attention_backend=attention_backend,
+            kv_cache_dtype=kv_cache_dtype,
+            **(spec_config.engine_fields(spec) if spec else {}),
         )
-        kv_cache_dtype = self.engine_config.kv_cache_dtype
         if engine == "static" and kv_cache_dtype not in ("auto", str(self.dtype)):
             raise ValueError(
                 f"kv_cache_dtype={kv_cache_dtype!r} needs engine='continuous' (the paged "

@@ -20,6 +20,7 @@ engine; speculative decoding borrows the pool explicitly (`pool` in, `pool` out)
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -29,8 +30,9 @@ import numpy as np
 from jax_infer import sharding
 from jax_infer.attention import build_metadata, flat_tokens
 from jax_infer.config import ModelConfig
+from jax_infer.model.cache import init_paged_cache, init_sharded_paged_cache
 from jax_infer.model.llama import untie_lm_head
-from jax_infer.model.step import init_paged_cache, paged_forward
+from jax_infer.model.step import paged_forward
 from jax_infer.outputs import logprob_entry
 from jax_infer.quant.transform import tile_f32_params, untile_f32_params
 from jax_infer.sampling import SamplerFlags, SamplingMetadata, min_tokens_banned_ids, sample
@@ -60,6 +62,33 @@ def canonical_params(params, config: ModelConfig):
     if config.tie_word_embeddings and "lm_head" in params:
         params = {k: v for k, v in params.items() if k != "lm_head"}
     return params
+
+
+def sharded_step(step, logits_sharding: jax.sharding.NamedSharding, pool_shardings):
+    """`step(params, tokens, meta, cache, **static) -> (logits, cache)` (e.g.
+    `model.step.paged_forward`) jitted again with its outputs pinned: logits to
+    `logits_sharding`, the cache to `pool_shardings`, its input sharding. The cache is
+    donated, and an output sharding equal to the input's is what lets XLA reuse the donated
+    buffers in place; nothing is resharded from one step to the next. Keyword arguments are
+    static (one compiled wrapper per distinct set)."""
+    wrappers: dict = {}
+
+    def call(params, tokens, meta, cache, **static):
+        # Host values (the step's token ids and metadata) go in as numpy: jit replicates them
+        # over the mesh, and on several processes each process passes the same value.
+        tokens, meta = jax.tree.map(np.asarray, (tokens, meta))
+        key = tuple(sorted(static.items()))
+        fn = wrappers.get(key)
+        if fn is None:
+            fn = jax.jit(
+                functools.partial(step, **static),
+                donate_argnums=(3,),
+                out_shardings=(logits_sharding, pool_shardings),
+            )
+            wrappers[key] = fn
+        return fn(params, tokens, meta, cache)
+
+    return call
 
 
 @dataclasses.dataclass
@@ -125,13 +154,13 @@ class ModelRunner:
             self.pool = init_paged_cache(config, num_pages, page_size, cache_dtype)
             self._forward = paged_forward
         else:
-            self.pool = sharding.init_sharded_paged_cache(
+            self.pool = init_sharded_paged_cache(
                 config, num_pages, page_size, mesh, rules, cache_dtype
             )
             # Logits are gathered (the sampler reads every row); the pool keeps its sharding.
             replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
             shardings = jax.tree.map(lambda a: a.sharding, self.pool)
-            self._forward = sharding.sharded_step(paged_forward, replicated, shardings)
+            self._forward = sharded_step(paged_forward, replicated, shardings)
 
     def canonical_params(self):
         """The params as loaded (and quantized): what `LLM.save` writes."""

@@ -71,23 +71,23 @@ and splitting the token run over `data` would all-gather every new K/V into the 
 pool each layer for little gain. So there (`LLMEngine(mesh=...)`) each step's inputs and
 the pool are replicated over `data`: the axis adds replicas, not throughput, and data
 parallel serving is one engine per data slice (as vLLM runs it). The pool is pinned to its
-sharding across steps (`sharded_step`) so that its donation updates it in place.
+sharding across steps (`runner.sharded_step`) so that its donation updates it in place.
 
-Multi-host: `initialize_distributed` must run before anything touches the backend; the
-mesh then spans every process's devices, and the sharded loaders
-(`load_hf(..., mesh=...)`) read on each host only the slices its devices hold.
+What lives elsewhere. This module is rules and specs only and imports no model code:
+caches created in their sharding are `model.cache.init_sharded_cache` /
+`init_sharded_paged_cache`; multi-process start-up is `distributed.initialize_distributed`
+(before anything touches the backend; the mesh then spans every process's devices, and the
+sharded loaders, `load_hf(..., mesh=...)`, read on each host only the slices its devices
+hold); the scripts' --mesh_* flags are `scripts/shared_flags.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-import os
 from collections.abc import Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -132,7 +132,7 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
     "w_down": ("mlp", "embed"),
 }
 
-# The contiguous cache of model/llama.py: per layer (k, v), each [B, S, K, H].
+# The contiguous cache of model/cache.py: per layer (k, v), each [B, S, K, H].
 CACHE_AXES = ("batch", "seq", "kv_heads", "head_dim")
 # A page pool [P, L, K, H]: split by kv heads only; pages are shared by every sequence
 # through the block tables, so the pool has no batch axis to split over `data`.
@@ -411,173 +411,12 @@ def shard_cache(
     return jax.device_put(cache, cache_shardings(cache, config, mesh, rules, axes))
 
 
-def init_sharded_cache(
-    config: ModelConfig,
-    batch: int,
-    max_len: int,
-    mesh: Mesh,
-    rules: Rules | None = None,
-    dtype=jnp.float32,
-):
-    """`model.llama.init_cache`, created directly in its sharding (no full copy anywhere)."""
-    # Imported here: the weight loaders import this module and need no model code.
-    from jax_infer.model.llama import init_cache
-
-    def zeros():
-        return init_cache(config, batch, max_len, dtype)
-
-    shardings = cache_shardings(jax.eval_shape(zeros), config, mesh, rules)
-    return jax.jit(zeros, out_shardings=shardings)()
-
-
-def init_sharded_paged_cache(
-    config: ModelConfig,
-    num_pages: int,
-    page_size: int,
-    mesh: Mesh,
-    rules: Rules | None = None,
-    dtype=jnp.float32,
-):
-    """`model.step.init_paged_cache` (float or int8 pools), created directly in its sharding:
-    split by kv heads over `model` (replicated where K does not divide it), replicated over
-    `data` (the pool has no batch axis)."""
-    from jax_infer.model.step import init_paged_cache
-
-    def zeros():
-        return init_paged_cache(config, num_pages, page_size, dtype)
-
-    shapes = jax.eval_shape(zeros)
-    shardings = cache_shardings(shapes, config, mesh, rules, PAGED_CACHE_AXES)
-    return jax.jit(zeros, out_shardings=shardings)()
-
-
-def sharded_step(step, logits_sharding: NamedSharding, cache_shardings_):
-    """`step(params, tokens, meta, cache, **static) -> (logits, cache)` (e.g.
-    `model.step.paged_forward`) jitted again with its outputs pinned: logits to
-    `logits_sharding`, the cache to `cache_shardings_`, its input sharding. The cache is
-    donated, and an output sharding equal to the input's is what lets XLA reuse the donated
-    buffers in place; nothing is resharded from one step to the next. Keyword arguments are
-    static (one compiled wrapper per distinct set)."""
-    wrappers: dict = {}
-
-    def call(params, tokens, meta, cache, **static):
-        # Host values (the step's token ids and metadata) go in as numpy: jit replicates them
-        # over the mesh, and on several processes each process passes the same value.
-        tokens, meta = jax.tree.map(np.asarray, (tokens, meta))
-        key = tuple(sorted(static.items()))
-        fn = wrappers.get(key)
-        if fn is None:
-            fn = jax.jit(
-                functools.partial(step, **static),
-                donate_argnums=(3,),
-                out_shardings=(logits_sharding, cache_shardings_),
-            )
-            wrappers[key] = fn
-        return fn(params, tokens, meta, cache)
-
-    return call
-
-
 def _is_spec(x) -> bool:
     return isinstance(x, PartitionSpec)
 
 
 def _is_quantized(x) -> bool:
     return isinstance(x, QuantizedArray)
-
-
-# -- launch ----------------------------------------------------------------------------
-
-
-def _launched_multiprocess() -> bool:
-    """Whether a launcher started several processes: jax's own JAX_COORDINATOR_ADDRESS, or
-    a Slurm / Open MPI job of more than one task (jax's cluster detection reads the rest)."""
-    if "JAX_COORDINATOR_ADDRESS" in os.environ:
-        return True
-    for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
-        value = os.environ.get(name, "1")
-        if value.isdigit() and int(value) > 1:
-            return True
-    return False
-
-
-def initialize_distributed(
-    coordinator_address: str | None = None,
-    num_processes: int | None = None,
-    process_id: int | None = None,
-    *,
-    auto_detect: bool = False,
-) -> bool:
-    """Start `jax.distributed` for a multi-process job; returns whether it is running.
-
-    A no-op (False) for a single process: num_processes == 1, or nothing given, auto_detect
-    off and no multi-process launcher (JAX_COORDINATOR_ADDRESS, Slurm or Open MPI with more
-    than one task). Otherwise
-    unset values are auto-detected by jax (TPU pods, Slurm, Open MPI). Must run before
-    anything touches the jax backend (jax.devices(), any computation).
-    """
-    if jax.distributed.is_initialized():
-        return True
-    if num_processes is not None:
-        _check_size("num_processes", num_processes)
-        if num_processes == 1:
-            return False
-    if process_id is not None and (
-        not isinstance(process_id, int)
-        or process_id < 0
-        or (num_processes is not None and process_id >= num_processes)
-    ):
-        raise ValueError(
-            f"process_id={process_id!r} is invalid: must be an int in [0, num_processes="
-            f"{num_processes})"
-        )
-    given = (coordinator_address, num_processes, process_id) != (None, None, None)
-    if not (given or auto_detect or _launched_multiprocess()):
-        return False
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
-    return True
-
-
-def define_flags(flag_values=None) -> None:
-    """Define --mesh_data, --mesh_model and the multi-process flags (scripts call this once)."""
-    from absl import flags
-
-    fv = flags.FLAGS if flag_values is None else flag_values
-    flags.DEFINE_integer(
-        "mesh_data", 1, "data-parallel mesh size (batch split)", lower_bound=1, flag_values=fv
-    )
-    flags.DEFINE_integer(
-        "mesh_model",
-        1,
-        "tensor-parallel mesh size (heads, MLP channels, vocabulary)",
-        lower_bound=1,
-        flag_values=fv,
-    )
-    flags.DEFINE_string(
-        "coordinator_address", None, "host:port of process 0 (multi-process)", flag_values=fv
-    )
-    flags.DEFINE_integer("num_processes", None, "processes in the job", flag_values=fv)
-    flags.DEFINE_integer("process_id", None, "this process, in [0, num_processes)", flag_values=fv)
-    flags.DEFINE_bool(
-        "distributed",
-        False,
-        "start jax.distributed, auto-detecting unset values (TPU pod, Slurm, Open MPI)",
-        flag_values=fv,
-    )
-
-
-def mesh_from_flags(flag_values=None) -> Mesh | None:
-    """Starts jax.distributed if the flags ask for it, then builds the mesh; None for a 1x1
-    mesh on one process, so a default run takes the unsharded path unchanged."""
-    from absl import flags
-
-    fv = flags.FLAGS if flag_values is None else flag_values
-    initialize_distributed(
-        fv.coordinator_address, fv.num_processes, fv.process_id, auto_detect=fv.distributed
-    )
-    if fv.mesh_data == fv.mesh_model == 1 and jax.process_count() == 1:
-        return None
-    return make_mesh(fv.mesh_data, fv.mesh_model)
 
 
 __all__ = [
@@ -590,15 +429,10 @@ __all__ = [
     "PARAM_AXES",
     "QUANT_LAYOUTS",
     "cache_shardings",
-    "define_flags",
     "head_units",
-    "init_sharded_cache",
-    "init_sharded_paged_cache",
-    "initialize_distributed",
     "logical_axes",
     "logical_to_spec",
     "make_mesh",
-    "mesh_from_flags",
     "named_sharding",
     "param_sharding",
     "param_shardings",
@@ -606,5 +440,4 @@ __all__ = [
     "quantized_specs",
     "shard_cache",
     "shard_params",
-    "sharded_step",
 ]

@@ -28,14 +28,13 @@ Each formulation is (prepare a float [K, N] weight once, apply it to x [B, K]):
 
 from __future__ import annotations
 
-import json
-import os
-import platform
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import report
+import shared_flags
 from absl import app, flags
 
 from jax_infer.quant import kernels, quantize_matrix, quantized_matmul
@@ -46,7 +45,8 @@ flags.DEFINE_list("batch", ["1", "32"], "Activation rows to measure.")
 flags.DEFINE_integer("layers", 30, "Decoder layers chained (each with its own weights).")
 flags.DEFINE_integer("repeats", 15, "Timed calls per formulation (median reported).")
 flags.DEFINE_list("formulations", None, "Subset to run (default: all).")
-flags.DEFINE_string("json", None, "Write the results to this JSON file.")
+shared_flags.define_json_flag()
+flags.adopt_module_key_flags(shared_flags)  # --help lists the shared flags too
 
 D, F, NH, KH = 576, 1536, 576, 192  # model, ffn, query heads x head dim, kv heads x head dim
 SHAPES = [(D, NH), (D, KH), (D, KH), (NH, D), (D, F), (D, F), (F, D)]  # [K, N] per matmul
@@ -225,14 +225,8 @@ def main(argv):
         "results": results,
         "layers": FLAGS.layers,
         "kernel_features": kernels.features(),
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "jax": jax.__version__,
     }
-    if FLAGS.json:
-        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
-        with open(FLAGS.json, "w") as f:
-            json.dump(out, f, indent=2)
+    report.write_json(FLAGS.json, out)
 
 
 if __name__ == "__main__":

@@ -15,28 +15,23 @@ array).
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 
-import jax
 import numpy as np
+import report
+import shared_flags
 from absl import app, flags
 
-from jax_infer import LLM, sharding
+from jax_infer import LLM
 from jax_infer.eval.speed import decode_read_bytes, read_bandwidth_gbs, run_once, tree_bytes
 
 FLAGS = flags.FLAGS
-sharding.define_flags()
-flags.DEFINE_string("model", "smollm2-135m", "Model name or path.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and compute dtype.")
-flags.DEFINE_string(
-    "quantization",
-    "none",
-    "none, or a jax_infer.quant scheme: int8, int8-g64, int4, ... (+embed also quantizes the "
-    "embedding and LM head). Weight bytes count the quantized arrays as stored: packed int4 is "
-    "half a byte per weight, scales included.",
-)
+shared_flags.define_model_flags()
+# Batch 1 without prefix caching is what this benchmark measures: those two are fixed below.
+shared_flags.define_engine_flags(names=["attention_backend", "kv_cache_dtype", "page_size"])
+shared_flags.define_mesh_flags()
+shared_flags.define_json_flag()
+flags.adopt_module_key_flags(shared_flags)  # --help lists the shared flags too
 flags.DEFINE_integer("prompt_len", 512, "Prompt tokens for the prefill measurement.")
 flags.DEFINE_integer("decode_tokens", 128, "Generated tokens for the decode measurement.")
 flags.DEFINE_integer(
@@ -47,18 +42,11 @@ flags.DEFINE_integer(
 flags.DEFINE_enum(
     "engine", "continuous", ["continuous", "static"], "Paged continuous engine or static batching."
 )
-flags.DEFINE_string("json", None, "Write the results to this JSON file.")
-flags.DEFINE_enum(
-    "attention_backend",
-    None,
-    ["reference", "xla", "cpu", "pallas"],
-    "Paged attention backend (default: the platform's, 'cpu' on a CPU without a mesh).",
-)
 flags.DEFINE_string(
     "speculative",
     None,
     "Instead of the prefill/decode numbers: batch-1 decode tokens/s with and without "
-    "speculative decoding (jax_infer/speculative/benchmark.py) on input-grounded and open-ended "
+    "speculative decoding (scripts/speculative_prompts.py) on input-grounded and open-ended "
     "prompts. One of ngram, self-int4, self-int8, draft:<path>.",
 )
 flags.DEFINE_integer("num_speculative_tokens", None, "Drafts per step (default: per method).")
@@ -72,20 +60,18 @@ TEXT = (
 
 
 def speculative_main() -> None:
-    from jax_infer.speculative import benchmark as spec_bench
+    import speculative_prompts as spec_bench
+
     from jax_infer.speculative import config as spec_config
 
     spec = spec_config.normalize(FLAGS.speculative)
     if FLAGS.num_speculative_tokens is not None:
         spec["num_speculative_tokens"] = FLAGS.num_speculative_tokens
     common = dict(
-        model=FLAGS.model,
-        dtype=FLAGS.dtype,
+        shared_flags.llm_kwargs(),
         max_num_seqs=1,
         enable_prefix_caching=False,
-        quantization=None if FLAGS.quantization == "none" else FLAGS.quantization,
         max_model_len=2048,
-        attention_backend=FLAGS.attention_backend,
         progress=False,
     )
     base_llm = LLM(**common)
@@ -103,27 +89,28 @@ def speculative_main() -> None:
         "input_grounded": spec_bench.grounded_prompts(n),
         "open_ended": list(spec_bench.OPEN_ENDED[:n]),
     }
-    print(
-        f"{'workload':<16} {'base tok/s':>10} {'spec tok/s':>10} {'speedup':>8} "
-        f"{'accept':>7} {'tok/verify':>10} identical"
-    )
+    rows = []
     for name, prompts in workloads.items():
         r = spec_bench.compare(base_llm, spec_llm, prompts, FLAGS.decode_tokens, FLAGS.repeats)
         result[name] = r
-        print(
-            f"{name:<16} {r['baseline_tokens_per_s']:>10.1f} {r['speculative_tokens_per_s']:>10.1f} "
-            f"{r['speedup']:>7.2f}x {r['acceptance_rate']:>7.2f} "
-            f"{r['mean_accepted_tokens_per_verify']:>10.2f} {r['identical_outputs']}"
+        rows.append(
+            [
+                name,
+                f"{r['baseline_tokens_per_s']:.1f}",
+                f"{r['speculative_tokens_per_s']:.1f}",
+                f"{r['speedup']:.2f}x",
+                f"{r['acceptance_rate']:.2f}",
+                f"{r['mean_accepted_tokens_per_verify']:.2f}",
+                r["identical_outputs"],
+            ]
         )
+    headers = ["workload", "base tok/s", "spec tok/s", "speedup", "accept", "tok/verify"]
+    report.print_table([*headers, "identical"], rows)
     result["load_average_after"] = os.getloadavg()
-    result.update(backend=jax.default_backend(), cores=os.cpu_count(), jax=jax.__version__)
     print(
         f"load average before {result['load_average_before']}, after {result['load_average_after']}"
     )
-    if FLAGS.json:
-        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
-        with open(FLAGS.json, "w") as f:
-            json.dump(result, f, indent=2)
+    report.write_json(FLAGS.json, result)
 
 
 def main(argv):
@@ -134,14 +121,10 @@ def main(argv):
     # Prefix caching off: the timed runs repeat one prompt, and a cache hit would turn the
     # prefill measurement into a one-token step.
     llm = LLM(
-        model=FLAGS.model,
-        dtype=FLAGS.dtype,
+        **shared_flags.llm_kwargs(),
         max_num_seqs=1,
         engine=FLAGS.engine,
         enable_prefix_caching=False,
-        quantization=None if FLAGS.quantization == "none" else FLAGS.quantization,
-        mesh=sharding.mesh_from_flags(),
-        attention_backend=FLAGS.attention_backend,
     )
     ids = llm.tokenizer.encode(TEXT * 64)
     while len(ids) < FLAGS.prompt_len:
@@ -157,6 +140,9 @@ def main(argv):
         "model": FLAGS.model,
         "dtype": FLAGS.dtype,
         "quantization": FLAGS.quantization,
+        "attention_backend": FLAGS.attention_backend,
+        "page_size": FLAGS.page_size,
+        "kv_cache_dtype": FLAGS.kv_cache_dtype,
         "engine": FLAGS.engine,
         # With a mesh, weight bytes and bandwidth are the whole model's, all devices together.
         "mesh": {"data": FLAGS.mesh_data, "model": FLAGS.mesh_model},
@@ -169,10 +155,6 @@ def main(argv):
         "stored_weight_bytes": tree_bytes(llm.params),
         "decode_weight_read_gb_per_s": wbytes * decode / 1e9,
         "machine_read_gb_per_s": machine_bw,
-        "backend": jax.default_backend(),
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "jax": jax.__version__,
     }
     rows = [
         (
@@ -193,14 +175,8 @@ def main(argv):
         ),
         ("machine read (GB/s)", f"{machine_bw:.1f}", "jitted sum over 512 MiB"),
     ]
-    width = max(len(r[0]) for r in rows)
-    print(f"{'metric':<{width}}  {'value':>8}  note")
-    for name, value, note in rows:
-        print(f"{name:<{width}}  {value:>8}  {note}")
-    if FLAGS.json:
-        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
-        with open(FLAGS.json, "w") as f:
-            json.dump(result, f, indent=2)
+    report.print_table(["metric", "value", "note"], rows)
+    report.write_json(FLAGS.json, result)
 
 
 if __name__ == "__main__":

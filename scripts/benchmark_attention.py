@@ -10,13 +10,13 @@ otherwise reported from its compiled memory footprint alone.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import report
+import shared_flags
 from absl import app, flags
 
 from pallas_kernels.flash_attention import attention_reference, blockwise_attention
@@ -25,7 +25,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("lengths", ["2048", "8192", "16384"], "Prompt lengths.")
 flags.DEFINE_integer("block", 512, "Query and KV block of the blockwise path.")
 flags.DEFINE_float("dense_limit_gb", 8.0, "Run the dense path only below this footprint.")
-flags.DEFINE_string("json", None, "Write results to this JSON file.")
+shared_flags.define_json_flag()
+flags.adopt_module_key_flags(shared_flags)  # --help lists the shared flags too
 
 N, K, H = 9, 3, 64
 
@@ -79,17 +80,18 @@ def main(argv):
             ref = np.asarray(dn(q, k, v))
             row["max_abs_diff"] = float(np.abs(np.asarray(bw(q, k, v)) - ref).max())
         rows.append(row)
-    print(f"{'tokens':>7} {'blockwise s':>12} {'blockwise GB':>13} {'dense s':>9} {'dense GB':>9}")
-    for r in rows:
-        dense_s = f"{r['dense_s']:.2f}" if r["dense_s"] is not None else "skipped"
-        print(
-            f"{r['tokens']:>7} {r['blockwise_s']:>12.2f} {r['blockwise_peak_gb']:>13.3f} "
-            f"{dense_s:>9} {r['dense_peak_gb']:>9.2f}"
-        )
-    if FLAGS.json:
-        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
-        with open(FLAGS.json, "w") as f:
-            json.dump({"rows": rows, "heads": [N, K, H], "block": FLAGS.block}, f, indent=2)
+    table = [
+        [
+            r["tokens"],
+            f"{r['blockwise_s']:.2f}",
+            f"{r['blockwise_peak_gb']:.3f}",
+            f"{r['dense_s']:.2f}" if r["dense_s"] is not None else "skipped",
+            f"{r['dense_peak_gb']:.2f}",
+        ]
+        for r in rows
+    ]
+    report.print_table(["tokens", "blockwise s", "blockwise GB", "dense s", "dense GB"], table)
+    report.write_json(FLAGS.json, {"rows": rows, "heads": [N, K, H], "block": FLAGS.block})
 
 
 if __name__ == "__main__":

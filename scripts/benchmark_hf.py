@@ -14,11 +14,12 @@ Needs the test extras (torch, transformers); nothing here is used by jax_infer i
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import numpy as np
+import report
+import shared_flags
 from absl import app, flags
 
 FLAGS = flags.FLAGS
@@ -27,7 +28,8 @@ flags.DEFINE_integer("prompt_len", 128, "Tokens per prompt.")
 flags.DEFINE_integer("new_tokens", 128, "Tokens generated per prompt.")
 flags.DEFINE_integer("seed", 0, "Workload seed (benchmark_serving.py's --seed).")
 flags.DEFINE_integer("repeats", 1, "Timed generate calls (the best is reported too).")
-flags.DEFINE_string("json", None, "Write results to this JSON file.")
+shared_flags.define_json_flag()
+flags.adopt_module_key_flags(shared_flags)  # --help lists the shared flags too
 
 
 def main(argv):
@@ -75,15 +77,9 @@ def main(argv):
         "output_tokens_per_s": generated / float(np.median(times)),
         "output_tokens_per_s_best": generated / min(times),
     }
-    print(f"{'run':<22} {'out tok/s':>10} {'wall s':>8}")
-    print(
-        f"{'hf static decode32':<22} {result['output_tokens_per_s']:>10.1f} "
-        f"{float(np.median(times)):>8.2f}"
-    )
-    if FLAGS.json:
-        os.makedirs(os.path.dirname(FLAGS.json) or ".", exist_ok=True)
-        with open(FLAGS.json, "w") as fh:
-            json.dump(result, fh, indent=2)
+    row = ["hf static decode32", f"{result['output_tokens_per_s']:.1f}"]
+    report.print_table(["run", "out tok/s", "wall s"], [[*row, f"{np.median(times):.2f}"]])
+    report.write_json(FLAGS.json, result)
 
 
 if __name__ == "__main__":

@@ -21,28 +21,25 @@ Scenarios (--scenarios, comma-separated):
 from __future__ import annotations
 
 import functools
-import json
-import os
 import time
 
 import numpy as np
+import report
+import shared_flags
 from absl import app, flags
 
-from jax_infer import LLM, SamplingParams, sharding
+from jax_infer import LLM, SamplingParams
 
 FLAGS = flags.FLAGS
-sharding.define_flags()
-flags.DEFINE_string("model", "smollm2-135m", "Model name or path.")
+shared_flags.define_model_flags()
+shared_flags.define_engine_flags()
+shared_flags.define_mesh_flags()
+shared_flags.define_json_flag()
+flags.adopt_module_key_flags(shared_flags)  # --help lists the shared flags too
 flags.DEFINE_string("scenarios", "mixed,decode32,capacity,prefix", "Which scenarios to run.")
 flags.DEFINE_integer("num_requests", 64, "Requests in the mixed workload.")
 flags.DEFINE_float("request_rate", 0.0, "Poisson arrivals per second; 0 = all at once.")
-flags.DEFINE_integer("max_num_seqs", 32, "Engine seats (and the static batch size).")
-flags.DEFINE_integer("max_num_batched_tokens", 512, "Engine token budget per step.")
-flags.DEFINE_integer(
-    "max_num_partial_prefills", 1, "Prompt chunks per step (0: as many as the budget holds)."
-)
 flags.DEFINE_integer("max_model_len", 2048, "Longest request accepted.")
-flags.DEFINE_float("kv_cache_gb", 1.0, "KV cache budget.")
 flags.DEFINE_integer("prefix_len", 1000, "Shared prefix length for the prefix scenario.")
 flags.DEFINE_integer("seed", 0, "Workload seed.")
 flags.DEFINE_bool(
@@ -50,13 +47,6 @@ flags.DEFINE_bool(
     True,
     "Serve the mixed workload once (other token ids) before timing it, so the timed run "
     "measures steady-state serving rather than XLA compiling new step shapes.",
-)
-flags.DEFINE_string("json", None, "Write results to this JSON file.")
-flags.DEFINE_enum(
-    "attention_backend",
-    None,
-    ["reference", "xla", "cpu", "pallas"],
-    "Paged attention backend (default: the platform's, 'cpu' on a CPU without a mesh).",
 )
 
 
@@ -134,21 +124,18 @@ def serve(llm: LLM, prompts, max_tokens, arrive) -> dict:
 
 @functools.cache
 def mesh():
-    """The --mesh_data x --mesh_model mesh (None for 1x1), built once per process."""
-    return sharding.mesh_from_flags()
+    """The --mesh_data x --mesh_model mesh (None for 1x1), built once per process: the
+    scenarios make several LLMs, and jax.distributed starts only once."""
+    return shared_flags.mesh_from_flags()
 
 
 def make_llm(engine: str, **overrides) -> LLM:
+    """An LLM from the shared model and engine flags (--max_num_seqs is also the static
+    batch size), on the mesh built once per process."""
     kwargs = dict(
-        model=FLAGS.model,
-        mesh=mesh(),
+        shared_flags.llm_kwargs(mesh=mesh()),
         max_model_len=FLAGS.max_model_len,
-        max_num_seqs=FLAGS.max_num_seqs,
-        max_num_batched_tokens=FLAGS.max_num_batched_tokens,
-        max_num_partial_prefills=FLAGS.max_num_partial_prefills or None,
-        kv_cache_gb=FLAGS.kv_cache_gb,
         engine=engine,
-        attention_backend=FLAGS.attention_backend,
         progress=False,
     )
     kwargs.update(overrides)
@@ -260,11 +247,8 @@ def print_table(results):
                 )
             )
     if rows:
-        print(
-            f"{'run':<18} {'out tok/s':>10} {'TTFT p50/p99 s':>16} {'TPOT p50/p99 ms':>16} {'peak KV':>8}"
-        )
-        for row in rows:
-            print(f"{row[0]:<18} {row[1]:>10} {row[2]:>16} {row[3]:>16} {row[4]:>8}")
+        headers = ["run", "out tok/s", "TTFT p50/p99 s", "TPOT p50/p99 ms", "peak KV"]
+        report.print_table(headers, rows)
     if "mixed_speedup" in results:
         print(f"continuous / static output tokens/s: {results['mixed_speedup']:.2f}x")
     if "capacity" in results:
@@ -283,32 +267,15 @@ def print_table(results):
 
 def main(argv):
     del argv
-    results = {
-        "flags": {
-            k: FLAGS[k].value
-            for k in (
-                "model",
-                "num_requests",
-                "request_rate",
-                "max_num_seqs",
-                "max_num_batched_tokens",
-                "max_model_len",
-                "kv_cache_gb",
-                "seed",
-                "mesh_data",
-                "mesh_model",
-            )
-        }
-    }
+    names = ["model", "dtype", "quantization", "scenarios", "num_requests", "request_rate"]
+    names += [*shared_flags.ENGINE_FLAGS, "max_model_len", "seed", "mesh_data", "mesh_model"]
+    results = {"flags": {k: FLAGS[k].value for k in names}}
     for name in FLAGS.scenarios.split(","):
         if name not in SCENARIOS:
             raise app.UsageError(f"--scenarios: {name!r} is not one of {sorted(SCENARIOS)}")
         SCENARIOS[name](results)
     print_table(results)
-    if FLAGS.json:
-        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
-        with open(FLAGS.json, "w") as f:
-            json.dump(results, f, indent=2)
+    report.write_json(FLAGS.json, results)
 
 
 if __name__ == "__main__":

@@ -21,19 +21,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import report
+import shared_flags
 from absl import app, flags, logging
 
 from pallas_kernels import flash_attention as fa
 from pallas_kernels import ragged_paged_attention as rpa
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("json", None, "Write the results to this JSON file.")
+shared_flags.define_json_flag()
+flags.adopt_module_key_flags(shared_flags)  # --help lists the shared flags too
 flags.DEFINE_bool("quick", False, "Small shapes (implied on a CPU, where kernels interpret).")
 flags.DEFINE_integer("repeats", 5, "Timed runs per implementation (the median is reported).")
 flags.DEFINE_float("time_budget_s", 240.0, "Start no new configuration after this long.")
@@ -255,18 +257,22 @@ def check_ragged(cfg: RaggedConfig, platform: str, repeats: int) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    header = (
-        f"{'kernel':7} {'config':20} {'impl':11} {'ms':>9} {'max_err':>9} {'ok':>3} "
-        f"{'tokens/s':>11} {'TFLOP/s':>8} {'GB/s':>8}"
-    )
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(
-            f"{r['kernel']:7} {r['config']:20} {r['impl']:11} {r['ms']:9.3f} "
-            f"{r['max_abs_err']:9.2e} {'yes' if r['ok'] else 'NO':>3} "
-            f"{r['tokens_per_s']:11.1f} {r['tflops']:8.3f} {r['gbytes_per_s']:8.2f}"
-        )
+    headers = ["kernel", "config", "impl", "ms", "max_err", "ok", "tokens/s", "TFLOP/s", "GB/s"]
+    table = [
+        [
+            r["kernel"],
+            r["config"],
+            r["impl"],
+            f"{r['ms']:.3f}",
+            f"{r['max_abs_err']:.2e}",
+            "yes" if r["ok"] else "NO",
+            f"{r['tokens_per_s']:.1f}",
+            f"{r['tflops']:.3f}",
+            f"{r['gbytes_per_s']:.2f}",
+        ]
+        for r in rows
+    ]
+    report.print_table(headers, table)
 
 
 def main(argv):
@@ -303,10 +309,7 @@ def main(argv):
         skipped=skipped,
         failures=failures,
     )
-    if FLAGS.json:
-        with open(FLAGS.json, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"wrote {FLAGS.json}")
+    report.write_json(FLAGS.json, result)
     if failures:
         print(f"FAILED: {', '.join(failures)}")
         return 1

@@ -3,19 +3,25 @@
 python scripts/generate.py --prompt "The capital of France is" --max_tokens 32
 python scripts/generate.py --chat --prompt "Write a haiku about the sea."
 python scripts/generate.py --mesh_model=4        # tensor parallel over 4 devices
+python scripts/generate.py --quantization int8 --kv_cache_dtype int8 --max_num_seqs 4
+
+Model, engine and mesh flags are the shared groups of scripts/shared_flags.py.
 """
 
 from __future__ import annotations
 
 import sys
 
+import shared_flags
 from absl import app, flags
 
-from jax_infer import LLM, SamplingParams, sharding
+from jax_infer import LLM, SamplingParams
 
 FLAGS = flags.FLAGS
-sharding.define_flags()
-flags.DEFINE_string("model", "smollm2-135m", "Model name, .gguf file, HF dir or orbax dir.")
+shared_flags.define_model_flags()
+shared_flags.define_engine_flags()
+shared_flags.define_mesh_flags()
+flags.adopt_module_key_flags(shared_flags)  # --help lists the shared flags too
 flags.DEFINE_string(
     "prompt", "The capital of France is", "Prompt text (the user turn with --chat)."
 )
@@ -25,14 +31,13 @@ flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
 flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off).")
 flags.DEFINE_integer("seed", None, "Sampling seed (same seed, same output).")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and compute dtype.")
 flags.DEFINE_bool("stream", True, "Print tokens as they are generated.")
 
 
 def main(argv):
     del argv
     # Starts jax.distributed first when the flags (or a launcher) ask for several processes.
-    llm = LLM(model=FLAGS.model, dtype=FLAGS.dtype, mesh=sharding.mesh_from_flags())
+    llm = LLM(**shared_flags.llm_kwargs())
     params = SamplingParams(
         max_tokens=FLAGS.max_tokens,
         temperature=FLAGS.temperature,

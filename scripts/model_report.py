@@ -28,19 +28,20 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import os
 import time
 
 import jax.numpy as jnp
 import numpy as np
+import report
+import shared_flags
 from absl import app, flags
 
 from jax_infer import LLM, weights
 from jax_infer.eval import perplexity
 from jax_infer.eval.speed import decode_read_bytes, measure_speed, run_once, tree_bytes
 from jax_infer.llm import load_tokenizer
-from jax_infer.model.llama import init_cache
+from jax_infer.model.cache import init_cache
 from jax_infer.model.step import forward
 from jax_infer.prune import (
     HealConfig,
@@ -93,7 +94,10 @@ DEFAULT_VARIANTS = [
 ]
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "smollm2-135m", "Model name, .gguf file or HF dir.")
+# Variants choose their own dtype and quantization.
+shared_flags.define_model_flags(dtype=False, quantization=False)
+shared_flags.define_json_flag(default="results/model_report.json")
+flags.adopt_module_key_flags(shared_flags)  # --help lists the shared flags too
 flags.DEFINE_list("variants", DEFAULT_VARIANTS, f"Any of {sorted(VARIANTS)}.")
 flags.DEFINE_string("work_dir", "/tmp/model_report", "Where pruned checkpoints are kept.")
 flags.DEFINE_string("calibration_text", "/usr/share/common-licenses/GPL-3", "Prune/heal text.")
@@ -119,7 +123,6 @@ flags.DEFINE_list(
     "first are robust to load drifting on a shared machine); empty to skip.",
 )
 flags.DEFINE_integer("interleaved_rounds", 7, "Alternation rounds for --interleaved.")
-flags.DEFINE_string("json", "results/model_report.json", "Write the results here.")
 flags.DEFINE_string("png", "results/model_report.png", "Draw the chart here ('' to skip).")
 
 
@@ -337,21 +340,25 @@ def evaluate(variant: Variant, checkpoints: Checkpoints) -> dict:
 
 def print_table(rows: list[dict]) -> None:
     base = next((r for r in rows if r["variant"] == "f32"), rows[0])
-    header = (
-        f"{'variant':<16} {'layers':>6} {'F':>5} {'N/K':>5} {'ppl':>8} {'prefill t/s':>11} "
-        f"{'decode t/s':>10} {'x f32':>6} {'read MB':>8} {'stored MB':>9} {'load':>5}"
-    )
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(
-            f"{r['variant']:<16} {r['num_layers']:>6} {r['intermediate_size']:>5} "
-            f"{r['num_heads']}/{r['num_kv_heads']:<3} {r['perplexity']:>8.2f} "
-            f"{r['prefill_tokens_per_s']:>11.1f} {r['decode_tokens_per_s']:>10.1f} "
-            f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:>6.2f} "
-            f"{r['decode_weight_bytes'] / 1e6:>8.0f} {r['stored_weight_bytes'] / 1e6:>9.0f} "
-            f"{r['load_average'][0]:>5.1f}"
-        )
+    headers = ["variant", "layers", "F", "N/K", "ppl", "prefill t/s", "decode t/s", "x f32"]
+    headers += ["read MB", "stored MB", "load"]
+    table = [
+        [
+            r["variant"],
+            r["num_layers"],
+            r["intermediate_size"],
+            f"{r['num_heads']}/{r['num_kv_heads']}",
+            f"{r['perplexity']:.2f}",
+            f"{r['prefill_tokens_per_s']:.1f}",
+            f"{r['decode_tokens_per_s']:.1f}",
+            f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}",
+            f"{r['decode_weight_bytes'] / 1e6:.0f}",
+            f"{r['stored_weight_bytes'] / 1e6:.0f}",
+            f"{r['load_average'][0]:.1f}",
+        ]
+        for r in rows
+    ]
+    report.print_table(headers, table)
 
 
 def draw(rows: list[dict], path: str, interleaved: dict) -> None:
@@ -443,11 +450,7 @@ def main(argv):
         "interleaved": interleaved,
         "interleaved_rounds": FLAGS.interleaved_rounds,
     }
-    if FLAGS.json:
-        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
-        with open(FLAGS.json, "w") as f:
-            json.dump(result, f, indent=2, default=str)
-        print(f"wrote {FLAGS.json}")
+    report.write_json(FLAGS.json, result)
     if FLAGS.png and rows:
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.png)), exist_ok=True)
         draw(rows, FLAGS.png, interleaved)

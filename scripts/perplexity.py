@@ -13,8 +13,9 @@ one text (no special tokens), so a corpus can be made long enough from short fil
 from __future__ import annotations
 
 import json
-import os
 
+import report
+import shared_flags
 from absl import app, flags
 
 from jax_infer import LLM
@@ -22,19 +23,15 @@ from jax_infer.eval import perplexity
 from jax_infer.quant import weight_bytes
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "smollm2-135m", "Model name, .gguf file, HF dir or orbax dir.")
-flags.DEFINE_string(
-    "quantization", "none", "none, or a jax_infer.quant scheme (int8, int4+embed, ...)."
-)
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and compute dtype.")
+shared_flags.define_model_flags()
+# Scoring uses the static path's int8 rounding (eval.perplexity): auto or int8 only.
+shared_flags.define_engine_flags(names=["kv_cache_dtype"])
+shared_flags.define_json_flag()
+flags.adopt_module_key_flags(shared_flags)  # --help lists the shared flags too
 flags.DEFINE_list("text_file", ["/usr/share/common-licenses/GPL-3"], "Text file(s), joined.")
 flags.DEFINE_integer("window", 1024, "Tokens per forward pass.")
 flags.DEFINE_integer("stride", 512, "Tokens between window starts (<= window).")
-flags.DEFINE_enum(
-    "kv_cache_dtype", "auto", ["auto", "int8"], "int8: score with the int8 KV cache's rounding."
-)
 flags.DEFINE_integer("max_tokens", None, "Evaluate only the first this many tokens.")
-flags.DEFINE_string("json", None, "Write the result to this JSON file.")
 
 
 def read_text(paths: list[str]) -> str:
@@ -47,11 +44,10 @@ def read_text(paths: list[str]) -> str:
 
 def main(argv):
     del argv
-    quantization = None if FLAGS.quantization == "none" else FLAGS.quantization
+    kwargs = shared_flags.llm_kwargs()
+    del kwargs["kv_cache_dtype"]  # the static engine's cache is not used: scoring sets its own
     llm = LLM(
-        model=FLAGS.model,
-        dtype=FLAGS.dtype,
-        quantization=quantization,
+        **kwargs,
         max_num_seqs=1,
         engine="static",
         progress=False,
@@ -79,10 +75,7 @@ def main(argv):
         **result.to_dict(),
     }
     print(json.dumps(out, indent=2))
-    if FLAGS.json:
-        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
-        with open(FLAGS.json, "w") as f:
-            json.dump(out, f, indent=2)
+    report.write_json(FLAGS.json, out)
 
 
 if __name__ == "__main__":

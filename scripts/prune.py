@@ -20,6 +20,7 @@ import json
 import os
 import time
 
+import shared_flags
 from absl import app, flags
 
 from jax_infer import weights
@@ -37,7 +38,8 @@ from jax_infer.prune import (
 METHODS = ("layers", "mlp", "heads", "magnitude", "wanda")
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "smollm2-135m", "Model name, .gguf file, HF dir or orbax dir.")
+shared_flags.define_model_flags(dtype=False, quantization=False)  # pruning runs in float32
+flags.adopt_module_key_flags(shared_flags)  # --help lists the shared flags too
 flags.DEFINE_enum("method", "layers", METHODS, "What to prune.")
 flags.DEFINE_float("amount", 0.25, "Fraction removed: of layers, MLP channels, heads, weights.")
 flags.DEFINE_string(

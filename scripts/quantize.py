@@ -14,6 +14,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import shared_flags
 from absl import app, flags
 
 from jax_infer import weights
@@ -21,10 +22,10 @@ from jax_infer.llm import load_tokenizer, resolve_dtype
 from jax_infer.quant import parse_scheme, quantize, weight_bytes
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "smollm2-135m", "Model name, .gguf file, HF dir or orbax dir.")
+shared_flags.define_model_flags(quantization=False, dtype_help="Dtype of the unquantized leaves.")
+flags.adopt_module_key_flags(shared_flags)  # --help lists the shared flags too
 flags.DEFINE_string("scheme", "int8+embed", "Quantization scheme (see jax_infer.quant).")
 flags.DEFINE_string("out", None, "Directory of the new orbax checkpoint (must not exist).")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Dtype of the unquantized leaves.")
 flags.mark_flag_as_required("out")
 
 

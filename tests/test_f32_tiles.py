@@ -120,7 +120,8 @@ def test_params_transform_tiles_projections_only():
 def test_smollm2_logits_unchanged_by_tiling(smollm2):
     """LLM tiles SmolLM2's f32 projections on this CPU; the logits of a prefill and of
     decode-sized batches agree with the same model in the [K, N] layout (XLA's dot)."""
-    from jax_infer.model.llama import Llama, contiguous_attention, init_cache
+    from jax_infer.model.cache import init_cache
+    from jax_infer.model.llama import Llama, contiguous_attention
 
     assert isinstance(smollm2.params["layers_0"]["w_up"], TiledF32Array)
     plain = untile_f32_params(smollm2.params)

@@ -17,8 +17,9 @@ from jax_infer.attention.paged import write_pages, xla_attention
 from jax_infer.config import TINY_LLAMA_TEST
 from jax_infer.engine import EngineConfig, LLMEngine
 from jax_infer.eval import perplexity
-from jax_infer.model.llama import init_cache, init_params
-from jax_infer.model.step import forward, init_paged_cache, kv_bytes_per_token, paged_forward
+from jax_infer.model.cache import init_cache, init_paged_cache, kv_bytes_per_token
+from jax_infer.model.llama import init_params
+from jax_infer.model.step import forward, paged_forward
 from jax_infer.quant.kv import QuantizedPages, dequantize_kv, fake_quantize_kv, quantize_kv
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from jax_infer.model.llama import init_cache
+from jax_infer.model.cache import init_cache
 from jax_infer.model.step import forward
 from jax_infer.weights import load_hf
 from tests.tiny_models import CASES, make_hf_model

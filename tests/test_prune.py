@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from jax_infer.config import ModelConfig
-from jax_infer.model.llama import init_cache, rms_norm
+from jax_infer.model.cache import init_cache
+from jax_infer.model.llama import rms_norm
 from jax_infer.model.step import forward
 from jax_infer.prune import (
     HealConfig,

@@ -18,8 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jax_infer import LLM, SamplingParams
+from jax_infer.model.cache import init_cache
 from jax_infer.model.layers import embed_lookup, linear, linear_transposed
-from jax_infer.model.llama import init_cache
 from jax_infer.model.step import forward
 from jax_infer.quant import (
     Int4Array,

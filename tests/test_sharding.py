@@ -188,7 +188,7 @@ def check_builder_tags() -> dict:
 
 
 def worker_tiny(tmp: Path) -> dict:
-    from jax_infer.model.llama import init_cache
+    from jax_infer.model.cache import init_cache, init_sharded_cache
     from jax_infer.model.step import forward
     from jax_infer.weights import hf, load_hf
 
@@ -218,7 +218,7 @@ def worker_tiny(tmp: Path) -> dict:
                 }
                 diff = np.abs(np.asarray(leaf) - np.asarray(flat_ref[keypath])).max()
                 param_err = max(param_err, float(diff))
-            cache = sharding.init_sharded_cache(config, 2, 16, mesh)
+            cache = init_sharded_cache(config, 2, 16, mesh)
             logits, new_cache = forward(params, *args, cache, **kw)
             entry = {
                 "logits_err": float(np.abs(np.asarray(logits) - ref).max()),
@@ -236,7 +236,7 @@ def worker_tiny(tmp: Path) -> dict:
                 want, _, _ = greedy(
                     ref_params, config, init_cache(config, 2, 32), prompts, 8, forward
                 )
-                cache = sharding.init_sharded_cache(config, 2, 32, mesh)
+                cache = init_sharded_cache(config, 2, 32, mesh)
                 got, _, cache = greedy(params, config, cache, prompts, 8, forward)
                 report["decode"][name] = {
                     "want": want,
@@ -267,7 +267,7 @@ def worker_tiny(tmp: Path) -> dict:
 def worker_smollm2(tmp: Path) -> dict:
     from jax_infer import weights
     from jax_infer.llm import load_tokenizer
-    from jax_infer.model.llama import init_cache
+    from jax_infer.model.cache import init_cache, init_sharded_cache
     from jax_infer.model.step import forward
 
     config, params, fmt, path, reader = weights.load("smollm2-135m", progress=False)
@@ -275,7 +275,7 @@ def worker_smollm2(tmp: Path) -> dict:
     sharded = sharding.shard_params(params, config, mesh)
     prompt = [load_tokenizer(fmt, path, reader).encode("The capital of France is")]
     want, ref, _ = greedy(params, config, init_cache(config, 1, 32), prompt, 8, forward)
-    cache = sharding.init_sharded_cache(config, 1, 32, mesh)
+    cache = init_sharded_cache(config, 1, 32, mesh)
     got, logits, cache = greedy(sharded, config, cache, prompt, 8, forward)
     layer = sharded["layers_0"]
     return {

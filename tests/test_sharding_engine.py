@@ -73,6 +73,7 @@ def spec_list(array) -> list:
 def worker_engine(tmp: Path) -> dict:
     from jax_infer import LLM, SamplingParams, sharding
     from jax_infer.config import ModelConfig
+    from jax_infer.model.cache import init_sharded_paged_cache
 
     rng = np.random.default_rng(0)
     # A one-token prompt (a decode row from the start) beside an 11-token prefill, then two
@@ -115,7 +116,7 @@ def worker_engine(tmp: Path) -> dict:
     report["int8_pool"] = {}
     for data, model in ((1, 2), (2, 4)):
         mesh = sharding.make_mesh(data, model)
-        pool = sharding.init_sharded_paged_cache(config, 8, 4, mesh, dtype=np.int8)[0][0]
+        pool = init_sharded_paged_cache(config, 8, 4, mesh, dtype=np.int8)[0][0]
         report["int8_pool"][mesh_name(data, model)] = {
             "values": spec_list(pool.values),
             "scales": spec_list(pool.scales),
@@ -152,7 +153,7 @@ def quant_logits(params, config, tokens, forward, init_cache) -> np.ndarray:
 def worker_quant(tmp: Path) -> dict:
     from jax_infer import sharding
     from jax_infer.config import ModelConfig
-    from jax_infer.model.llama import init_cache
+    from jax_infer.model.cache import init_cache, init_sharded_cache
     from jax_infer.model.step import forward
     from jax_infer.quant import kernels, quantize
 
@@ -194,7 +195,7 @@ def worker_quant(tmp: Path) -> dict:
                 config,
                 tokens,
                 forward,
-                lambda mesh=mesh: sharding.init_sharded_cache(config, 2, 8, mesh),
+                lambda mesh=mesh: init_sharded_cache(config, 2, 8, mesh),
             )
             ref = refs[scheme]
             err = float(np.abs(got - ref).max() / np.abs(ref).max())

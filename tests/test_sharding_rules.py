@@ -1,4 +1,4 @@
-"""Sharding rules in-process: logical axes, the head-split rule, fallbacks, errors, launch.
+"""Sharding rules in-process: logical axes, the head-split rule, fallbacks, errors.
 
 These need no devices (specs are derived from mesh axis sizes alone), so they run in the
 pytest process; the multi-device checks are in tests/test_sharding.py.
@@ -144,31 +144,6 @@ def test_rule_errors_name_the_problem():
         sharding.make_mesh(1, len(jax.devices()) + 1)
     with pytest.raises(ValueError, match="devices has 1 entries"):
         sharding.make_mesh(1, 2, devices=jax.devices()[:1])
-
-
-def test_initialize_distributed_is_a_noop_for_one_process(monkeypatch):
-    for name in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
-        monkeypatch.delenv(name, raising=False)
-    assert sharding.initialize_distributed() is False
-    assert sharding.initialize_distributed("10.0.0.1:1234", num_processes=1, process_id=0) is False
-    with pytest.raises(ValueError, match="process_id=2 is invalid"):
-        sharding.initialize_distributed("10.0.0.1:1234", num_processes=2, process_id=2)
-    with pytest.raises(ValueError, match="num_processes=0 is invalid"):
-        sharding.initialize_distributed(num_processes=0)
-
-
-def test_mesh_flags():
-    from absl import flags
-
-    fv = flags.FlagValues()
-    sharding.define_flags(fv)
-    fv(["prog"])
-    assert sharding.mesh_from_flags(fv) is None  # 1x1: the unsharded path, unchanged
-    fv(["prog", "--mesh_data=1", "--mesh_model=1"])
-    assert (fv.mesh_data, fv.mesh_model) == (1, 1)
-    fv(["prog", f"--mesh_model={len(jax.devices()) + 1}"])
-    with pytest.raises(ValueError, match="needs"):
-        sharding.mesh_from_flags(fv)
 
 
 @pytest.mark.parametrize(

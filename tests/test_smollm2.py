@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from jax_infer import SamplingParams
-from jax_infer.model.llama import init_cache
+from jax_infer.model.cache import init_cache
 from jax_infer.model.step import forward
 
 pytestmark = pytest.mark.real_model

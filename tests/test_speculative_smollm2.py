@@ -5,10 +5,10 @@ input-grounded prompts (real text from /usr/share/common-licenses), batched."""
 from __future__ import annotations
 
 import pytest
+from speculative_prompts import grounded_prompts
 
 from jax_infer import SamplingParams
 from jax_infer.engine import EngineConfig, LLMEngine
-from jax_infer.speculative.benchmark import grounded_prompts
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 

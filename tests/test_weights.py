@@ -15,7 +15,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import quantize
 
-from jax_infer.model.llama import init_cache
+from jax_infer.model.cache import init_cache
 from jax_infer.model.step import forward
 from jax_infer.weights import WeightsError, load_gguf, load_hf, load_orbax, save_orbax
 from tests.tiny_models import make_hf_model

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_infer.config import ModelConfig
-from jax_infer.model.llama import init_cache
+from jax_infer.model.cache import init_cache
 from jax_infer.model.step import forward
 
 

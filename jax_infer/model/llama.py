@@ -40,9 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_infer.config import ModelConfig, rope_frequencies
+from jax_infer.model.cache import init_cache
 from jax_infer.model.layers import embed_lookup, linear, linear_transposed
-
-KVCache = list  # [(k, v) per layer], each [B, S, K, H]
 
 
 def rms_norm(x, scale, eps: float):
@@ -271,11 +270,6 @@ def untie_lm_head(params: dict, config: ModelConfig) -> dict:
     if not isinstance(embed, jax.Array):
         return params
     return {**params, "lm_head": jnp.asarray(embed.T)}
-
-
-def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-    shape = (batch, max_len, config.num_kv_heads, config.head_dim)
-    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers)]
 
 
 def init_params(config: ModelConfig, seed: int = 0, dtype=jnp.float32) -> dict:

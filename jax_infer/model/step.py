@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from jax_infer.config import ModelConfig
 from jax_infer.model.llama import Llama, contiguous_attention
-from jax_infer.quant.kv import fake_quantize_kv, init_quantized_pages, kv_bytes_per_head
+from jax_infer.quant.kv import fake_quantize_kv
 
 
 @functools.partial(
@@ -95,23 +95,4 @@ def paged_forward(params, tokens, meta, cache, *, config: ModelConfig, dtype, ba
     return logits[0].reshape(*meta.logits_index.shape, logits.shape[-1]), cache
 
 
-def init_paged_cache(config: ModelConfig, num_pages: int, page_size: int, dtype=jnp.float32):
-    """Per layer (k_pages, v_pages), each [P, L, K, H]. Page 0 is the reserved null page.
-
-    dtype int8 gives the int8 KV cache: each pool a `QuantizedPages` (quant/kv.py)."""
-    shape = (num_pages, page_size, config.num_kv_heads, config.head_dim)
-    if jnp.dtype(dtype) == jnp.int8:
-        return [
-            (init_quantized_pages(shape), init_quantized_pages(shape))
-            for _ in range(config.num_layers)
-        ]
-    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers)]
-
-
-def kv_bytes_per_token(config: ModelConfig, dtype=jnp.float32) -> int:
-    """Cache bytes one token takes over all layers (K and V; int8 includes its scales)."""
-    per_head = kv_bytes_per_head(dtype, config.head_dim)
-    return 2 * config.num_layers * config.num_kv_heads * per_head
-
-
-__all__ = ["forward", "init_paged_cache", "kv_bytes_per_token", "paged_forward"]
+__all__ = ["forward", "paged_forward"]

@@ -71,16 +71,6 @@ def normalize(spec) -> dict | None:
     return out
 
 
-# The EngineConfig fields a speculative_config sets (LLM takes them only through it).
-ENGINE_FIELDS = (
-    "speculative_method",
-    "num_speculative_tokens",
-    "speculative_disable_by_batch_size",
-    "ngram_prompt_lookup_max",
-    "ngram_prompt_lookup_min",
-)
-
-
 def engine_fields(spec: dict) -> dict:
     """EngineConfig keyword arguments for a normalized speculative_config."""
     fields = {

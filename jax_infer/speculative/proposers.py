@@ -38,7 +38,8 @@ import numpy as np
 
 from jax_infer.attention import build_metadata, flat_tokens
 from jax_infer.config import ModelConfig
-from jax_infer.model.step import init_paged_cache, paged_forward
+from jax_infer.model.cache import init_paged_cache
+from jax_infer.model.step import paged_forward
 from jax_infer.runner import backend_params
 from jax_infer.sampling import (
     KeyPurpose,

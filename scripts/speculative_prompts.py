@@ -1,5 +1,6 @@
-"""Decode speed with and without speculative decoding, at batch 1 (`scripts/benchmark.py
---speculative ...` is the entry point).
+"""Decode speed with and without speculative decoding, at batch 1: the workloads and the
+timed comparison behind `scripts/benchmark.py --speculative ...` (a benchmark, so it lives
+with the scripts, not in the library).
 
 Two workloads:
 
