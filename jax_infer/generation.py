@@ -21,10 +21,10 @@ import numpy as np
 from jax_infer import sharding
 from jax_infer.attention.paged import default_backend
 from jax_infer.config import ModelConfig
+from jax_infer.cpu import attention as cpu_attention
 from jax_infer.model.llama import init_cache
 from jax_infer.model.step import bucket, forward
 from jax_infer.outputs import RequestOutput, SequenceState, logprob_entry
-from jax_infer.quant import kernels
 from jax_infer.sampling import (
     SamplerFlags,
     SamplingMetadata,
@@ -78,7 +78,9 @@ class StaticBatchGenerator:
             backend == "cpu"
             and mesh is None
             and jnp.dtype(self.cache_dtype) == jnp.float32
-            and kernels.attention_supports(config.num_heads, config.num_kv_heads, config.head_dim)
+            and cpu_attention.attention_supports(
+                config.num_heads, config.num_kv_heads, config.head_dim
+            )
         )
 
     def _batch(self, a: np.ndarray):

@@ -21,11 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_infer import sharding, weights
+from jax_infer.cpu.layout import tile_f32_params, untile_f32_params
 from jax_infer.engine import EngineConfig, LLMEngine, prepare_prompt
 from jax_infer.generation import StaticBatchGenerator
 from jax_infer.model.llama import untie_lm_head
 from jax_infer.outputs import RequestOutput, SequenceState
-from jax_infer.quant.transform import tile_f32_params, untile_f32_params
 from jax_infer.sampling import SamplingParams
 from jax_infer.speculative import config as spec_config
 from jax_infer.tokenizer import IncrementalDetokenizer, Tokenizer

@@ -18,6 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jax_infer import LLM, SamplingParams
+from jax_infer.cpu import build
+from jax_infer.cpu import matmul as kernels
 from jax_infer.model.layers import embed_lookup, linear, linear_transposed
 from jax_infer.model.llama import init_cache
 from jax_infer.model.step import forward
@@ -26,7 +28,6 @@ from jax_infer.quant import (
     Int8Array,
     QuantizedView,
     dequantize,
-    kernels,
     pack_int4,
     parse_scheme,
     quantize,
@@ -179,7 +180,7 @@ def test_quantized_matmul_equals_float_matmul_on_dequantized(bits, group, k, n, 
 def test_kernels_are_built_here():
     """This machine has a compiler and AVX-512 VNNI, so decode uses the kernels; elsewhere
     the XLA formulation takes over (covered by force_xla above)."""
-    if kernels.features() == 0:
+    if build.features() == 0:
         pytest.skip("no C++ compiler or AVX2 here: the XLA formulation is used")
     assert kernels.available(8)
 
