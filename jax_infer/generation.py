@@ -22,10 +22,10 @@ from jax_infer import sharding
 from jax_infer.attention.metadata import bucket
 from jax_infer.attention.paged import default_backend
 from jax_infer.config import ModelConfig
+from jax_infer.cpu import attention as cpu_attention
 from jax_infer.model.cache import init_cache, init_sharded_cache
 from jax_infer.model.step import forward
 from jax_infer.outputs import RequestOutput, logprob_entry, make_output
-from jax_infer.quant import kernels
 from jax_infer.runner import backend_params
 from jax_infer.sampling import (
     SamplerFlags,
@@ -81,7 +81,9 @@ class StaticBatchGenerator:
             backend == "cpu"
             and mesh is None
             and jnp.dtype(self.cache_dtype) == jnp.float32
-            and kernels.attention_supports(config.num_heads, config.num_kv_heads, config.head_dim)
+            and cpu_attention.attention_supports(
+                config.num_heads, config.num_kv_heads, config.head_dim
+            )
         )
 
     def _batch(self, a: np.ndarray):

@@ -30,11 +30,11 @@ import numpy as np
 from jax_infer import sharding
 from jax_infer.attention import build_metadata, flat_tokens
 from jax_infer.config import ModelConfig
+from jax_infer.cpu.layout import tile_f32_params, untile_f32_params
 from jax_infer.model.cache import init_paged_cache, init_sharded_paged_cache
 from jax_infer.model.llama import untie_lm_head
 from jax_infer.model.step import paged_forward
 from jax_infer.outputs import logprob_entry
-from jax_infer.quant.transform import tile_f32_params, untile_f32_params
 from jax_infer.sampling import SamplerFlags, SamplingMetadata, min_tokens_banned_ids, sample
 from jax_infer.scheduler.request import Request
 

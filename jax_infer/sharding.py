@@ -51,11 +51,13 @@ mapped by the rules as for the float weight, then each role is split only if eve
 dim it names divides (tile count N/64, K, K/8 for packed int4, group count G); otherwise
 that role is replicated in all of the matrix's arrays, so shards always hold whole tiles
 and whole groups, and the arrays of one matrix are split at the same rows and columns.
-A single group (per-channel scales [1, N]) is replicated along it (a broadcast).
+A single group (per-channel scales [1, N]) is replicated along it (a broadcast). An f32
+matrix in the CPU kernel's column tiles (`jax_infer.cpu.layout.TiledF32Array`) is split the
+same way, by its tile count and rows.
 Pruned params are plain, smaller arrays: the same rules apply, and a head or channel count
 the mesh no longer divides falls back to replication.
 
-On a CPU mesh the quantized product is the native kernel (`quant/kernels.py`), an FFI
+On a CPU mesh the quantized product is the native kernel (`jax_infer.cpu.matmul`), an FFI
 custom call XLA cannot partition: the SPMD partitioner all-gathers the weight's shards and
 runs the kernel whole on every device. The result is exact (tested), only the memory and
 traffic of tensor parallelism are lost; CPU meshes are simulations for tests, and on GPU
@@ -92,6 +94,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jax_infer.config import ModelConfig
+from jax_infer.cpu.layout import TiledF32Array
 from jax_infer.quant.arrays import Int4Array, Int8Array, QuantizedArray
 
 DATA, MODEL = "data", "model"
@@ -138,11 +141,13 @@ CACHE_AXES = ("batch", "seq", "kv_heads", "head_dim")
 # through the block tables, so the pool has no batch axis to split over `data`.
 PAGED_CACHE_AXES = ("pages", "page", "kv_heads", "head_dim")
 
-# Stored arrays of a quantized [K, N] matrix (quant/arrays.py): what each dim indexes.
+# Stored arrays of a quantized [K, N] matrix (quant/arrays.py), or of an f32 one in column
+# tiles (cpu/layout.py): what each dim indexes.
 # "in": rows K (or K/8 packed words), "groups": row groups G, "out": columns N or their
 # tiles N/64, None: within a tile.
 QUANT_LAYOUTS: dict[type, dict[str, tuple[str | None, ...]]] = {
     Int8Array: {"values": ("out", "in", None), "scales": ("groups", "out")},
+    TiledF32Array: {"values": ("out", "in", None)},
     Int4Array: {
         "packed": ("out", "in", None),
         "block_scale": ("groups", "out"),
@@ -304,12 +309,13 @@ def param_sharding(
 
 def quantized_specs(
     path: str,
-    q: QuantizedArray,
+    q: QuantizedArray | TiledF32Array,
     mesh_shape: Mapping[str, int],
     rules: Rules | None = None,
     units: Mapping[str, int] | None = None,
-) -> QuantizedArray:
-    """The same QuantizedArray with a PartitionSpec in place of each stored array.
+) -> QuantizedArray | TiledF32Array:
+    """The same QuantizedArray (or TiledF32Array) with a PartitionSpec in place of each stored
+    array.
 
     The matrix's (in, out) logical axes are mapped as for its float weight; a role is kept
     split only if every stored dim it names divides its ways (see the module docstring)."""
@@ -358,7 +364,7 @@ def param_specs(
 
     def spec(keypath, leaf):
         path = path_str(keypath)
-        if isinstance(leaf, QuantizedArray):
+        if _is_quantized(leaf):
             return quantized_specs(path, leaf, mesh_shape, rules, units)
         return logical_to_spec(logical_axes(path, leaf.shape), leaf.shape, mesh_shape, rules, units)
 
@@ -416,7 +422,8 @@ def _is_spec(x) -> bool:
 
 
 def _is_quantized(x) -> bool:
-    return isinstance(x, QuantizedArray)
+    """A matrix stored in arrays of its own layout: a quantized format or f32 column tiles."""
+    return isinstance(x, (QuantizedArray, TiledF32Array))
 
 
 __all__ = [

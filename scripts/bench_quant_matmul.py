@@ -21,8 +21,8 @@ Each formulation is (prepare a float [K, N] weight once, apply it to x [B, K]):
     int8_s8s8_dynamic   activations quantized per row to two int8 rows (hi, lo), XLA's
                         int8 x int8 -> int32 dot (XNNPACK/YNNPACK), scales after
     int4_xla            int4 format, unpacked and dequantized by XLA, then a dot
-    kernel_int8         jax_infer.quant's native kernel (int8 per column)
-    kernel_int4         jax_infer.quant's native kernel (int4, groups of 32)
+    kernel_int8         jax_infer.cpu's native kernel (int8 per column)
+    kernel_int4         jax_infer.cpu's native kernel (int4, groups of 32)
     quant_int8, quant_int4   jax_infer.quant.quantized_matmul as the model calls it
 """
 
@@ -37,7 +37,9 @@ import report
 import shared_flags
 from absl import app, flags
 
-from jax_infer.quant import kernels, quantize_matrix, quantized_matmul
+from jax_infer.cpu import build
+from jax_infer.cpu import matmul as kernels
+from jax_infer.quant import quantize_matrix, quantized_matmul
 from jax_infer.quant.matmul import kernel_matmul, xla_matmul
 
 FLAGS = flags.FLAGS
@@ -224,7 +226,8 @@ def main(argv):
     out = {
         "results": results,
         "layers": FLAGS.layers,
-        "kernel_features": kernels.features(),
+        "kernel_features": build.features(),
+        "cpu_features": build.cpu_features().names(),
     }
     report.write_json(FLAGS.json, out)
 

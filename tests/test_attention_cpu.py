@@ -1,5 +1,5 @@
 """The "cpu" attention backend: decode rows and causal prefill rows by the C++ kernels
-(quant/cpu_kernels.cc), which read K/V pages in place through the block table with an online
+(jax_infer/cpu/attention.cc), which read K/V pages in place through the block table with an online
 softmax.
 
 Checked against a numpy loop over each sequence's pages (independent of both jnp backends),
@@ -14,12 +14,12 @@ import pytest
 
 from jax_infer.attention import build_metadata
 from jax_infer.attention.paged import cpu_attention, default_backend, xla_attention
+from jax_infer.cpu import attention as kernels
 from jax_infer.model.llama import attend, native_contiguous_attend
-from jax_infer.quant import kernels
 from jax_infer.quant.kv import QuantizedPages, quantize_kv
 
 pytestmark = pytest.mark.skipif(
-    kernels.features() == 0, reason="the C++ kernels did not build here (see test_quant)"
+    not kernels.available(), reason="the C++ kernels did not build here (see test_quant)"
 )
 
 

@@ -1,5 +1,5 @@
-"""f32 matrices in column tiles (TiledF32Array) and the CPU kernel that multiplies them
-(quant/cpu_kernels.cc, `f32_tiles_matmul`): against a float64 numpy product, across the row
+"""f32 matrices in column tiles (jax_infer/cpu/layout.py, TiledF32Array) and the CPU kernel
+that multiplies them (jax_infer/cpu/matmul_f32.cc, `f32_tiles_matmul`): against a float64 numpy product, across the row
 counts of its register blocks and task splits, and through the params transform LLM applies
 on the CPU (`tile_f32_params`), which must leave the model's logits as they were."""
 
@@ -10,11 +10,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jax_infer.cpu import matmul as kernels
+from jax_infer.cpu.layout import (
+    TiledF32Array,
+    TiledF32View,
+    tile_f32,
+    tile_f32_params,
+    untile,
+    untile_f32_params,
+)
+from jax_infer.cpu.matmul import tiled_matmul
 from jax_infer.model.layers import linear
-from jax_infer.quant import kernels, quantize
-from jax_infer.quant.arrays import QuantizedView, TiledF32Array, dequantize, tile_f32
-from jax_infer.quant.matmul import quantized_matmul
-from jax_infer.quant.transform import is_quantized, tile_f32_params, untile_f32_params
+from jax_infer.quant import quantize
+from jax_infer.quant.transform import is_quantized
 
 needs_kernel = pytest.mark.skipif(
     not kernels.available(32), reason="the f32 kernel needs AVX-512 and a C++ compiler"
@@ -71,13 +79,13 @@ def test_tiles_round_trip_and_the_seam():
     w = jnp.asarray(rng.standard_normal((96, 128)).astype(np.float32))
     t = tile_f32(w)
     assert isinstance(t, TiledF32Array) and t.shape == (96, 128) and t.values.shape == (2, 96, 64)
-    np.testing.assert_array_equal(np.asarray(dequantize(t)), np.asarray(w))
+    np.testing.assert_array_equal(np.asarray(untile(t)), np.asarray(w))
     x = jnp.asarray(rng.standard_normal((3, 4, 96)).astype(np.float32))
     want = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
-    for view in (t, QuantizedView(t)):
+    for view in (t, TiledF32View(t)):  # flax hands the seam the unboxed view
         np.testing.assert_allclose(np.asarray(linear(x, view)), want, rtol=1e-5, atol=1e-4)
     # The XLA formulation (other platforms, no kernel) gives the same product.
-    xla = jax.jit(lambda x, t: quantized_matmul(x, t, force_xla=True))(x, t)
+    xla = jax.jit(lambda x, t: tiled_matmul(x, t, force_xla=True))(x, t)
     np.testing.assert_allclose(np.asarray(xla), want, rtol=1e-5, atol=1e-4)
 
 

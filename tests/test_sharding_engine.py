@@ -153,14 +153,15 @@ def quant_logits(params, config, tokens, forward, init_cache) -> np.ndarray:
 def worker_quant(tmp: Path) -> dict:
     from jax_infer import sharding
     from jax_infer.config import ModelConfig
+    from jax_infer.cpu import build
     from jax_infer.model.cache import init_cache, init_sharded_cache
     from jax_infer.model.step import forward
-    from jax_infer.quant import kernels, quantize
+    from jax_infer.quant import quantize
 
     config = ModelConfig(**QUANT_CONFIG)
     params = random_params(config, seed=3)
     tokens = np.random.default_rng(1).integers(0, config.vocab_size, (2, 8)).astype(np.int32)
-    report: dict = {"kernels": kernels.features()}
+    report: dict = {"kernels": build.features()}
     qparams = {scheme: quantize(params, scheme) for scheme in SCHEMES}
     report["placement"] = {}
     for scheme in SCHEMES:
@@ -178,8 +179,8 @@ def worker_quant(tmp: Path) -> dict:
     for formulation in ("kernel", "xla"):
         if formulation == "xla":
             # The XLA formulation is chosen at trace time: drop the kernels and the traces.
-            os.environ["JAX_INFER_QUANT_KERNELS"] = "0"
-            kernels.features.cache_clear()
+            os.environ["JAX_INFER_CPU_KERNELS"] = "0"
+            build.features.cache_clear()
             jax.clear_caches()
         refs: dict = {}
         for form, scheme, (data, model) in LOGIT_CASES:

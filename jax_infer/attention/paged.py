@@ -7,7 +7,7 @@ pages, read through the block table. Backends:
   reference  per-token gather of the whole sequence, dense softmax: obviously correct, slow.
   xla        decode rows as one batched gather + einsum; prefill chunks gathered into a
              [P_pad, Q] block with a causal mask. Plain jnp.
-  cpu        decode rows and causal prefill rows by C++ kernels (quant/cpu_kernels.cc, built
+  cpu        decode rows and causal prefill rows by C++ kernels (jax_infer/cpu/attention.cc, built
              on first use) that read pages in place: the CPU default when they build (float
              pools only; int8 pools and unsupported head shapes take the xla path). The xla
              prefill path scores every query against every key of the step's page bucket
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_infer.attention.metadata import AttentionMetadata
-from jax_infer.quant import kernels
+from jax_infer.cpu import attention as cpu_kernels
 from jax_infer.quant.kv import QuantizedPages, dequantize_kv, quantize_kv
 
 BACKENDS = ("reference", "xla", "cpu", "pallas")
@@ -123,8 +123,8 @@ def _xla_decode(q, k_pages, v_pages, meta: AttentionMetadata, d_pad: int, slidin
 
 
 def _native_decode(q, k_pages, v_pages, meta: AttentionMetadata, d_pad: int, sliding_window):
-    """The decode rows by the C++ kernel (quant/cpu_kernels.cc), reading pages in place."""
-    out = kernels.paged_decode_attention(
+    """The decode rows by the C++ kernel (jax_infer/cpu/attention.cc), reading pages in place."""
+    out = cpu_kernels.paged_decode_attention(
         q[:d_pad],
         k_pages,
         v_pages,
@@ -141,7 +141,7 @@ def use_native_decode(k_pages, num_heads: int) -> bool:
     pages of a supported head shape, and the kernel built here."""
     if isinstance(k_pages, QuantizedPages) or k_pages.dtype != jnp.float32:
         return False
-    return kernels.attention_supports(num_heads, k_pages.shape[2], k_pages.shape[3])
+    return cpu_kernels.attention_supports(num_heads, k_pages.shape[2], k_pages.shape[3])
 
 
 def xla_attention(
@@ -220,7 +220,7 @@ def _native_chunks(q, k_pages, v_pages, meta: AttentionMetadata, d_pad: int, sli
     p_pad, q_pad = meta.prefill_token_index.shape
     index = meta.prefill_token_index.reshape(-1)  # t for padding
     positions = jnp.take(meta.positions, index, mode="fill", fill_value=-1)
-    out = kernels.paged_prefill_attention(
+    out = cpu_kernels.paged_prefill_attention(
         jnp.take(q, index, axis=0, mode="fill", fill_value=0),
         k_pages,
         v_pages,
@@ -271,12 +271,12 @@ ATTENTION = {
 
 
 def default_backend(sharded: bool = False) -> str:
-    """Pallas where a compiler for it exists; on the CPU the C++ decode kernel where it is
-    built ("cpu"), else the jnp path ("xla"). Sharded (a mesh): "xla", which XLA partitions
+    """Pallas where a compiler for it exists; on the CPU the C++ attention kernels where they
+    are built ("cpu"), else the jnp path ("xla"). Sharded (a mesh): "xla", which XLA partitions
     (a custom call would gather the whole pool onto every device)."""
     if jax.default_backend() != "cpu":
         return "pallas"
-    return "cpu" if not sharded and kernels.available(8) else "xla"
+    return "cpu" if not sharded and cpu_kernels.available() else "xla"
 
 
 def paged_attend_fn(meta: AttentionMetadata, backend: str, sliding_window: int | None):

@@ -6,19 +6,27 @@ pruning) changes what `w` is without the model code branching on it.
 
 A quantized param reaches these functions as a `jax_infer.quant.QuantizedView` (flax unboxes
 the stored `QuantizedArray` into one); each seam hands it to `jax_infer.quant`, which picks
-the formulation. Float params take exactly the code path they always did.
+the formulation. An f32 projection in the CPU kernel's column tiles (`TiledF32Array`, see
+jax_infer/cpu/layout.py) arrives as a `TiledF32View` and goes to `tiled_matmul`; it is only
+ever a projection (`tile_f32_params` leaves the embedding alone). Float params take exactly
+the code path they always did.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
+from jax_infer.cpu.layout import as_tiled
+from jax_infer.cpu.matmul import tiled_matmul
 from jax_infer.quant.arrays import as_quantized
 from jax_infer.quant.matmul import quantized_matmul, quantized_take
 
 
 def linear(x, w):
     """x [..., in] @ w [in, out] in the activation dtype."""
+    t = as_tiled(w)
+    if t is not None:
+        return tiled_matmul(x, t)
     q = as_quantized(w)
     if q is not None:
         return quantized_matmul(x, q)

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_infer.config import ModelConfig, rope_frequencies
+from jax_infer.cpu import attention as cpu_attention
 from jax_infer.model.cache import init_cache
 from jax_infer.model.layers import embed_lookup, linear, linear_transposed
 
@@ -116,7 +117,7 @@ def contiguous_attention(
     perplexity evaluator).
 
     native: on the CPU, attend with the paged C++ kernel instead (`native_contiguous_attend`;
-    float32 caches of a shape `quant.kernels.attention_supports`, one device); elsewhere the
+    float32 caches of a shape `jax_infer.cpu.attention.attention_supports`, one device); elsewhere the
     same program takes `attend`.
     """
 
@@ -151,11 +152,9 @@ def native_contiguous_attend(q, cache_k, cache_v, positions, kv_valid_len, *, sl
     tokens (tables [[0], [1], ...]), so nothing is copied. Queries at or past kv_valid_len
     (padding) get position -1 and a zero output; the kernel reads keys up to each query's
     position, not the whole cache. q [B, T, N, H] -> [B, T, N * H]."""
-    from jax_infer.quant import kernels
-
     b, t, n, h = q.shape
     pos = jnp.where(positions < kv_valid_len[:, None], positions, -1)
-    out = kernels.paged_prefill_attention(
+    out = cpu_attention.paged_prefill_attention(
         q.reshape(b * t, n, h),
         cache_k,
         cache_v,

@@ -1,5 +1,5 @@
 """Weight-only quantization: formats (arrays.py), the params transform (transform.py), and the
-products the model's seams use (matmul.py, with native CPU kernels in kernels.py).
+products the model's seams use (matmul.py, with the native CPU kernels of jax_infer/cpu).
 
     from jax_infer.quant import quantize
     qparams = quantize(params, "int8+embed")   # or "int4", "int4-g64+embed", "int8-g64", ...

@@ -6,9 +6,10 @@ groups of `g` consecutive rows along K sharing a scale (G = K / g groups). A tie
 and the kernels see one layout; `transposed` records that.
 
 The weight bytes are stored in column tiles of T = 64 columns (T = N when 64 does not divide
-N), each tile contiguous. A decode kernel computes T outputs at a time from T columns of
-every row; in the [K, N] layout those are 64 bytes every N bytes, which one core streams from
-memory at 8.5 GB/s, against 18 GB/s for a contiguous tile (scripts/bench_quant_matmul.py).
+N), each tile contiguous: the layout of jax_infer/cpu/layout.py, whose helpers this uses. A
+decode kernel computes T outputs at a time from T columns of every row; in the [K, N] layout
+those are 64 bytes every N bytes, which one core streams from memory at 8.5 GB/s, against
+18 GB/s for a contiguous tile (scripts/bench_quant_matmul.py).
 Scales stay [G, N]: they are read once per group, not once per row.
 
 Formats (w is the float matrix the quantized one stands for; t = n // T, c = n % T):
@@ -22,7 +23,7 @@ Formats (w is the float matrix the quantized one stands for; t = n // T, c = n %
           packed[t, i, 4c + b] = u[8i + b, n] | u[8i + 4 + b, n] << 4      (b in 0..3)
       so that a 32-bit word holds eight consecutive rows of one column: the low nibbles are
       four rows, the high nibbles the next four, which is what VPDPBUSD multiplies at once
-      (see quant/cpu_kernels.cc). `pack_int4` / `unpack_int4` convert from / to [K, N].
+      (see jax_infer/cpu/matmul_quant.cc). `pack_int4` / `unpack_int4` convert from / to [K, N].
   Asymmetric because a group's range is rarely centred on zero: 16 levels over [min, max]
   are finer than 16 levels over [-absmax, absmax]. SmolLM2's GGUF weights are themselves
   Q4_1 (asymmetric, 32-row blocks), so int4-g32 lands on their grid: measured on 4k tokens of
@@ -49,7 +50,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
 
-TILE = 64  # output columns per stored tile (and per kernel tile)
+from jax_infer.cpu.layout import from_tiles, take_tiled, tile_width, to_tiles
+
 INT8_MAX = 127
 INT4_LEVELS = 15  # u in [0, 15]
 CODE_MAX = 255  # block_scale codes are u8
@@ -148,7 +150,7 @@ class Int8Array(QuantizedArray):
     def take_columns(self, idx) -> Int8Array:
         k = self.stored_shape[0]
         return Int8Array(
-            _take_tiled(self.values, idx),
+            take_tiled(self.values, idx),
             jnp.take(self.scales, idx, axis=1),
             (k, int(idx.shape[0])),
         )
@@ -183,56 +185,7 @@ class Int4Array(QuantizedArray):
         )
 
 
-@_register
-@dataclasses.dataclass(frozen=True)
-class TiledF32Array(QuantizedArray):
-    """An f32 matrix, unchanged, stored in the column tiles of the other formats:
-    w[k, n] = values[n // T, k, n % T]. Not a quantization (nothing is lost, `quantize` takes
-    it as the float matrix it is): the layout the CPU's f32 kernel reads, which runs the
-    model's projections faster than XLA's dot does (see `tile_f32`, quant/cpu_kernels.cc)."""
-
-    values: jax.Array  # f32[N/T, K, T]
-    shape: tuple[int, ...]
-    transposed: bool = False
-    bits: ClassVar[int] = 32
-
-    @property
-    def groups(self) -> int:
-        return 1
-
-    def take_columns(self, idx) -> TiledF32Array:
-        return TiledF32Array(
-            _take_tiled(self.values, idx), (self.stored_shape[0], int(idx.shape[0]))
-        )
-
-
 FORMATS: dict[int, type[QuantizedArray]] = {8: Int8Array, 4: Int4Array}
-
-
-# -- column tiles -----------------------------------------------------------------------
-
-
-def tile_width(n: int) -> int:
-    return TILE if n % TILE == 0 else n
-
-
-def to_tiles(a):
-    """[R, N] -> [N/T, R, T] (the stored layout of weight bytes)."""
-    r, n = a.shape
-    t = tile_width(n)
-    return a.reshape(r, n // t, t).transpose(1, 0, 2)
-
-
-def from_tiles(a):
-    """[N/T, R, T] -> [R, N]."""
-    tiles, r, t = a.shape
-    return a.transpose(1, 0, 2).reshape(r, tiles * t)
-
-
-def _take_tiled(a, idx):
-    """Columns idx i32[C] of a tiled [N/T, R, T] array, as one tile [1, R, C]."""
-    t = a.shape[2]
-    return a[idx // t, :, idx % t].T[None]
 
 
 # -- int4 packing ---------------------------------------------------------------------
@@ -348,9 +301,7 @@ def dequantize_stored(q: QuantizedArray, dtype=jnp.float32):
     of the CPU kernels, and the prefill path's first step."""
     k, n = q.stored_shape
     groups = q.groups
-    if isinstance(q, TiledF32Array):
-        w = from_tiles(q.values)
-    elif isinstance(q, Int8Array):
+    if isinstance(q, Int8Array):
         w = _grouped(from_tiles(q.values).astype(jnp.float32), groups) * q.scales[:, None]
     elif isinstance(q, Int4Array):
         u = _grouped(unpack_int4(q.packed).astype(jnp.float32), groups)
@@ -366,16 +317,6 @@ def dequantize(q: QuantizedArray, dtype=jnp.float32):
     """The logical float matrix (the shape of the leaf that was quantized)."""
     w = dequantize_stored(q, dtype)
     return w.T if q.transposed else w
-
-
-def tile_f32(w) -> TiledF32Array:
-    """An f32 [K, N] matrix (N a multiple of 64) in the tiled layout of `TiledF32Array`."""
-    if w.ndim != 2 or w.dtype != jnp.float32 or w.shape[1] % TILE:
-        raise ValueError(
-            f"tile_f32 needs an f32 [K, N] matrix with N a multiple of {TILE}; "
-            f"got {w.dtype}{list(w.shape)}"
-        )
-    return TiledF32Array(jnp.asarray(to_tiles(w)), tuple(int(d) for d in w.shape))
 
 
 def bits_per_weight(q: QuantizedArray) -> float:

@@ -1,10 +1,9 @@
-"""Products with quantized matrices (and f32 ones stored in column tiles, TiledF32Array):
-what the `model.layers` seams call.
+"""Products with quantized matrices: what the `model.layers` seams call for them.
 
 Two formulations, chosen by the platform:
 
-* on the CPU: the native kernels of `quant/kernels.py`, which read the quantized bytes once
-  and multiply them in registers (int8 dot products, VNNI). At batch 1 decode is bound by
+* on the CPU: the native kernels of `jax_infer.cpu.matmul` (matmul_quant.cc), which read
+  the quantized bytes once and multiply them in registers (int8 dot products, VNNI). At batch 1 decode is bound by
   reading the weights, and this is the only formulation we found for which fewer bytes is
   faster; with more rows (prefill) it stays level with XLA's f32 GEMM, while every XLA
   formulation on quantized weights is 2-5x slower than f32 at 8 to 128 rows
@@ -26,12 +25,11 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jax_infer.quant import kernels
+from jax_infer.cpu import matmul as cpu_matmul
 from jax_infer.quant.arrays import (
     Int4Array,
     Int8Array,
     QuantizedArray,
-    TiledF32Array,
     dequantize_stored,
 )
 
@@ -45,13 +43,11 @@ def xla_matmul(x, q: QuantizedArray):
 
 
 def kernel_matmul(x, q: QuantizedArray):
-    """x f32[M, K] @ q -> f32[M, N] by the CPU kernels (quant/cpu_kernels.cc)."""
-    if isinstance(q, TiledF32Array):
-        return kernels.f32_tiles_matmul(x, q.values)
+    """x f32[M, K] @ q -> f32[M, N] by the CPU kernels (jax_infer/cpu/matmul_quant.cc)."""
     if isinstance(q, Int8Array):
-        return kernels.int8_matvec(x, q.values, q.scales)
+        return cpu_matmul.int8_matvec(x, q.values, q.scales)
     if isinstance(q, Int4Array):
-        return kernels.int4_matvec(
+        return cpu_matmul.int4_matvec(
             x, q.packed, q.block_scale, q.block_min, q.scale_step, q.min_step
         )
     raise TypeError(f"no kernel for {type(q).__name__}")
@@ -60,7 +56,7 @@ def kernel_matmul(x, q: QuantizedArray):
 def use_kernel(q: QuantizedArray) -> bool:
     """Whether q fits the kernels' tiling and its kernel is built here."""
     k, n = q.stored_shape
-    return kernels.supports(k, n, q.group_size, q.bits) and kernels.available(q.bits)
+    return cpu_matmul.supports(k, n, q.group_size, q.bits) and cpu_matmul.available(q.bits)
 
 
 def quantized_matmul(x, q: QuantizedArray, *, force_xla: bool = False):

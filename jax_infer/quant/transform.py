@@ -24,17 +24,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jax_infer.quant import kernels
+from jax_infer.cpu.layout import TiledF32Array, untile
 from jax_infer.quant.arrays import (
-    TILE,
     QuantizedArray,
-    TiledF32Array,
     as_quantized,
-    dequantize,
     describe,
     quantize_matrix,
     rebuild,
-    tile_f32,
 )
 
 EMBEDDING_NAMES = ("embed", "lm_head")
@@ -101,7 +97,7 @@ def quantize(params, scheme: str | QuantScheme):
         name = _leaf_name(path)
         last = name.rsplit("/", 1)[-1]
         if isinstance(leaf, TiledF32Array):  # an f32 matrix in another layout
-            leaf = dequantize(leaf)
+            leaf = untile(leaf)
         if as_quantized(leaf) is not None:
             raise ValueError(f"{name} is already quantized; quantize float params only")
         if leaf.ndim != 2 or not jnp.issubdtype(leaf.dtype, jnp.floating):
@@ -115,46 +111,15 @@ def quantize(params, scheme: str | QuantScheme):
         return quantize_matrix(leaf, s.bits, s.group, name=name)
 
     return jax.tree_util.tree_map_with_path(
-        convert, params, is_leaf=lambda x: isinstance(x, QuantizedArray)
+        convert, params, is_leaf=lambda x: isinstance(x, (QuantizedArray, TiledF32Array))
     )
 
 
 def is_quantized(params) -> bool:
     """Whether any matrix is quantized (f32 matrices in column tiles are not)."""
     return any(
-        isinstance(x, QuantizedArray) and not isinstance(x, TiledF32Array)
+        isinstance(x, QuantizedArray)
         for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QuantizedArray))
-    )
-
-
-def untile_f32_params(params):
-    """Inverse of `tile_f32_params`: every TiledF32Array back to its [K, N] f32 matrix."""
-    return jax.tree.map(
-        lambda x: dequantize(x) if isinstance(x, TiledF32Array) else x,
-        params,
-        is_leaf=lambda x: isinstance(x, QuantizedArray),
-    )
-
-
-def tile_f32_params(params):
-    """Params for the CPU's f32 kernel: every f32 projection [K, N] with N a multiple of 64
-    (the untied LM head included) as a TiledF32Array, the same values in column tiles; the
-    embedding table, quantized matrices and everything else as they are. Unchanged where the
-    kernel is not built (`kernels.available(32)`). Call it for a CPU without a mesh: elsewhere
-    the XLA dot on [K, N] is the fast path."""
-    if not kernels.available(32):
-        return params
-
-    def convert(path, leaf):
-        if isinstance(leaf, QuantizedArray) or not hasattr(leaf, "ndim"):
-            return leaf
-        last = _leaf_name(path).rsplit("/", 1)[-1]
-        if last == "embed" or leaf.ndim != 2 or leaf.dtype != jnp.float32 or leaf.shape[1] % TILE:
-            return leaf
-        return tile_f32(leaf)
-
-    return jax.tree_util.tree_map_with_path(
-        convert, params, is_leaf=lambda x: isinstance(x, QuantizedArray)
     )
 
 

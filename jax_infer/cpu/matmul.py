@@ -1,0 +1,113 @@
+"""Python bindings of the matmul kernels: int8/int4 weight products (matmul_quant.cc) and the
+f32 matmul on column tiles (matmul_f32.cc), plus `tiled_matmul`, the product of a
+TiledF32Array that the model's `linear` seam calls.
+
+Why native kernels: on the CPU, every XLA formulation of "int8/int4 weights times f32
+activations" that we measured (scripts/bench_quant_matmul.py) either converts the whole weight
+to f32 first (and, in a whole forward, holds every converted layer at once) or runs
+compute-bound at 5-20 G weights/s, so quantized decode was no faster than f32, often slower.
+The kernels multiply the 8- or 4-bit weights as they stream them: int8 dot products (AVX-512
+VNNI) against activations quantized on the fly to two int8 parts, or, without VNNI, f32
+FMAs on weights widened in registers (int8 only). The f32 kernel runs the decode and verify
+shapes (1-64 rows) 1.5-2x faster than XLA's dot, and larger ones level with or faster.
+
+The raw kernels raise where they are not built; callers check `available(bits)` first (or go
+through `jax_infer.quant.quantized_matmul` / `tiled_matmul`, which fall back to XLA).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jax_infer.cpu import build
+from jax_infer.cpu.build import features
+from jax_infer.cpu.layout import TILE, TiledF32Array, untile
+
+_FAMILY = {8: build.INT8_MATMUL, 4: build.INT4_MATMUL, 32: build.F32_TILES_MATMUL}
+
+__all__ = [
+    "available",
+    "f32_tiles_matmul",
+    "features",
+    "int4_matvec",
+    "int8_matvec",
+    "supports",
+    "tiled_matmul",
+]
+
+
+def available(bits: int = 8) -> bool:
+    """Whether the kernel for `bits`-bit weights (32: f32 in column tiles) can run here."""
+    family = _FAMILY.get(bits)
+    return family is not None and build.has(family)
+
+
+def supports(k: int, n: int, group: int, bits: int) -> bool:
+    """Whether a [K, N] matrix with this group size fits the kernels: stored in 64-column
+    tiles, groups a multiple of the rows a kernel step consumes (4 for int8, 8 for int4; f32,
+    bits=32, has no groups)."""
+    if bits == 32:
+        return n % TILE == 0
+    return n % TILE == 0 and k % group == 0 and group % (4 if bits == 8 else 8) == 0
+
+
+def _require(bits: int) -> None:
+    if not available(bits):
+        name = "f32" if bits == 32 else f"int{bits}"
+        raise RuntimeError(
+            f"the {name} CPU kernel is not available here (features={features()}); "
+            "call jax_infer.quant.quantized_matmul or jax_infer.cpu.matmul.tiled_matmul, "
+            "which fall back to XLA"
+        )
+
+
+def int8_matvec(x, values, scales):
+    """x f32[M, K] @ the Int8Array format (values s8[N/64, K, 64]) -> f32[M, N]."""
+    _require(8)
+    out = jax.ShapeDtypeStruct((x.shape[0], values.shape[0] * TILE), jnp.float32)
+    return jax.ffi.ffi_call(build.INT8_TARGET, out, vmap_method="broadcast_all")(x, values, scales)
+
+
+def int4_matvec(x, packed, block_scale, block_min, scale_step, min_step):
+    """x f32[M, K] @ the Int4Array format (packed u8[N/64, K/8, 256]) -> f32[M, N]."""
+    _require(4)
+    out = jax.ShapeDtypeStruct((x.shape[0], packed.shape[0] * TILE), jnp.float32)
+    return jax.ffi.ffi_call(build.INT4_TARGET, out, vmap_method="broadcast_all")(
+        x, packed, block_scale, block_min, scale_step, min_step
+    )
+
+
+def f32_tiles_matmul(x, tiles):
+    """x f32[M, K] @ an f32 matrix stored in column tiles (tiles f32[N/64, K, 64], see
+    cpu/layout.py TiledF32Array) -> f32[M, N]."""
+    _require(32)
+    out = jax.ShapeDtypeStruct((x.shape[0], tiles.shape[0] * TILE), jnp.float32)
+    return jax.ffi.ffi_call(build.F32_TARGET, out, vmap_method="broadcast_all")(x, tiles)
+
+
+def _xla_tiled_matmul(x, t: TiledF32Array):
+    return x @ untile(t)
+
+
+def tiled_matmul(x, t: TiledF32Array, *, force_xla: bool = False):
+    """x [..., K] @ the f32 [K, N] matrix of t -> [..., N] in x's dtype (f32 inside): the C++
+    kernel on the CPU where it is built, XLA's dot on the untiled matrix elsewhere."""
+    k, n = t.stored_shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features but the tiled matrix expects K={k}")
+    lead = x.shape[:-1]
+    rows = math.prod(lead)
+    x2 = x.reshape(rows, k).astype(jnp.float32)
+    if rows > 0 and not force_xla and supports(k, n, 1, 32) and available(32):
+        y = jax.lax.platform_dependent(
+            x2,
+            cpu=functools.partial(f32_tiles_matmul, tiles=t.values),
+            default=functools.partial(_xla_tiled_matmul, t=t),
+        )
+    else:
+        y = _xla_tiled_matmul(x2, t)
+    return y.reshape(*lead, n).astype(x.dtype)
