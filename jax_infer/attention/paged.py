@@ -238,6 +238,8 @@ def cpu_attention(q, k_pages, v_pages, meta: AttentionMetadata, sliding_window=N
 
 
 def pallas_attention(q, k_pages, v_pages, meta: AttentionMetadata, sliding_window=None):
+    # Imported here, not at the top: a downward arrow kept lazy because Pallas costs ~0.2 s
+    # to import and the CPU backends never use it.
     from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
     if isinstance(k_pages, QuantizedPages):

@@ -20,6 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jax_infer.attention import paged_attend_fn
 from jax_infer.config import ModelConfig
 from jax_infer.model.llama import Llama, contiguous_attention
 from jax_infer.quant.kv import fake_quantize_kv
@@ -79,8 +80,6 @@ def paged_forward(params, tokens, meta, cache, *, config: ModelConfig, dtype, ba
     """One ragged step over the page pool: tokens i32[T] laid out by
     `attention.build_metadata`. Returns (logits f32[S, V] at each sequence row's last token,
     or f32[S, R, V] at its last R tokens when meta.logits_index is i32[S, R]; cache)."""
-    from jax_infer.attention import paged_attend_fn
-
     model = Llama(config, dtype)
     attend_fn = paged_attend_fn(meta, backend, config.sliding_window)
     logits, cache = model.apply(
