@@ -25,7 +25,7 @@ from jax_infer.config import ModelConfig
 from jax_infer.cpu import attention as cpu_attention
 from jax_infer.model.cache import init_cache, init_sharded_cache
 from jax_infer.model.step import forward
-from jax_infer.outputs import RequestOutput, logprob_entry, make_output
+from jax_infer.outputs import RequestOutput, host_logprob_rows, logprob_entry, make_output
 from jax_infer.runner import backend_params
 from jax_infer.sampling import (
     SamplerFlags,
@@ -159,13 +159,7 @@ class StaticBatchGenerator:
             if flags.use_penalties:
                 active = np.array(_pad_rows([not s.is_finished for s in seqs], b, False))
                 counts = update_output_counts(counts, out.token_ids, jnp.asarray(active))
-            logprob_rows = None
-            if flags.num_logprobs >= 0:
-                logprob_rows = (
-                    np.asarray(out.logprob),
-                    np.asarray(out.top_ids),
-                    np.asarray(out.top_logprobs),
-                )
+            logprob_rows = host_logprob_rows(out, flags.num_logprobs)
             for i, s in enumerate(seqs):
                 if s.is_finished:
                     continue

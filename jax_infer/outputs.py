@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from jax_infer.scheduler.request import Request, stop_holdback
 
 
@@ -58,6 +60,15 @@ def make_output(req: Request) -> RequestOutput:
         delta_token_ids=new,
         error=req.error,
     )
+
+
+def host_logprob_rows(res, num_logprobs: int):
+    """The sampler's logprob arrays on the host, (logprob f32[R], top_ids i32[R, n],
+    top_logprobs f32[R, n]) for `logprob_entry`, or None when no row asked for logprobs
+    (SamplerFlags.num_logprobs < 0)."""
+    if num_logprobs < 0:
+        return None
+    return np.asarray(res.logprob), np.asarray(res.top_ids), np.asarray(res.top_logprobs)
 
 
 def logprob_entry(token: int, n: int | None, row: int, rows) -> dict[int, float] | None:

@@ -34,7 +34,7 @@ from jax_infer.cpu.layout import tile_f32_params, untile_f32_params
 from jax_infer.model.cache import init_paged_cache, init_sharded_paged_cache
 from jax_infer.model.llama import untie_lm_head
 from jax_infer.model.step import paged_forward
-from jax_infer.outputs import logprob_entry
+from jax_infer.outputs import host_logprob_rows, logprob_entry
 from jax_infer.sampling import SamplerFlags, SamplingMetadata, min_tokens_banned_ids, sample
 from jax_infer.scheduler.request import Request
 
@@ -228,13 +228,7 @@ class ModelRunner:
             banned_ids=None if banned is None else jnp.asarray(banned),
         )
         token_ids = np.asarray(res.token_ids)
-        lp_rows = None
-        if flags.num_logprobs >= 0:
-            lp_rows = (
-                np.asarray(res.logprob),
-                np.asarray(res.top_ids),
-                np.asarray(res.top_logprobs),
-            )
+        lp_rows = host_logprob_rows(res, flags.num_logprobs)
         for r, req in enumerate(by_row):
             if req is None:
                 continue

@@ -41,15 +41,6 @@ class RequestStatus(enum.Enum):
     FINISHED_ERROR = "error"
 
     @property
-    def num_output_tokens(self) -> int:
-        return len(self.output_token_ids)
-
-    def room(self, max_model_len: int) -> int:
-        """Output tokens the request may still take: what max_tokens and max_model_len leave.
-        The one definition of the "length" limit (commit_tokens finishes at 0)."""
-        return min(self.max_tokens - len(self.output_token_ids), max_model_len - self.num_tokens)
-
-    @property
     def is_finished(self) -> bool:
         return self in _FINISHED
 
