@@ -1,0 +1,250 @@
+"""The OpenAI request shapes the server accepts, their errors, and the mapping to SamplingParams.
+
+Every request model forbids unknown fields: a field we do not implement (tools, logit_bias,
+response_format, ...) would change the output if honoured, so it is refused with a 400 naming
+it rather than ignored. Models are strict (validated from the raw JSON body, so "5" is not an
+int and true is not a number); range checks beyond the shape are SamplingParams', whose
+ValueError names the field, mapped back here to the request field the client wrote.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from jax_infer.sampling import SamplingParams
+
+# Most samples of one prompt (`n`): each is an engine request, so this bounds the work one
+# HTTP request can queue.
+MAX_N = 16
+_U32 = 2**32
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        type: str | None = None,
+        code: str | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.type = type or _ERROR_TYPES.get(status, "server_error")
+        self.code = code
+
+    def body(self) -> dict:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    503: "service_unavailable",
+}
+
+
+# -- request models --------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Sampling(_Strict):
+    """Fields shared by /v1/completions and /v1/chat/completions (OpenAI plus vLLM's extras)."""
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None  # the number of top logprobs per token, as OpenAI's legacy API
+    echo: bool = False
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def as_template_dict(self) -> dict:
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        out = {"role": self.role, "content": content or ""}
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+
+class TokenizeRequest(_Strict):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int]
+
+
+# -- errors ----------------------------------------------------------------------------
+
+# pydantic writes union members into an error's location ("prompt", "list[int]", 0); a field
+# path keeps names and indices only.
+_FIELD_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
+_TYPE_TAGS = {"str", "int", "float", "bool", "none"}
+
+
+def _param(loc: tuple) -> str | None:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif _FIELD_NAME.match(item) and item not in _TYPE_TAGS:
+            parts.append(("." if parts else "") + item)
+    return "".join(parts) or None
+
+
+def validation_error(err: ValidationError) -> APIError:
+    """A 400 naming the first offending field (and saying what is wrong with it)."""
+    first = err.errors()[0]
+    param = _param(tuple(first["loc"]))
+    if first["type"] == "json_invalid":
+        return APIError(400, f"the request body is not valid JSON: {first['msg']}")
+    if first["type"] == "extra_forbidden":
+        return APIError(
+            400, f"unsupported field {param!r}: this server does not implement it", param=param
+        )
+    return APIError(400, f"{param}: {first['msg']} (got {first.get('input')!r:.80})", param=param)
+
+
+def parse(model: type[BaseModel], body: bytes) -> BaseModel:
+    try:
+        return model.model_validate_json(body or b"null")
+    except ValidationError as e:
+        raise validation_error(e) from None
+
+
+# -- request -> SamplingParams ----------------------------------------------------------
+
+_SAMPLING_FIELD = re.compile(r"^SamplingParams\.(\w+)=")
+
+
+def max_tokens_field(req: _Sampling) -> str:
+    """The request field that set the output length ("max_completion_tokens" or "max_tokens")."""
+    if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
+        return "max_completion_tokens"
+    return "max_tokens"
+
+
+def request_param(req: _Sampling, field: str) -> str:
+    """The request field a SamplingParams field came from."""
+    if field == "max_tokens":
+        return max_tokens_field(req)
+    if field == "logprobs" and isinstance(req, ChatCompletionRequest):
+        return "top_logprobs"
+    return field
+
+
+def sampling_params(req: _Sampling, *, prompt_len: int, max_model_len: int) -> list[SamplingParams]:
+    """One SamplingParams per sample (`n`), seeds `seed + i` so samples differ but reproduce.
+
+    max_tokens defaults to 16 for completions (OpenAI's default) and to what the context has
+    room for in chat. Raises APIError 400 naming the request field for an invalid value."""
+    if isinstance(req, ChatCompletionRequest):
+        max_tokens = req.max_completion_tokens
+        if max_tokens is None:
+            max_tokens = req.max_tokens
+        if max_tokens is None:
+            max_tokens = max(max_model_len - prompt_len, 1)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    else:
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        logprobs = req.logprobs
+    if req.seed is not None and not 0 <= req.seed < _U32:
+        raise APIError(400, f"seed={req.seed} is invalid: must be in [0, 2**32 - 1]", param="seed")
+    knobs = {
+        "max_tokens": max_tokens,
+        "logprobs": logprobs,
+        "ignore_eos": req.ignore_eos,
+        "min_tokens": req.min_tokens,
+    }
+    for name, value in (
+        ("temperature", req.temperature),
+        ("top_p", req.top_p),
+        ("top_k", req.top_k),
+        ("min_p", req.min_p),
+        ("presence_penalty", req.presence_penalty),
+        ("frequency_penalty", req.frequency_penalty),
+        ("repetition_penalty", req.repetition_penalty),
+        ("stop", req.stop),
+        ("stop_token_ids", req.stop_token_ids),
+    ):
+        if value is not None:
+            knobs[name] = value
+    out = []
+    for i in range(req.n):
+        seed = None if req.seed is None else (req.seed + i) % _U32
+        try:
+            out.append(SamplingParams(**knobs, seed=seed))
+        except ValueError as e:
+            match = _SAMPLING_FIELD.match(str(e))
+            param = request_param(req, match.group(1)) if match else None
+            raise APIError(400, str(e), param=param) from None
+    return out

@@ -1,0 +1,64 @@
+"""Serve the OpenAI API over HTTP.
+
+python scripts/serve.py --port 8000
+python scripts/serve.py --model smollm2-135m --max_model_len 2048 --api_key secret
+jax-infer serve --port 8000          # the same, through the console entry point
+
+Model and engine flags are the shared groups of scripts/shared_flags.py. The API key may
+also come from the environment (JAX_INFER_API_KEY); /v1/* then need `Authorization: Bearer`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import shared_flags
+from absl import app, flags
+
+from jax_infer import LLM
+from jax_infer.server import ServerConfig, run_server
+
+FLAGS = flags.FLAGS
+shared_flags.define_model_flags()
+shared_flags.define_engine_flags()
+flags.adopt_module_key_flags(shared_flags)
+flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0 for every interface).")
+flags.DEFINE_integer("port", 8000, "Port to listen on.")
+flags.DEFINE_string(
+    "api_key", None, "Key required on /v1/* (default: $JAX_INFER_API_KEY; none: open)."
+)
+flags.DEFINE_integer(
+    "max_model_len", None, "Longest prompt + completion (default: the model's, capped at 4096)."
+)
+flags.DEFINE_integer(
+    "max_waiting_requests", None, "Answer 503 when this many requests wait (default: no limit)."
+)
+flags.DEFINE_string("served_model_name", None, "The model name clients send (default: --model).")
+flags.DEFINE_integer("max_request_bytes", 2 * 2**20, "Largest request body (413 above).")
+flags.DEFINE_enum("log_level", "info", ["debug", "info", "warning", "error"], "uvicorn log level.")
+
+
+def main(argv):
+    del argv
+    kwargs = {**shared_flags.llm_kwargs(), "max_model_len": FLAGS.max_model_len, "progress": False}
+    config = ServerConfig(
+        model_name=FLAGS.served_model_name or FLAGS.model,
+        api_key=FLAGS.api_key or os.environ.get("JAX_INFER_API_KEY") or None,
+        max_request_bytes=FLAGS.max_request_bytes,
+    )
+
+    def make_engine():
+        return LLM(**kwargs).engine
+
+    run_server(
+        make_engine,
+        config,
+        host=FLAGS.host,
+        port=FLAGS.port,
+        max_waiting_requests=FLAGS.max_waiting_requests,
+        log_level=FLAGS.log_level,
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)
