@@ -1,0 +1,468 @@
+"""The OpenAI-compatible server: request mapping (no server), fault handling over a fake engine
+(in-process app), and the real server as a subprocess driven by the official openai client."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import types
+
+import httpx
+import openai
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from jax_infer import LLM, SamplingParams
+from jax_infer.outputs import RequestOutput
+from jax_infer.server import AsyncEngine, ServerConfig, build_app
+from jax_infer.server.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    parse,
+    sampling_params,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+API_KEY = "test-key"
+MAX_MODEL_LEN = 512
+
+# -- request -> SamplingParams (no server) ------------------------------------------------
+
+
+def test_completion_request_maps_to_sampling_params():
+    req = parse(
+        CompletionRequest,
+        b'{"prompt": "hi", "max_tokens": 5, "temperature": 0.5, "top_p": 0.9, "top_k": 4,'
+        b' "min_p": 0.1, "n": 3, "seed": 7, "stop": "x", "stop_token_ids": [2],'
+        b' "presence_penalty": 0.5, "frequency_penalty": -0.5, "repetition_penalty": 1.1,'
+        b' "logprobs": 2, "ignore_eos": true, "min_tokens": 1, "user": "u"}',
+    )
+    params = sampling_params(req, prompt_len=3, max_model_len=64)
+    assert [p.seed for p in params] == [7, 8, 9]
+    p = params[0]
+    assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.min_p) == (5, 0.5, 0.9, 4, 0.1)
+    assert (p.stop, p.stop_token_ids, p.logprobs, p.ignore_eos, p.min_tokens) == (
+        ("x",),
+        (2,),
+        2,
+        True,
+        1,
+    )
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.5, -0.5, 1.1)
+    # Defaults: OpenAI's 16 tokens for completions, temperature 1, no seed.
+    (d,) = sampling_params(
+        parse(CompletionRequest, b'{"prompt": [1, 2]}'), prompt_len=2, max_model_len=64
+    )
+    assert (d.max_tokens, d.temperature, d.seed) == (16, 1.0, None)
+
+
+def test_chat_request_maps_to_sampling_params():
+    body = b'{"messages": [{"role": "user", "content": "hi"}], "logprobs": true, "top_logprobs": 3'
+    (p,) = sampling_params(
+        parse(ChatCompletionRequest, body + b"}"), prompt_len=10, max_model_len=64
+    )
+    assert (p.logprobs, p.max_tokens) == (3, 54)  # chat fills the context by default
+    req = parse(ChatCompletionRequest, body + b', "max_completion_tokens": 4, "max_tokens": 9}')
+    assert sampling_params(req, prompt_len=10, max_model_len=64)[0].max_tokens == 4
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        (b'{"prompt": "a", "tools": []}', "tools"),
+        (b'{"prompt": "a", "logit_bias": {"1": 2}}', "logit_bias"),
+        (b'{"prompt": "a", "max_tokens": "ten"}', "max_tokens"),
+        (b'{"prompt": "a", "temperature": true}', "temperature"),
+        (b'{"prompt": "a", "n": 1000000}', "n"),
+        (b'{"prompt": "a", "max_tokens": -1}', "max_tokens"),
+        (b'{"prompt": "a", "temperature": -1}', "temperature"),
+        (b'{"prompt": "a", "top_p": 0}', "top_p"),
+        (b'{"prompt": "a", "seed": -3}', "seed"),
+        (b'{"prompt": "a", "logprobs": 99}', "logprobs"),
+        (
+            b'{"messages": [{"role": "user", "content": "a", "tool_calls": []}]}',
+            "messages[0].tool_calls",
+        ),
+        (b'{"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}', "top_logprobs"),
+        (
+            b'{"messages": [{"role": "user", "content": "a"}], "max_completion_tokens": 0}',
+            "max_completion_tokens",
+        ),
+        (b"{not json", None),
+    ],
+)
+def test_invalid_requests_name_the_field(body, param):
+    model = ChatCompletionRequest if b"messages" in body else CompletionRequest
+    with pytest.raises(APIError) as err:
+        sampling_params(parse(model, body), prompt_len=3, max_model_len=64)
+    assert err.value.status == 400
+    assert err.value.param == param
+
+
+# -- faults, over a fake engine (in process) ---------------------------------------------
+
+
+class FakeEngine:
+    """The engine surface the server uses: one token (id 5, text "x") per request and step.
+    Steps numbered in `fail_steps` raise; with die_on_stats, stats() raises (outside the step,
+    so the engine thread dies)."""
+
+    def __init__(self, fail_steps=(), die_on_stats=False):
+        self.fail_steps, self.die_on_stats = set(fail_steps), die_on_stats
+        self.max_model_len = 64
+        self.config = types.SimpleNamespace(vocab_size=100)
+        self.tokenizer = types.SimpleNamespace(
+            encode=lambda text, add_special_tokens=True: [1] * len(text),
+            decode=lambda ids, skip_special_tokens=True: "x" * len(ids),
+            eos_token_ids=(0,),
+        )
+        self.requests: dict[str, tuple] = {}
+        self.num_steps = 0
+
+    def add_request(self, ids, params, request_id):
+        self.requests[request_id] = (ids, params, [])
+        return request_id
+
+    def abort(self, request_id):
+        return self.requests.pop(request_id, None) is not None
+
+    def has_unfinished_requests(self):
+        return bool(self.requests)
+
+    def step(self):
+        self.num_steps += 1
+        if self.num_steps in self.fail_steps:
+            raise RuntimeError("boom in step")
+        outs = []
+        for rid, (ids, params, tokens) in list(self.requests.items()):
+            tokens.append(5)
+            done = len(tokens) >= params.max_tokens
+            if done:
+                del self.requests[rid]
+            outs.append(
+                RequestOutput(
+                    rid,
+                    None,
+                    ids,
+                    text="x" * len(tokens),
+                    token_ids=list(tokens),
+                    finish_reason="length" if done else None,
+                    finished=done,
+                    delta_text="x",
+                    delta_token_ids=[5],
+                )
+            )
+        return outs
+
+    def stats(self):
+        if self.die_on_stats and self.num_steps:
+            raise RuntimeError("stats broke")
+        n = len(self.requests)
+        return {"num_running": n, "num_waiting": 0, "kv_usage": n / 10, "num_preemptions": 0}
+
+
+def _client(engine, **kwargs):
+    front = AsyncEngine(lambda: engine, **kwargs)
+    return TestClient(
+        build_app(front, ServerConfig(model_name="fake")), raise_server_exceptions=False
+    )
+
+
+def _wait_ready(client):
+    for _ in range(100):
+        if client.get("/health").status_code == 200:
+            return
+        time.sleep(0.05)
+    raise AssertionError("fake server never became healthy")
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on():
+    with _client(FakeEngine(fail_steps={1})) as client:
+        _wait_ready(client)
+        r = client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 3})
+        assert r.status_code == 500
+        assert "boom in step" in r.json()["error"]["message"]
+        r = client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 3})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == "xxx"
+        assert client.get("/health").status_code == 200
+
+
+def test_a_dead_engine_thread_turns_health_503_and_fails_requests():
+    with _client(FakeEngine(die_on_stats=True)) as client:
+        _wait_ready(client)
+        t = time.monotonic()
+        r = client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 30})
+        assert r.status_code == 503 and "stats broke" in r.json()["error"]["message"]
+        assert time.monotonic() - t < 5
+        assert client.get("/health").status_code == 503
+        r = client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 3})
+        assert r.status_code == 503
+
+
+def test_full_waiting_queue_answers_503():
+    engine = FakeEngine()
+    engine.stats = lambda: {
+        "num_running": 0,
+        "num_waiting": 2,
+        "kv_usage": 0.0,
+        "num_preemptions": 0,
+    }
+    with _client(engine, max_waiting_requests=2) as client:
+        _wait_ready(client)
+        client.get("/health")
+        time.sleep(0.3)  # the engine thread publishes its stats when idle, too
+        r = client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 1})
+        assert r.status_code == 503 and "max_waiting_requests=2" in r.json()["error"]["message"]
+
+
+# -- the real server -----------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(gguf_path):
+    port = _free_port()
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "scripts", "serve.py"),
+        f"--port={port}",
+        f"--model={gguf_path}",
+        "--served_model_name=smollm2",
+        f"--max_model_len={MAX_MODEL_LEN}",
+        "--kv_cache_gb=0.05",
+        "--max_num_seqs=4",
+        "--max_request_bytes=100000",
+        "--log_level=warning",
+    ]
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_INFER_API_KEY": API_KEY}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    try:
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not become healthy in 180 s"
+            time.sleep(0.5)
+        yield types.SimpleNamespace(url=url, proc=proc)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(
+        base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120
+    ) as c:
+        yield c
+
+
+def _metrics(http) -> dict[str, float]:
+    text = http.get("/metrics").text
+    return {
+        s.name: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if not s.labels
+    }
+
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
+
+
+@pytest.mark.real_model
+def test_greedy_completions_equal_llm_generate(client, gguf_path):
+    served = [
+        client.completions.create(model="smollm2", prompt=p, max_tokens=8, temperature=0)
+        for p in PROMPTS
+    ]
+    llm = LLM(model=gguf_path, progress=False, max_model_len=MAX_MODEL_LEN, kv_cache_gb=0.05)
+    local = llm.generate(PROMPTS, SamplingParams(max_tokens=8, temperature=0))
+    del llm
+    assert [r.choices[0].text for r in served] == [o.text for o in local]
+    for r, o in zip(served, local):
+        assert r.usage.prompt_tokens == len(o.prompt_token_ids)
+        assert r.usage.completion_tokens == len(o.token_ids) == 8
+        assert r.choices[0].finish_reason == "length"
+
+
+@pytest.mark.real_model
+def test_models_health_tokenize(client, http):
+    assert [m.id for m in client.models.list().data] == ["smollm2"]
+    assert http.get("/health").status_code == 200
+    ids = http.post("/tokenize", json={"prompt": "Hello world"}).json()["tokens"]
+    assert http.post("/detokenize", json={"tokens": ids}).json()["prompt"] == "Hello world"
+
+
+@pytest.mark.real_model
+def test_chat_stream_deltas_join_to_the_plain_answer(client):
+    messages = [{"role": "user", "content": "Name a colour."}]
+    plain = client.chat.completions.create(
+        model="smollm2", messages=messages, max_tokens=6, temperature=0
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model="smollm2",
+            messages=messages,
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert plain.choices[0].message.content and text == plain.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == plain.usage.model_dump()
+    assert plain.usage.completion_tokens == 6
+
+
+@pytest.mark.real_model
+def test_completion_stream_n2_logprobs(client):
+    r = client.completions.create(
+        model="smollm2", prompt="Hello", max_tokens=4, temperature=0.8, seed=3, n=2, logprobs=2
+    )
+    assert sorted(c.index for c in r.choices) == [0, 1]
+    assert r.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in r.choices) == 8
+    for c in r.choices:
+        assert "".join(c.logprobs.tokens) == c.text
+        assert all(lp <= 0 for lp in c.logprobs.token_logprobs)
+        assert all(1 <= len(top) <= 2 for top in c.logprobs.top_logprobs)
+    again = client.completions.create(
+        model="smollm2", prompt="Hello", max_tokens=4, temperature=0.8, seed=3, n=2
+    )
+    assert [c.text for c in again.choices] == [c.text for c in r.choices]  # seeded
+    stream = client.completions.create(
+        model="smollm2", prompt="Hello", max_tokens=4, temperature=0.8, seed=3, n=2, stream=True
+    )
+    texts = ["", ""]
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    assert texts == [c.text for c in r.choices]
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        ({"prompt": "a", "tools": []}, 400, "tools"),
+        ({"prompt": "a", "max_tokens": "ten"}, 400, "max_tokens"),
+        ({"prompt": "a", "max_tokens": -1}, 400, "max_tokens"),
+        ({"prompt": "a", "n": 10**6}, 400, "n"),
+        ({"prompt": "a", "max_tokens": MAX_MODEL_LEN}, 400, "max_tokens"),
+        ({"prompt": [10**9]}, 400, "prompt"),
+        ({"prompt": "a", "model": "gpt-4"}, 404, "model"),
+    ],
+)
+def test_bad_requests_get_openai_errors(http, body, status, param):
+    r = http.post("/v1/completions", json=body)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["param"] == param
+
+
+@pytest.mark.real_model
+def test_bad_bodies_auth_and_size_then_still_serving(http, server):
+    r = http.post("/v1/chat/completions", content=os.urandom(256))
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "a", "max_tokens": 1})
+    assert r.status_code == 401 and "error" in r.json()
+    r = httpx.post(
+        f"{server.url}/v1/completions",
+        json={"prompt": "a"},
+        headers={"Authorization": "Bearer wrong"},
+    )
+    assert r.status_code == 401
+    r = http.post("/v1/completions", json={"prompt": "a" * 200_000})
+    assert r.status_code == 413 and "error" in r.json()
+    assert http.get("/health").status_code == 200  # no key needed outside /v1
+    r = http.post("/v1/completions", json={"prompt": "a", "max_tokens": 2, "temperature": 0})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+def _wait_idle(http, timeout=15.0) -> dict[str, float]:
+    deadline = time.monotonic() + timeout
+    while True:
+        m = _metrics(http)
+        if m["jax_infer:num_requests_running"] == 0 and m["jax_infer:kv_cache_usage_perc"] == 0:
+            return m
+        assert time.monotonic() < deadline, m
+        time.sleep(0.2)
+
+
+@pytest.mark.real_model
+def test_client_disconnect_aborts_and_frees_pages(http, server):
+    body = {"prompt": "Count:", "max_tokens": 300, "ignore_eos": True, "temperature": 0}
+    with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))
+        assert _metrics(http)["jax_infer:num_requests_running"] == 1
+    _wait_idle(http)
+    # Not streamed: the client gives up (a timeout closes the connection).
+    with pytest.raises(httpx.TimeoutException):
+        http.post("/v1/completions", json=body, timeout=3)
+    m = _wait_idle(http)
+    assert m["jax_infer:generation_tokens_total"] > 0
+    text = http.get("/metrics").text
+    for name in (
+        "jax_infer:time_to_first_token_seconds_bucket",
+        "jax_infer:inter_token_latency_seconds_bucket",
+        "jax_infer:e2e_request_latency_seconds_count",
+        "jax_infer:num_requests_waiting",
+        "jax_infer:prompt_tokens_total",
+        'jax_infer:request_success_total{finished_reason="abort"} 2.0',
+        "jax_infer:num_preemptions_total",
+    ):
+        assert name in text, name
+
+
+@pytest.mark.real_model
+def test_sigterm_ends_running_requests_and_exits(http, server):
+    """Last: stops the module's server."""
+    body = {"prompt": "Count:", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    lines: list[str] = []
+
+    def consume():
+        with http.stream("POST", "/v1/completions", json=body) as r:
+            lines.extend(r.iter_lines())
+
+    reader = threading.Thread(target=consume)
+    reader.start()
+    deadline = time.monotonic() + 60
+    while _metrics(http)["jax_infer:num_requests_running"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(30) is not None
+    reader.join(10)
+    assert not reader.is_alive()
+    assert lines and lines[-1] in ("data: [DONE]", "")
+    assert any("shutting down" in line for line in lines)
