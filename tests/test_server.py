@@ -183,6 +183,26 @@ def _wait_ready(client):
     raise AssertionError("fake server never became healthy")
 
 
+def test_health_is_503_while_the_engine_loads():
+    loaded = threading.Event()
+
+    def make_engine():
+        loaded.wait(10)
+        return FakeEngine()
+
+    front = AsyncEngine(make_engine)
+    app = build_app(front, ServerConfig(model_name="fake"))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        r = client.get("/health")
+        assert r.status_code == 503 and r.json()["status"] == "loading"
+        r = client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 1})
+        assert r.status_code == 503 and "loading" in r.json()["error"]["message"]
+        loaded.set()
+        _wait_ready(client)
+        r = client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 2, "model": "fake"})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == "xx"
+
+
 def test_a_failing_step_fails_its_requests_and_the_engine_goes_on():
     with _client(FakeEngine(fail_steps={1})) as client:
         _wait_ready(client)
