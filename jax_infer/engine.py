@@ -14,6 +14,13 @@ reached its end. The engine appends them with the stop rules (`outputs.commit_to
 one commit path), reports back to the scheduler and streams `RequestOutput`s. Each request
 is one `scheduler.Request` record. A bad request is refused by `add_request` with a
 ValueError and never reaches the batch; aborting frees its pages at once.
+
+Faults: an exception raised while executing a step (drafting, the runner's jitted step,
+sampling, verification) ends that step's requests with finish_reason "error" and an `error`
+naming the cause; the other requests keep going. If the failed call had the page pool donated
+and lost, the runner re-creates it and every running request is preempted to recompute. An
+exception anywhere else (the scheduler's bookkeeping) propagates: the engine is then not to be
+trusted, and the server treats it as fatal.
 """
 
 from __future__ import annotations
@@ -254,6 +261,10 @@ class LLMEngine:
         self._next_id = 0
         self.num_steps = 0
         self.num_preemptions = 0
+        # Test hook: called as fault_hook(engine, scheduler_output) inside each step, before
+        # the device work; an exception it raises is handled like a failed step (see step()).
+        # The server sets it from JAX_INFER_TEST_FAULT_SEED (server/cli.py). None in service.
+        self.fault_hook = None
         # Speculative decoding (speculative/decoder.py), or None.
         self.spec = make_speculative_decoder(
             ec,
@@ -328,7 +339,30 @@ class LLMEngine:
         if out.is_empty:
             return outputs
         self.num_steps += 1
+        try:
+            sampled, logprobs, drafts, before = self._execute(out)
+        except Exception as e:  # the device step: fail its requests, keep serving the others
+            return outputs + self._fail_step(out, e)
+        self.scheduler.update(out, sampled, logprobs=logprobs)
+        if drafts:
+            self.spec.stats.num_emitted_tokens += sum(
+                self.requests[rid].num_output_tokens - n for rid, n in before.items()
+            )
+        for rid in sampled:
+            req = self.requests[rid]
+            if req.is_finished:
+                del self.requests[rid]
+            outputs.append(make_output(req))
+        if self.spec is not None:
+            self.spec.synced(self.scheduler)
+        return outputs
+
+    def _execute(self, out):
+        """Propose drafts, run the ragged step, sample and verify: (sampled, logprobs,
+        drafts, output counts before verification) for Scheduler.update."""
         scheduled = out.scheduled
+        if self.fault_hook is not None:
+            self.fault_hook(self, out)
         drafts = {}
         if self.spec is not None:
             drafts, self.runner.pool = self.spec.propose(out, self.runner.pool)
@@ -359,22 +393,42 @@ class LLMEngine:
         for s, token, entry in zip(scheduled, result.tokens, result.logprobs):
             if token is not None:
                 sampled[s.request_id], logprobs[s.request_id] = [token], [entry]
+        before = {}
         if drafts:
             verified = self.spec.verify(result.logits, result.order, scheduled, drafts)
             sampled.update(verified)
             before = {rid: self.requests[rid].num_output_tokens for rid in verified}
-        self.scheduler.update(out, sampled, logprobs=logprobs)
-        if drafts:
-            self.spec.stats.num_emitted_tokens += sum(
-                self.requests[rid].num_output_tokens - n for rid, n in before.items()
-            )
-        for rid in sampled:
-            req = self.requests[rid]
-            if req.is_finished:
-                del self.requests[rid]
+        return sampled, logprobs, drafts, before
+
+    def _fail_step(self, out, exc: Exception) -> list[RequestOutput]:
+        """A step that raised ends exactly its scheduled requests with finish_reason "error"
+        (their error names the cause); the others go on. If the failed call had the page
+        pool donated and deleted, a fresh pool holds no K/V: every other running request is
+        preempted to recompute, and the prefix cache is dropped."""
+        message = f"the engine step failed: {type(exc).__name__}: {exc}"
+        ids = [s.request_id for s in out.scheduled]
+        log.error(
+            "step %d failed, ending requests %s: %s", self.num_steps, ids, message, exc_info=exc
+        )
+        for s in out.scheduled:
+            s.request.error = message
+        self.scheduler.update(out, {}, finished=dict.fromkeys(ids, "error"))
+        outputs = []
+        for rid in ids:
+            req = self.requests.pop(rid)
+            finish(req)
             outputs.append(make_output(req))
+        if self.runner.pool_is_lost():
+            preempted = self.scheduler.preempt_all()
+            self.runner.reset_pool()
+            self.num_preemptions += len(preempted)
+            log.warning(
+                "the page pool was lost in the failed step: re-created; %d running requests "
+                "preempted to recompute",
+                len(preempted),
+            )
         if self.spec is not None:
-            self.spec.synced(self.scheduler)
+            self.spec.recover(self.scheduler)
         return outputs
 
     # -- introspection -------------------------------------------------------------------

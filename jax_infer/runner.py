@@ -148,19 +148,32 @@ class ModelRunner:
         self.page_size = page_size
         self.max_decode_rows = max_decode_rows
         self.eos_token_ids = sorted(eos_token_ids)
-        cache_dtype = cache_dtype or dtype
-        self.mesh = mesh
+        self.num_pages = num_pages
+        self.cache_dtype = cache_dtype or dtype
+        self.mesh, self.rules = mesh, rules
+        self.pool = self._new_pool()
         if mesh is None:
-            self.pool = init_paged_cache(config, num_pages, page_size, cache_dtype)
             self._forward = paged_forward
         else:
-            self.pool = init_sharded_paged_cache(
-                config, num_pages, page_size, mesh, rules, cache_dtype
-            )
             # Logits are gathered (the sampler reads every row); the pool keeps its sharding.
             replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
             shardings = jax.tree.map(lambda a: a.sharding, self.pool)
             self._forward = sharded_step(paged_forward, replicated, shardings)
+
+    def _new_pool(self):
+        if self.mesh is None:
+            return init_paged_cache(self.config, self.num_pages, self.page_size, self.cache_dtype)
+        return init_sharded_paged_cache(
+            self.config, self.num_pages, self.page_size, self.mesh, self.rules, self.cache_dtype
+        )
+
+    def pool_is_lost(self) -> bool:
+        """Whether the pool's buffers are gone: a step that failed after they were donated."""
+        return any(leaf.is_deleted() for leaf in jax.tree.leaves(self.pool))
+
+    def reset_pool(self) -> None:
+        """A fresh page pool (zeros, same shapes and sharding): every page's K/V is void."""
+        self.pool = self._new_pool()
 
     def canonical_params(self):
         """The params as loaded (and quantized): what `LLM.save` writes."""

@@ -4,6 +4,7 @@ requests and a bounded set of compiled programs."""
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
@@ -206,3 +207,58 @@ def test_attention_backends_agree(smollm2):
         engine = make_engine(smollm2, attention_backend=backend, max_num_batched_tokens=32)
         outs[backend] = run_engine(engine, prompts, params)
     assert outs["reference"] == outs["xla"] == outs["cpu"] == outs["pallas"]
+
+
+@pytest.mark.parametrize("lose_pool", [False, True], ids=["step_raises", "pool_deleted"])
+def test_a_failed_step_ends_its_requests_and_the_others_go_on(smollm2, lose_pool):
+    """Prompts share a two-page prefix; the first step run while that prefix is cached and
+    requests wait raises: exactly its requests end "error" naming the cause, the others give
+    the greedy tokens of a run without the fault, and no page leaks. With pool_deleted the
+    failed call also deleted the donated page pool: the engine re-creates it, preempts any
+    running request the step left out, and drops the prefix cache (its pages are zeros now,
+    so a waiting request reusing them would go wrong)."""
+    prefix = " ".join(WORDS * 2)
+    texts = [f"{prefix} {end}" for end in ("one", "two", "three", "four", "five")]
+    prompts = [smollm2.tokenizer.encode(t) for t in texts]
+    assert len(prompts[0]) > 2 * 16
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    kwargs = dict(max_num_seqs=2)
+    alone = run_engine(make_engine(smollm2, **kwargs), prompts, params)
+    engine = make_engine(smollm2, **kwargs)
+    failed: list[str] = []
+    left_out: list[str] = []
+
+    def fault_hook(eng, out):
+        sched = eng.scheduler
+        if not failed and sched.allocator.num_cached() and sched.num_waiting():
+            failed.extend(s.request_id for s in out.scheduled)
+            scheduled = set(failed)
+            left_out.extend(
+                r
+                for r in eng.requests
+                if r not in scheduled and sched.get_request(r) and sched.get_request(r).block_table
+            )
+            if lose_pool:  # as a jitted call that had the pool donated and then failed
+                for leaf in jax.tree.leaves(eng.runner.pool):
+                    leaf.delete()
+            raise RuntimeError("injected fault")
+
+    engine.fault_hook = fault_hook
+    ids = [engine.add_request(p, params) for p in prompts]
+    final = {}
+    while engine.has_unfinished_requests():
+        for chunk in engine.step():
+            if chunk.finished:
+                final[chunk.request_id] = chunk
+        engine.scheduler.check_invariants()
+        if failed and lose_pool:
+            assert not engine.runner.pool_is_lost()
+    assert failed and set(failed) < set(ids)
+    for rid, want in zip(ids, alone):
+        out = final[rid]
+        if rid in failed:
+            assert out.finish_reason == "error" and "RuntimeError: injected fault" in out.error
+        else:
+            assert out.finish_reason == "length" and out.token_ids == want, rid
+    assert engine.scheduler.allocator.num_free() == engine.num_pages - 1
+    assert engine.num_preemptions == (len(left_out) if lose_pool else 0)

@@ -246,6 +246,50 @@ def test_engine_error_finishes_with_a_message():
     assert done.status is RequestStatus.FINISHED_ERROR and "engine" in done.error
 
 
+def test_a_failed_step_publishes_nothing_to_the_prefix_cache():
+    """A request failed in a step ("error") advances nothing: the pages it was computing hold
+    no trusted K/V, so a later request with the same prompt finds no cached prefix."""
+    sched = make()
+    sched.add_request(req("a", n=10))
+    out = sched.schedule()
+    (done,) = sched.update(out, {}, {"a": "error"})
+    assert done.num_computed_tokens == 0 and sched.allocator.num_cached() == 0
+    sched.check_invariants()
+    sched.add_request(req("b", n=10))
+    out, _ = step(sched)
+    assert chunks(out) == {"b": (0, 10)}
+
+
+def test_preempt_all_requeues_everything_and_drops_the_prefix_cache():
+    sched = make(max_num_batched_tokens=64)
+    reqs = [req(f"r{i}", n=9, first=10 * i) for i in range(3)]
+    for r in reqs:
+        sched.add_request(r)
+    sched.add_request(req("w", n=5, first=90))
+    step(sched)
+    step(sched)
+    assert sched.num_running() == 4 and sched.allocator.num_cached() > 0
+    out = sched.schedule()
+    with pytest.raises(RuntimeError, match="between schedule"):
+        sched.preempt_all()
+    sched.update(out, {sr.request_id: [1] for sr in out.scheduled if sr.sample})
+    assert sched.preempt_all() == ["w", "r2", "r1", "r0"]
+    sched.check_invariants()
+    assert sched.num_running() == 0 and sched.num_waiting() == 4
+    assert sched.allocator.num_used() == 0 and sched.allocator.num_cached() == 0
+    assert sched.allocator.num_free() == sched.allocator.num_pages - 1
+    assert all(r.status is RequestStatus.PREEMPTED and r.num_preemptions == 1 for r in reqs)
+    out, _ = step(sched)  # everything recomputes from position 0, oldest first
+    assert [(sr.request_id, sr.start) for sr in out.scheduled][:3] == [
+        ("r0", 0),
+        ("r1", 0),
+        ("r2", 0),
+    ]
+    while sched.has_unfinished():
+        step(sched)
+    assert sched.allocator.num_used() == 0
+
+
 # ---- abort -------------------------------------------------------------------------------
 
 

@@ -32,6 +32,8 @@ from jax_infer.server.protocol import (
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 API_KEY = "test-key"
 MAX_MODEL_LEN = 512
+# The server's test hook fails every step that schedules a request with this seed.
+FAULT_SEED = 666
 
 # -- request -> SamplingParams (no server) ------------------------------------------------
 
@@ -111,11 +113,13 @@ def test_invalid_requests_name_the_field(body, param):
 
 class FakeEngine:
     """The engine surface the server uses: one token (id 5, text "x") per request and step.
-    Steps numbered in `fail_steps` raise; with die_on_stats, stats() raises (outside the step,
-    so the engine thread dies)."""
+    Steps numbered in `fail_steps` fail as LLMEngine's do (their requests end "error");
+    steps in `raise_steps` raise out of step(), and with die_on_stats stats() raises: either
+    kills the engine thread."""
 
-    def __init__(self, fail_steps=(), die_on_stats=False):
+    def __init__(self, fail_steps=(), raise_steps=(), die_on_stats=False):
         self.fail_steps, self.die_on_stats = set(fail_steps), die_on_stats
+        self.raise_steps = set(raise_steps)
         self.max_model_len = 64
         self.config = types.SimpleNamespace(vocab_size=100)
         self.tokenizer = types.SimpleNamespace(
@@ -138,8 +142,17 @@ class FakeEngine:
 
     def step(self):
         self.num_steps += 1
+        if self.num_steps in self.raise_steps:
+            raise RuntimeError("the scheduler broke")
         if self.num_steps in self.fail_steps:
-            raise RuntimeError("boom in step")
+            outs = [
+                RequestOutput(
+                    rid, None, ids, finish_reason="error", finished=True, error="boom in step"
+                )
+                for rid, (ids, _, _) in self.requests.items()
+            ]
+            self.requests.clear()
+            return outs
         outs = []
         for rid, (ids, params, tokens) in list(self.requests.items()):
             tokens.append(5)
@@ -215,12 +228,17 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on():
         assert client.get("/health").status_code == 200
 
 
-def test_a_dead_engine_thread_turns_health_503_and_fails_requests():
-    with _client(FakeEngine(die_on_stats=True)) as client:
+@pytest.mark.parametrize("engine", ["raise_in_step", "die_on_stats"])
+def test_a_dead_engine_thread_turns_health_503_and_fails_requests(engine):
+    if engine == "raise_in_step":
+        engine, message = FakeEngine(raise_steps={2}), "the scheduler broke"
+    else:
+        engine, message = FakeEngine(die_on_stats=True), "stats broke"
+    with _client(engine) as client:
         _wait_ready(client)
         t = time.monotonic()
         r = client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 30})
-        assert r.status_code == 503 and "stats broke" in r.json()["error"]["message"]
+        assert r.status_code == 503 and message in r.json()["error"]["message"]
         assert time.monotonic() - t < 5
         assert client.get("/health").status_code == 503
         r = client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 3})
@@ -267,7 +285,12 @@ def server(gguf_path):
         "--max_request_bytes=100000",
         "--log_level=warning",
     ]
-    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_INFER_API_KEY": API_KEY}
+    env = {
+        **os.environ,
+        "PYTHONPATH": ROOT,
+        "JAX_INFER_API_KEY": API_KEY,
+        "JAX_INFER_TEST_FAULT_SEED": str(FAULT_SEED),
+    }
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -426,6 +449,26 @@ def test_bad_bodies_auth_and_size_then_still_serving(http, server):
     assert http.get("/health").status_code == 200  # no key needed outside /v1
     r = http.post("/v1/completions", json={"prompt": "a", "max_tokens": 2, "temperature": 0})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+@pytest.mark.real_model
+def test_a_failed_step_is_a_500_naming_the_cause_and_the_server_goes_on(http):
+    bad = {"prompt": "Hello", "max_tokens": 4, "seed": FAULT_SEED}
+    r = http.post("/v1/completions", json=bad)
+    assert r.status_code == 500, r.text
+    message = r.json()["error"]["message"]
+    assert "RuntimeError: injected test fault" in message and "failed" in message
+    with http.stream("POST", "/v1/completions", json={**bad, "stream": True}) as r:
+        assert r.status_code == 200  # the failure comes after the stream has started
+        lines = [line for line in r.iter_lines() if line.startswith("data:")]
+    assert "injected test fault" in lines[-2] and lines[-1] == "data: [DONE]"
+    assert http.get("/health").status_code == 200
+    r = http.post("/v1/completions", json={**bad, "seed": 1})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    assert (
+        'jax_infer:request_success_total{finished_reason="error"} 2.0' in http.get("/metrics").text
+    )
+    _wait_idle(http)
 
 
 def _wait_idle(http, timeout=15.0) -> dict[str, float]:

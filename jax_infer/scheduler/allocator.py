@@ -262,6 +262,14 @@ class PageAllocator:
         self._page_of_hash[page_hash] = page
         self._hash_of_page[page] = page_hash
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached page (their K/V is void, e.g. the pool was re-created):
+        evictable pages return to the free list, pages in use stay allocated, unregistered."""
+        self._free.extend(self._evictable)
+        self._evictable.clear()
+        self._page_of_hash.clear()
+        self._hash_of_page.clear()
+
     # ---- checks ----------------------------------------------------------------------
 
     def check_invariants(self) -> None:

@@ -232,6 +232,21 @@ class Scheduler:
         req.num_preemptions += 1
         self._waiting.appendleft(req)
 
+    def preempt_all(self) -> list[str]:
+        """Preempt every running request (newest first, so the oldest stays at the head of
+        the queue) and drop the prefix cache; returns their ids. For when the device's page
+        pool was lost (a failed step that had it donated): every page's K/V is void, so each
+        request recomputes from its tokens. Call between update() and the next schedule()."""
+        if self._pending is not None:
+            raise RuntimeError("preempt_all() called between schedule() and its update()")
+        ids = []
+        while self._running:
+            victim = self._running[-1]
+            self._preempt(victim)
+            ids.append(victim.request_id)
+        self.allocator.reset_prefix_cache()
+        return ids
+
     # ---- scheduling --------------------------------------------------------------------
 
     def _chunk(self, req: Request, budget: int) -> int:
@@ -450,6 +465,12 @@ class Scheduler:
             if req.status is not RequestStatus.RUNNING:
                 continue  # aborted after schedule(); its pages are already free
             assert req.num_computed_tokens == sr.start, "request advanced outside update()"
+            if finished.get(sr.request_id) == "error":
+                # The step failed for this request: its K/V is not trusted, so nothing of it
+                # is counted as computed or published to the prefix cache.
+                self._finish_with(req, finished.pop(sr.request_id))
+                done.append(req)
+                continue
             new = 0
             if sr.sample and sampled.get(sr.request_id):
                 new = commit_tokens(

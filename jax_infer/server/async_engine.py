@@ -5,11 +5,11 @@ the model loads). Handlers on the event loop send commands (add, abort, stop) th
 thread-safe queue; the thread drains it between steps, blocking on it while idle, and hands
 each output to its HTTP request's asyncio queue with `loop.call_soon_threadsafe`.
 
-Faults: an exception in `engine.step()` fails the requests that were in the engine at the
-time (the step's rows are among them; the engine does not say which) with a 500 naming the
-cause, aborts them so their pages are freed, and the loop goes on. An exception anywhere
-else kills the thread: the front turns `dead` (so /health answers 503) and every pending and
-later request gets a 503 at once.
+Faults: the engine isolates a failed step itself (`LLMEngine.step`): that step's requests
+come back with finish_reason "error" and the cause in `error`, which the routes answer with a
+500 naming it, and the others go on. An exception escaping `engine.step()` (or anything else
+on the thread) means the engine's state cannot be trusted: it kills the thread, the front
+turns `dead` (so /health answers 503) and every pending and later request gets a 503 at once.
 """
 
 from __future__ import annotations
@@ -276,19 +276,7 @@ class AsyncEngine:
                 stream.put(Failure(503, reason))
 
     def _step(self, engine) -> None:
-        try:
-            outputs = engine.step()
-        except Exception as e:
-            log.exception("engine step failed")
-            message = f"the engine step failed: {type(e).__name__}: {e}"
-            failed = {id(s): s for s in self._streams.values()}
-            for rid in list(self._streams):
-                self._streams.pop(rid)
-                self._timing.pop(rid, None)
-                engine.abort(rid)
-            for stream in failed.values():
-                stream.put(Failure(500, message))
-            return
+        outputs = engine.step()  # a failed step comes back as "error" outputs; a raise is fatal
         now = time.monotonic()
         for out in outputs:
             stream = self._streams.get(out.request_id)

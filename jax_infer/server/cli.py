@@ -3,11 +3,17 @@
 `jax-infer serve --port 8000 ...` runs scripts/serve.py, whose flags are the scripts' shared
 groups (scripts/shared_flags.py); scripts/ ships with a source checkout (an editable install),
 not inside the package.
+
+Test hook: with JAX_INFER_TEST_FAULT_SEED=<int> in the environment, every engine step that
+schedules a request sampled with that seed raises inside the step (`LLMEngine.fault_hook`),
+so tests can provoke a failed step through the API (`"seed": <int>`) on a shared server
+whatever ran before. Never set it in service.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +39,38 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+FAULT_SEED_ENV = "JAX_INFER_TEST_FAULT_SEED"
+
+
+def seed_fault_hook(seed: int):
+    """A `LLMEngine.fault_hook` failing each step that schedules a request seeded `seed`."""
+
+    def fault_hook(engine, out) -> None:
+        for s in out.scheduled:
+            if s.request.sampling_params.seed == seed:
+                raise RuntimeError(
+                    f"injected test fault ({FAULT_SEED_ENV}={seed}) in step {engine.num_steps}"
+                )
+
+    return fault_hook
+
+
+def with_test_faults(make_engine: Callable[[], object]) -> Callable[[], object]:
+    """make_engine, with the fault hook of JAX_INFER_TEST_FAULT_SEED set when it is."""
+    value = os.environ.get(FAULT_SEED_ENV)
+    if not value:
+        return make_engine
+    seed = int(value)
+
+    def make():
+        engine = make_engine()
+        log.warning("test hook: steps scheduling a request with seed=%d will fail", seed)
+        engine.fault_hook = seed_fault_hook(seed)
+        return engine
+
+    return make
+
+
 def run_server(
     make_engine: Callable[[], object],
     config: ServerConfig,
@@ -44,7 +82,7 @@ def run_server(
 ) -> None:
     """Serve until SIGINT/SIGTERM. make_engine runs on the engine thread: /health answers 503
     until it returns."""
-    front = AsyncEngine(make_engine, max_waiting_requests=max_waiting_requests)
+    front = AsyncEngine(with_test_faults(make_engine), max_waiting_requests=max_waiting_requests)
     app = build_app(front, config)
     uv_config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5

@@ -226,6 +226,14 @@ class SpeculativeDecoder:
             accepted_tokens[rid] = tokens[b, : accepted + 1].tolist()
         return accepted_tokens
 
+    def recover(self, scheduler) -> None:
+        """After a failed engine step: the proposer re-creates what it lost, and requests the
+        step ended (or that were preempted) are forgotten."""
+        recover = getattr(self.proposer, "recover", None)
+        if recover is not None:
+            recover()
+        self.synced(scheduler)
+
     def synced(self, scheduler) -> None:
         """After Scheduler.update: tell the proposer how much of each request is computed, and
         drop the state of requests that ended."""

@@ -81,6 +81,9 @@ class Proposer(Protocol):
 
     def forget(self, request_id: str) -> None: ...
 
+    def recover(self) -> None:
+        """After a failed engine step: re-create any device state the step lost."""
+
 
 class NgramProposer:
     """Prompt lookup: find the earlier occurrences of the sequence's last n tokens, trying
@@ -118,6 +121,9 @@ class NgramProposer:
         pass
 
     def forget(self, request_id: str) -> None:
+        pass
+
+    def recover(self) -> None:
         pass
 
 
@@ -253,6 +259,7 @@ class DraftModelProposer:
         self.page_size = page_size
         self.max_decode_rows = max_decode_rows
         self.shares_pool = share_pool
+        self.num_pages = num_pages
         if not share_pool:
             self.cache = init_paged_cache(config, num_pages, page_size, dtype)
         self.computed: dict[str, int] = {}  # positions of the draft cache that are valid
@@ -264,6 +271,14 @@ class DraftModelProposer:
 
     def forget(self, request_id: str) -> None:
         self.computed.pop(request_id, None)
+
+    def recover(self) -> None:
+        """A draft step that failed after its pool was donated leaves the pool deleted: a
+        fresh one holds nothing, so every request catches up from position 0."""
+        if self.shares_pool or not any(x.is_deleted() for x in jax.tree.leaves(self.cache)):
+            return
+        self.cache = init_paged_cache(self.config, self.num_pages, self.page_size, self.dtype)
+        self.computed.clear()
 
     def _forward(self, starts, chunks, tables):
         meta, order, offsets = build_metadata(
