@@ -33,6 +33,12 @@ flags.DEFINE_integer(
 flags.DEFINE_integer(
     "max_waiting_requests", None, "Answer 503 when this many requests wait (default: no limit)."
 )
+flags.DEFINE_float(
+    "shutdown_timeout",
+    30.0,
+    "On SIGTERM: seconds the requests in flight get to finish (new ones get 503); the rest end "
+    "with finish_reason 'abort', then the server exits 0.",
+)
 flags.DEFINE_string("served_model_name", None, "The model name clients send (default: --model).")
 flags.DEFINE_integer("max_request_bytes", 2 * 2**20, "Largest request body (413 above).")
 flags.DEFINE_enum("log_level", "info", ["debug", "info", "warning", "error"], "uvicorn log level.")
@@ -56,6 +62,7 @@ def main(argv):
         host=FLAGS.host,
         port=FLAGS.port,
         max_waiting_requests=FLAGS.max_waiting_requests,
+        shutdown_timeout=FLAGS.shutdown_timeout,
         log_level=FLAGS.log_level,
     )
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -32,6 +33,7 @@ from jax_infer.server.protocol import (
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 API_KEY = "test-key"
 MAX_MODEL_LEN = 512
+SHUTDOWN_TIMEOUT = 4
 # The server's test hook fails every step that schedules a request with this seed.
 FAULT_SEED = 666
 
@@ -117,9 +119,9 @@ class FakeEngine:
     steps in `raise_steps` raise out of step(), and with die_on_stats stats() raises: either
     kills the engine thread."""
 
-    def __init__(self, fail_steps=(), raise_steps=(), die_on_stats=False):
+    def __init__(self, fail_steps=(), raise_steps=(), die_on_stats=False, step_s=0.0):
         self.fail_steps, self.die_on_stats = set(fail_steps), die_on_stats
-        self.raise_steps = set(raise_steps)
+        self.raise_steps, self.step_s = set(raise_steps), step_s
         self.max_model_len = 64
         self.config = types.SimpleNamespace(vocab_size=100)
         self.tokenizer = types.SimpleNamespace(
@@ -142,6 +144,7 @@ class FakeEngine:
 
     def step(self):
         self.num_steps += 1
+        time.sleep(self.step_s)
         if self.num_steps in self.raise_steps:
             raise RuntimeError("the scheduler broke")
         if self.num_steps in self.fail_steps:
@@ -245,6 +248,46 @@ def test_a_dead_engine_thread_turns_health_503_and_fails_requests(engine):
         assert r.status_code == 503
 
 
+def test_drain_lets_requests_finish_until_the_timeout_aborts_the_rest_and_refuses_new():
+    engine = FakeEngine(step_s=0.02)
+    with _client(engine) as client:
+        _wait_ready(client)
+        results = {}
+
+        def post(name, max_tokens):
+            body = {"prompt": "ab", "max_tokens": max_tokens}
+            results[name] = client.post("/v1/completions", json=body)
+
+        threads = [threading.Thread(target=post, args=a) for a in (("long", 60), ("short", 8))]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while len(engine.requests) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        drained = threading.Event()
+        t0 = time.monotonic()
+        client.app.state.front.drain(0.5, drained.set)
+        r = client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 1})
+        assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
+        assert client.get("/health").json()["status"] == "draining"
+        for t in threads:
+            t.join(10)
+        assert drained.wait(10) and 0.4 < time.monotonic() - t0 < 5
+        short, long = results["short"].json()["choices"][0], results["long"].json()["choices"][0]
+        assert (short["finish_reason"], short["text"]) == ("length", "x" * 8)
+        assert long["finish_reason"] == "abort" and 8 <= len(long["text"]) < 60
+        assert results["long"].json()["usage"]["completion_tokens"] == len(long["text"])
+
+
+def test_drain_with_nothing_in_flight_is_immediate():
+    with _client(FakeEngine()) as client:
+        _wait_ready(client)
+        drained = threading.Event()
+        client.app.state.front.drain(30, drained.set)
+        assert drained.wait(2)
+
+
 def test_full_waiting_queue_answers_503():
     engine = FakeEngine()
     engine.stats = lambda: {
@@ -283,6 +326,7 @@ def server(gguf_path):
         "--kv_cache_gb=0.05",
         "--max_num_seqs=4",
         "--max_request_bytes=100000",
+        f"--shutdown_timeout={SHUTDOWN_TIMEOUT}",
         "--log_level=warning",
     ]
     env = {
@@ -507,25 +551,54 @@ def test_client_disconnect_aborts_and_frees_pages(http, server):
         assert name in text, name
 
 
-@pytest.mark.real_model
-def test_sigterm_ends_running_requests_and_exits(http, server):
-    """Last: stops the module's server."""
-    body = {"prompt": "Count:", "max_tokens": 400, "ignore_eos": True, "stream": True}
-    lines: list[str] = []
+def _wait_running(http, n: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while _metrics(http)["jax_infer:num_requests_running"] < n:
+        assert time.monotonic() < deadline, f"fewer than {n} requests running"
+        time.sleep(0.1)
 
-    def consume():
-        with http.stream("POST", "/v1/completions", json=body) as r:
+
+@pytest.mark.real_model
+def test_sigterm_drains_then_exits_0(http, server):
+    """Last: stops the module's server. In flight at SIGTERM, a short request finishes and a
+    long one ends "abort" at --shutdown_timeout; new requests get 503 while it drains; then
+    the process exits 0 and the port is closed."""
+    long_body = {"prompt": "Count:", "max_tokens": 480, "ignore_eos": True, "stream": True}
+    short_body = {"prompt": "Hi", "max_tokens": 24, "ignore_eos": True, "temperature": 0}
+    lines: list[str] = []
+    short = {}
+
+    def stream_long():
+        with http.stream("POST", "/v1/completions", json=long_body) as r:
             lines.extend(r.iter_lines())
 
-    reader = threading.Thread(target=consume)
-    reader.start()
-    deadline = time.monotonic() + 60
-    while _metrics(http)["jax_infer:num_requests_running"] == 0:
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    def post_short():
+        short["r"] = http.post("/v1/completions", json=short_body)
+
+    threads = [threading.Thread(target=stream_long), threading.Thread(target=post_short)]
+    threads[0].start()
+    _wait_running(http, 1)
+    threads[1].start()
+    _wait_running(http, 2)
+    t0 = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
-    assert server.proc.wait(30) is not None
-    reader.join(10)
-    assert not reader.is_alive()
-    assert lines and lines[-1] in ("data: [DONE]", "")
-    assert any("shutting down" in line for line in lines)
+    r = http.post("/v1/completions", json=short_body)
+    assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
+    assert http.get("/health").status_code == 503
+    assert server.proc.wait(SHUTDOWN_TIMEOUT + 20) == 0
+    elapsed = time.monotonic() - t0
+    for t in threads:
+        t.join(10)
+        assert not t.is_alive()
+    assert short["r"].status_code == 200
+    choice = short["r"].json()["choices"][0]
+    assert (
+        choice["finish_reason"] == "length"
+        and short["r"].json()["usage"]["completion_tokens"] == 24
+    )
+    events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    assert events[-1]["choices"][0]["finish_reason"] == "abort"
+    assert lines[-1] == "" and "data: [DONE]" in lines
+    assert SHUTDOWN_TIMEOUT - 1 < elapsed < SHUTDOWN_TIMEOUT + 15
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{server.url}/health", timeout=5)

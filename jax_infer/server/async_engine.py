@@ -30,7 +30,8 @@ from jax_infer.server.protocol import APIError
 
 log = logging.getLogger(__name__)
 
-LOADING, READY, DEAD, STOPPED = "loading", "ready", "dead", "stopped"
+LOADING, READY, DRAINING, DEAD, STOPPED = "loading", "ready", "draining", "dead", "stopped"
+SHUTTING_DOWN = "the server is shutting down"
 
 # How often a waiting handler asks whether its client is still connected.
 DISCONNECT_POLL_S = 0.2
@@ -67,6 +68,7 @@ class Stream:
 @dataclasses.dataclass
 class _Timing:
     arrival: float
+    last: RequestOutput  # the request's latest output (a drain's abort repeats it, finished)
     last_token: float | None = None
 
 
@@ -101,6 +103,8 @@ class AsyncEngine:
         # Engine thread only:
         self._streams: dict[str, Stream] = {}
         self._timing: dict[str, _Timing] = {}
+        self._drain_deadline: float | None = None
+        self._on_drained: Callable[[], None] | None = None
         self._thread = threading.Thread(target=self._run, name="jax-infer-engine", daemon=True)
 
     # -- event-loop side -------------------------------------------------------------------
@@ -115,6 +119,8 @@ class AsyncEngine:
     def check_ready(self) -> None:
         if self.state == LOADING:
             raise APIError(503, "the model is still loading")
+        if self.state == DRAINING:
+            raise APIError(503, f"{SHUTTING_DOWN}: no new requests are accepted")
         if not self.is_ready:
             raise APIError(503, f"the engine is not serving ({self.state}): {self.error}")
 
@@ -174,10 +180,24 @@ class AsyncEngine:
             if remaining:
                 self.abort(stream)
 
-    def shutdown(self, reason: str = "the server is shutting down", timeout: float = 10.0) -> None:
+    def drain(self, timeout: float, on_drained: Callable[[], None]) -> None:
+        """Stop accepting (new requests get 503) and give the requests in flight up to
+        `timeout` seconds to finish; the rest then end with finish_reason "abort". Calls
+        `on_drained()` (from the engine thread, or here when there is nothing to drain)."""
+        with self._lock:
+            if self.state == READY and self._thread.is_alive():
+                self.state = DRAINING
+                self.error = SHUTTING_DOWN
+                self._commands.put(("drain", time.monotonic() + timeout, on_drained))
+                return
+            if self.state == LOADING:
+                self.state, self.error = STOPPED, SHUTTING_DOWN
+        on_drained()
+
+    def shutdown(self, reason: str = SHUTTING_DOWN, timeout: float = 10.0) -> None:
         """Stop accepting, abort and fail everything pending, and join the engine thread."""
         with self._lock:
-            if self.state in (LOADING, READY):
+            if self.state in (LOADING, READY, DRAINING):
                 self.state = STOPPED
                 self.error = reason
             self._commands.put(("stop", reason))
@@ -197,6 +217,8 @@ class AsyncEngine:
                 if engine.has_unfinished_requests():
                     self._step(engine)
                 self._publish(engine)
+                if self._drain_deadline is not None:
+                    self._check_drain()
         except BaseException as e:
             log.exception("the engine thread died")
             with self._lock:
@@ -204,10 +226,12 @@ class AsyncEngine:
                 self.error = f"the engine thread died: {type(e).__name__}: {e}"
         finally:
             with self._lock:
-                if self.state in (LOADING, READY):
+                if self.state in (LOADING, READY, DRAINING):
                     self.state = STOPPED
                 message = self.error or "the engine stopped"
                 self._fail_all(503, message)
+            if self._on_drained is not None:  # a drain the thread did not finish
+                self._on_drained()
 
     def _fail_all(self, status: int, message: str) -> None:
         """Fail every tracked stream and every queued command (engine thread, under lock)."""
@@ -249,7 +273,28 @@ class AsyncEngine:
         elif kind == "stop":
             self._abort(list(self._streams), reason=command[1])
             return False
+        elif kind == "drain":
+            _, self._drain_deadline, self._on_drained = command
         return True
+
+    def _check_drain(self) -> None:
+        """Draining: once nothing is in flight, or at the deadline after aborting what is
+        (each ends with its output so far and finish_reason "abort"), report drained."""
+        if self._streams and time.monotonic() < self._drain_deadline:
+            return
+        if self._streams:
+            log.warning("shutdown timeout: aborting %d requests in flight", len(self._streams))
+        for rid in list(self._streams):
+            stream, last = self._streams[rid], self._timing[rid].last
+            self._abort([rid])
+            stream.put(
+                dataclasses.replace(
+                    last, finish_reason="abort", finished=True, delta_text="", delta_token_ids=[]
+                )
+            )
+        self._drain_deadline = None
+        on_drained, self._on_drained = self._on_drained, None
+        on_drained()
 
     def _add(self, stream: Stream, prompts, arrival: float) -> None:
         added = []
@@ -262,7 +307,7 @@ class AsyncEngine:
                 return
             added.append(rid)
             self._streams[rid] = stream
-            self._timing[rid] = _Timing(arrival)
+            self._timing[rid] = _Timing(arrival, RequestOutput(rid, None, list(ids)))
 
     def _abort(self, request_ids, reason: str | None = None) -> None:
         for rid in request_ids:
@@ -283,6 +328,8 @@ class AsyncEngine:
             if stream is None:  # aborted by us, or not a server request
                 continue
             self._observe(out, now)
+            if not out.finished:
+                self._timing[out.request_id].last = out
             if out.finished:
                 del self._streams[out.request_id]
             stream.put(out)

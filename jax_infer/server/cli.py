@@ -15,28 +15,48 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import uvicorn
 
 from jax_infer.server.app import ServerConfig, build_app
-from jax_infer.server.async_engine import AsyncEngine
+from jax_infer.server.async_engine import SHUTTING_DOWN, AsyncEngine
 
 log = logging.getLogger(__name__)
 
 
 class _Server(uvicorn.Server):
-    """On SIGINT/SIGTERM, first stop the engine front (new requests get 503, running ones
-    are aborted and answered), then let uvicorn close the connections."""
+    """SIGTERM (or SIGINT) drains: new requests get 503 while those in flight have up to
+    `shutdown_timeout` seconds to finish (the rest end with finish_reason "abort"); then
+    uvicorn closes the listener and the connections and `run()` returns, so the process exits
+    0. A second signal stops at once (what is still running gets a 503)."""
 
-    def __init__(self, config: uvicorn.Config, front: AsyncEngine):
+    def __init__(self, config: uvicorn.Config, front: AsyncEngine, shutdown_timeout: float):
         super().__init__(config)
         self.front = front
+        self.shutdown_timeout = shutdown_timeout
+        self._draining = False
 
     def handle_exit(self, sig, frame) -> None:
-        self.front.shutdown("the server is shutting down", timeout=0)
-        super().handle_exit(sig, frame)
+        # uvicorn's own handler would re-raise the signal after shutting down (exit -15):
+        # a drained shutdown is a clean one.
+        if self._draining:
+            log.warning("second signal: stopping now")
+            self.front.shutdown(SHUTTING_DOWN, timeout=0)
+            self.should_exit = self.force_exit = True
+            return
+        self._draining = True
+        log.info("draining: up to %.1f s for the requests in flight", self.shutdown_timeout)
+        self.front.drain(self.shutdown_timeout, on_drained=self._drained)
+        # Should the engine thread be stuck in a step, exit anyway.
+        watchdog = threading.Timer(self.shutdown_timeout + 10, self._drained)
+        watchdog.daemon = True
+        watchdog.start()
+
+    def _drained(self) -> None:
+        self.should_exit = True  # uvicorn's main loop polls it
 
 
 FAULT_SEED_ENV = "JAX_INFER_TEST_FAULT_SEED"
@@ -78,16 +98,17 @@ def run_server(
     host: str = "127.0.0.1",
     port: int = 8000,
     max_waiting_requests: int | None = None,
+    shutdown_timeout: float = 30.0,
     log_level: str = "info",
 ) -> None:
-    """Serve until SIGINT/SIGTERM. make_engine runs on the engine thread: /health answers 503
-    until it returns."""
+    """Serve until SIGINT/SIGTERM, then drain for up to `shutdown_timeout` seconds (see
+    `_Server`). make_engine runs on the engine thread: /health answers 503 until it returns."""
     front = AsyncEngine(with_test_faults(make_engine), max_waiting_requests=max_waiting_requests)
     app = build_app(front, config)
     uv_config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5
     )
-    _Server(uv_config, front).run()
+    _Server(uv_config, front, shutdown_timeout).run()
 
 
 def main(argv: list[str] | None = None) -> int:
