@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -339,6 +340,10 @@ class LLMEngine:
         if out.is_empty:
             return outputs
         self.num_steps += 1
+        now = time.monotonic()
+        for s in out.scheduled:
+            if s.request.first_scheduled_time is None:
+                s.request.first_scheduled_time = now
         try:
             sampled, logprobs, drafts, before = self._execute(out)
         except Exception as e:  # the device step: fail its requests, keep serving the others
@@ -439,6 +444,9 @@ class LLMEngine:
             "num_preemptions": self.num_preemptions,
             "kv_usage": self.scheduler.kv_usage(),
             "prefix_hit_rate": self.scheduler.prefix_hit_rate(),
+            # Tokens looked up in the prefix cache at admissions, and those found there.
+            "prefix_cache_queries": self.scheduler.allocator.stats.query_tokens,
+            "prefix_cache_hits": self.scheduler.allocator.stats.hit_tokens,
             "num_pages": self.num_pages,
             "num_waiting": self.scheduler.num_waiting(),
             "num_running": self.scheduler.num_running(),

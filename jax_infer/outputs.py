@@ -27,6 +27,7 @@ class RequestOutput:
     delta_text: str = ""
     delta_token_ids: list[int] = dataclasses.field(default_factory=list)
     error: str | None = None  # why the engine ended it, when finish_reason is "error"
+    first_scheduled_time: float | None = None  # time.monotonic() of its first step
 
     @property
     def outputs(self) -> list[RequestOutput]:
@@ -59,6 +60,7 @@ def make_output(req: Request) -> RequestOutput:
         delta_text=delta,
         delta_token_ids=new,
         error=req.error,
+        first_scheduled_time=req.first_scheduled_time,
     )
 
 

@@ -280,6 +280,41 @@ def test_drain_lets_requests_finish_until_the_timeout_aborts_the_rest_and_refuse
         assert results["long"].json()["usage"]["completion_tokens"] == len(long["text"])
 
 
+def test_engine_counters_reach_metrics_as_increments():
+    engine = FakeEngine()
+    totals = {"num_preemptions": 2, "prefix_cache_queries": 40, "prefix_cache_hits": 16}
+    spec = {"num_draft_tokens": 10, "num_accepted_tokens": 7}
+    engine.stats = lambda: {
+        "num_running": 0,
+        "num_waiting": 0,
+        "kv_usage": 0.0,
+        **totals,
+        "speculative": dict(spec),
+    }
+    names = {
+        "num_preemptions": "jax_infer:num_preemptions_total",
+        "prefix_cache_queries": "jax_infer:prefix_cache_queries_total",
+        "prefix_cache_hits": "jax_infer:prefix_cache_hits_total",
+        "num_draft_tokens": "jax_infer:spec_decode_num_draft_tokens_total",
+        "num_accepted_tokens": "jax_infer:spec_decode_num_accepted_tokens_total",
+    }
+    with _client(engine) as client:
+        _wait_ready(client)
+        for _ in range(2):
+            time.sleep(0.3)  # the engine thread publishes its stats when idle, too
+            m = _metrics(client)
+            for key, name in names.items():
+                assert m[name] == {**totals, **spec}[key], name
+            for d in (totals, spec):
+                for key in d:
+                    d[key] *= 2
+        r = client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 2})
+        assert r.status_code == 200
+        time.sleep(0.3)
+        # The fake engine reports no first_scheduled_time: no queue time is made up.
+        assert _metrics(client)["jax_infer:request_queue_time_seconds_count"] == 0
+
+
 def test_drain_with_nothing_in_flight_is_immediate():
     with _client(FakeEngine()) as client:
         _wait_ready(client)
@@ -523,6 +558,28 @@ def _wait_idle(http, timeout=15.0) -> dict[str, float]:
             return m
         assert time.monotonic() < deadline, m
         time.sleep(0.2)
+
+
+@pytest.mark.real_model
+def test_metrics_queue_time_prefix_cache_compiles(http):
+    before = _metrics(http)
+    prompt = "A long shared opening line, " * 8  # several full pages, cached after the first
+    for _ in range(2):
+        r = http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2})
+        assert r.status_code == 200
+    m = _wait_idle(http)
+    queued = m["jax_infer:request_queue_time_seconds_count"]
+    assert queued - before["jax_infer:request_queue_time_seconds_count"] == 2
+    assert 0 <= m["jax_infer:request_queue_time_seconds_sum"] < 60 * queued
+    queries = m["jax_infer:prefix_cache_queries_total"]
+    hits = m["jax_infer:prefix_cache_hits_total"]
+    n = len(http.post("/tokenize", json={"prompt": prompt}).json()["tokens"])
+    assert queries - before["jax_infer:prefix_cache_queries_total"] == 2 * n
+    # The second request finds the full pages before its last token (pages of 16 tokens).
+    assert hits - before["jax_infer:prefix_cache_hits_total"] == (n - 1) // 16 * 16 > 0
+    assert m["jax_infer:num_compiles_total"] > 0  # the server compiled its steps
+    assert m["jax_infer:spec_decode_num_draft_tokens_total"] == 0  # speculative decoding is off
+    assert m["jax_infer:spec_decode_num_accepted_tokens_total"] == 0
 
 
 @pytest.mark.real_model

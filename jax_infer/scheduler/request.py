@@ -78,6 +78,7 @@ class Request:
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at first admission
     error: str | None = None  # why it ended FINISHED_ERROR
+    first_scheduled_time: float | None = None  # time.monotonic() of its first step (engine)
     # Chained page_hash of each full page of all_token_ids, as far as computed so far. A
     # function of the tokens only, so it survives preemption.
     block_hashes: list[bytes] = dataclasses.field(default_factory=list, repr=False)

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from jax_infer.outputs import RequestOutput
 from jax_infer.sampling import SamplingParams
-from jax_infer.server.metrics import Metrics
+from jax_infer.server.metrics import Metrics, num_compiles
 from jax_infer.server.protocol import APIError
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ class _Timing:
     arrival: float
     last: RequestOutput  # the request's latest output (a drain's abort repeats it, finished)
     last_token: float | None = None
+    first_scheduled: float | None = None
 
 
 class AsyncEngine:
@@ -98,7 +99,9 @@ class AsyncEngine:
         self.engine = None
         self._pending_adds = 0
         self._num_waiting = 0
-        self._num_preemptions = 0
+        # The last value of each engine counter copied into a metrics counter (_publish).
+        self._counted: dict[int, float] = {}  # by id(counter)
+        num_compiles()  # start counting before the engine is built
         self._ids = itertools.count()
         # Engine thread only:
         self._streams: dict[str, Stream] = {}
@@ -337,6 +340,9 @@ class AsyncEngine:
     def _observe(self, out: RequestOutput, now: float) -> None:
         m, timing = self.metrics, self._timing[out.request_id]
         k = len(out.delta_token_ids)
+        if timing.first_scheduled is None and out.first_scheduled_time is not None:
+            timing.first_scheduled = out.first_scheduled_time
+            m.request_queue_time.observe(max(0.0, out.first_scheduled_time - timing.arrival))
         if k:
             if timing.last_token is None:
                 m.time_to_first_token.observe(now - timing.arrival)
@@ -360,7 +366,20 @@ class AsyncEngine:
         m.num_requests_running.set(stats["num_running"])
         m.num_requests_waiting.set(stats["num_waiting"])
         m.kv_cache_usage.set(stats["kv_usage"])
-        new = stats["num_preemptions"] - self._num_preemptions
+        spec = stats.get("speculative") or {}
+        for counter, value in (
+            (m.num_preemptions, stats["num_preemptions"]),
+            (m.prefix_cache_queries, stats.get("prefix_cache_queries", 0)),
+            (m.prefix_cache_hits, stats.get("prefix_cache_hits", 0)),
+            (m.spec_decode_num_draft_tokens, spec.get("num_draft_tokens", 0)),
+            (m.spec_decode_num_accepted_tokens, spec.get("num_accepted_tokens", 0)),
+            (m.num_compiles, num_compiles()),
+        ):
+            self._count(counter, value)
+
+    def _count(self, counter, value: float) -> None:
+        """Advance `counter` to the engine's running total `value`."""
+        new = value - self._counted.get(id(counter), 0)
         if new > 0:
-            m.num_preemptions.inc(new)
-        self._num_preemptions = stats["num_preemptions"]
+            counter.inc(new)
+        self._counted[id(counter)] = value
