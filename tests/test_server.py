@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import concurrent.futures
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -417,23 +421,54 @@ def _metrics(http) -> dict[str, float]:
     }
 
 
-PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
+WORDS = (
+    "the river carried small boats past old stone houses while children counted the "
+    "clouds and a baker sold warm bread to tired travellers near the bridge at dawn"
+).split()
 
 
+def varied_prompts(n: int) -> list[str]:
+    """n prompts of 1 to ~120 words: short and long, several crossing page boundaries."""
+    lengths = [1, 2, 3, 5, 8, 13, 16, 17, 21, 30, 34, 47, 55, 64, 89, 120]
+    rng = random.Random(0)
+    return [" ".join(rng.choices(WORDS, k=lengths[i % len(lengths)])) for i in range(n)]
+
+
+@pytest.mark.slow
 @pytest.mark.real_model
-def test_greedy_completions_equal_llm_generate(client, gguf_path):
-    served = [
-        client.completions.create(model="smollm2", prompt=p, max_tokens=8, temperature=0)
-        for p in PROMPTS
-    ]
+def test_concurrent_greedy_and_seeded_n4_equal_llm_generate(client, gguf_path):
+    """16 prompts of varied lengths sent at once (the server batches them 4 at a time) give
+    LLM.generate's greedy tokens; n=4 samples are LLM.generate's with seeds seed + i."""
+    prompts = varied_prompts(16)
+    greedy = SamplingParams(max_tokens=8, temperature=0)
+
+    def complete(prompt):
+        return client.completions.create(
+            model="smollm2", prompt=prompt, max_tokens=8, temperature=0
+        )
+
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        served = list(pool.map(complete, prompts))
+    n4 = client.completions.create(
+        model="smollm2", prompt="Once upon a time", max_tokens=6, temperature=0.8, seed=5, n=4
+    )
     llm = LLM(model=gguf_path, progress=False, max_model_len=MAX_MODEL_LEN, kv_cache_gb=0.05)
-    local = llm.generate(PROMPTS, SamplingParams(max_tokens=8, temperature=0))
+    local = llm.generate(prompts, greedy)
+    local_n4 = llm.generate(
+        ["Once upon a time"] * 4,
+        [SamplingParams(max_tokens=6, temperature=0.8, seed=5 + i) for i in range(4)],
+    )
     del llm
-    assert [r.choices[0].text for r in served] == [o.text for o in local]
-    for r, o in zip(served, local):
+    for i, (r, o) in enumerate(zip(served, local)):
+        assert r.choices[0].text == o.text, f"prompt {i} ({len(o.prompt_token_ids)} tokens)"
         assert r.usage.prompt_tokens == len(o.prompt_token_ids)
-        assert r.usage.completion_tokens == len(o.token_ids) == 8
-        assert r.choices[0].finish_reason == "length"
+        assert r.usage.completion_tokens == len(o.token_ids)
+    assert sorted(c.index for c in n4.choices) == [0, 1, 2, 3]
+    texts = [c.text for c in sorted(n4.choices, key=lambda c: c.index)]
+    assert texts == [o.text for o in local_n4]
+    assert len(set(texts)) > 1, "four samples at temperature 0.8 should not all agree"
+    assert n4.usage.prompt_tokens == len(local_n4[0].prompt_token_ids)  # counted once
+    assert n4.usage.completion_tokens == sum(len(o.token_ids) for o in local_n4)
 
 
 @pytest.mark.real_model
@@ -554,7 +589,8 @@ def _wait_idle(http, timeout=15.0) -> dict[str, float]:
     deadline = time.monotonic() + timeout
     while True:
         m = _metrics(http)
-        if m["jax_infer:num_requests_running"] == 0 and m["jax_infer:kv_cache_usage_perc"] == 0:
+        idle = ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc")
+        if all(m[f"jax_infer:{name}"] == 0 for name in idle):
             return m
         assert time.monotonic() < deadline, m
         time.sleep(0.2)
@@ -606,6 +642,78 @@ def test_client_disconnect_aborts_and_frees_pages(http, server):
         "jax_infer:num_preemptions_total",
     ):
         assert name in text, name
+
+
+INVALID_BODIES = [
+    {"prompt": "a", "max_tokens": -1},
+    {"prompt": "a", "tools": []},
+    {"prompt": "a", "temperature": "hot"},
+    {"prompt": "a", "max_tokens": MAX_MODEL_LEN},
+    {"prompt": [10**9]},
+]
+
+
+async def _load_client(http, i: int) -> tuple[str, object]:
+    """Client i of the load test: 5% invalid, 10% disconnect mid-stream, the rest stream or
+    not. Returns (kind, what it saw)."""
+    body = {"prompt": f"Request {i}: " + " ".join(WORDS[: i % 20]), "max_tokens": 8}
+    body.update(temperature=0, ignore_eos=True)
+    if i % 20 == 7:
+        r = await http.post("/v1/completions", json=INVALID_BODIES[i // 20 % len(INVALID_BODIES)])
+        return "invalid", r.status_code
+    if i % 10 == 3:
+        async with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    break  # leaves with the response unread: the connection closes
+        return "disconnect", None
+    if i % 2:
+        r = await http.post("/v1/completions", json=body)
+        if r.status_code != 200:
+            return "plain", False
+        reply = r.json()
+        return "plain", (
+            reply["choices"][0]["finish_reason"],
+            reply["usage"]["completion_tokens"],
+        ) == ("length", 8)
+    stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    events = []
+    async with http.stream("POST", "/v1/completions", json=stream) as r:
+        if r.status_code != 200:
+            return "stream", False
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                events.append(json.loads(line[6:]))
+            elif line == "data: [DONE]":
+                break
+    reasons = [c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"]]
+    return "stream", reasons == ["length"] and events[-1]["usage"]["completion_tokens"] == 8
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_200_concurrent_clients_lose_nothing(server):
+    """200 clients at once (8 tokens each): every valid request that stays connected completes,
+    every invalid one gets a 400, and the engine ends idle with its pages free."""
+
+    async def run():
+        limits = httpx.Limits(max_connections=250, max_keepalive_connections=250)
+        async with httpx.AsyncClient(
+            base_url=server.url,
+            headers={"Authorization": f"Bearer {API_KEY}"},
+            timeout=120,
+            limits=limits,
+        ) as http:
+            return await asyncio.gather(*(_load_client(http, i) for i in range(200)))
+
+    results = asyncio.run(run())
+    kinds = collections.Counter(kind for kind, _ in results)
+    assert kinds == {"plain": 70, "stream": 100, "disconnect": 20, "invalid": 10}
+    assert all(seen == 400 for kind, seen in results if kind == "invalid")
+    lost = [i for i, (kind, seen) in enumerate(results) if kind in ("plain", "stream") and not seen]
+    assert not lost, f"requests {lost} did not complete"
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+        _wait_idle(http)
 
 
 def _wait_running(http, n: int, timeout: float = 60.0) -> None:
