@@ -1,8 +1,12 @@
 """Serving benchmarks: continuous batching against static batching, batched decode, KV
-capacity with pages against contiguous reservation, and TTFT with a shared prefix.
+capacity with pages against contiguous reservation, and TTFT with a shared prefix; or, with
+--url, a client of any OpenAI-compatible server (vLLM's benchmark_serving figures).
 
     python scripts/benchmark_serving.py --json results/serving.json
     python scripts/benchmark_serving.py --scenarios=decode32,prefix --json results/serving.json
+    python scripts/benchmark_serving.py --scenarios=decode32 --compare_http
+    python scripts/benchmark_serving.py --url http://127.0.0.1:8000 --num_requests 16 \
+        --input_len 128 --output_len 16 --request_rate 4 --goodput "ttft:500 tpot:50"
 
 Scenarios (--scenarios, comma-separated):
   mixed     --num_requests requests, prompt lengths uniform in [32, 512], output lengths
@@ -16,15 +20,39 @@ Scenarios (--scenarios, comma-separated):
             pages, against a contiguous max_model_len reservation per sequence.
   prefix    TTFT of a request with a --prefix_len-token prefix, then of a second request
             sharing it (prefix cache on).
+
+--compare_http (with decode32): then serve the same workload (same prompts and output lengths,
+ignore_eos, temperature 0, after the same warm-up) through scripts/serve.py, started here as a
+subprocess on a free 127.0.0.1 port with the same model and engine flags, and report both
+output tokens/s and their ratio (http_decode32): what the HTTP layer costs.
+
+Client mode (--url; --scenarios is not used): --workload random (--num_requests prompts of
+--input_len random token ids, --output_len tokens each), mixed (the mixed scenario's lengths)
+or decode32; sent as streamed /v1/completions (ignore_eos, so lengths are exact) at Poisson
+arrivals of --request_rate per second (0 or inf: all at once), at most --max_concurrency in
+flight. Reports completed/failed requests, duration, request and token throughput, TTFT, TPOT,
+ITL and end-to-end latency (mean, p50, p99) and, with --goodput "ttft:MS tpot:MS e2el:MS",
+the completed requests per second that met every target. Timing is scripts/serving_client.py.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
+import gc
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import time
 
+import httpx
 import numpy as np
 import report
+import serving_client
 import shared_flags
 from absl import app, flags
 
@@ -38,7 +66,7 @@ shared_flags.define_json_flag()
 flags.adopt_module_key_flags(shared_flags)  # --help lists the shared flags too
 flags.DEFINE_string("scenarios", "mixed,decode32,capacity,prefix", "Which scenarios to run.")
 flags.DEFINE_integer("num_requests", 64, "Requests in the mixed workload.")
-flags.DEFINE_float("request_rate", 0.0, "Poisson arrivals per second; 0 = all at once.")
+flags.DEFINE_float("request_rate", 0.0, "Poisson arrivals per second; 0 or inf = all at once.")
 flags.DEFINE_integer("max_model_len", 2048, "Longest request accepted.")
 flags.DEFINE_integer("prefix_len", 1000, "Shared prefix length for the prefix scenario.")
 flags.DEFINE_integer("seed", 0, "Workload seed.")
@@ -46,8 +74,31 @@ flags.DEFINE_bool(
     "full_warmup",
     True,
     "Serve the mixed workload once (other token ids) before timing it, so the timed run "
-    "measures steady-state serving rather than XLA compiling new step shapes.",
+    "measures steady-state serving rather than XLA compiling new step shapes. In client "
+    "mode: send the whole workload once (other token ids) before timing it; without it, "
+    "one short request.",
 )
+flags.DEFINE_bool(
+    "compare_http",
+    False,
+    "With decode32: also run its workload through scripts/serve.py started as a subprocess "
+    "(same model and engine flags), and report HTTP against in-process output tokens/s.",
+)
+# Client mode: any OpenAI-compatible server.
+flags.DEFINE_string("url", None, "Benchmark the server at this base URL instead of in process.")
+flags.DEFINE_string("api_key", None, "Bearer key for --url.")
+flags.DEFINE_string("served_model", None, "Model name to send (default: first of /v1/models).")
+flags.DEFINE_enum(
+    "workload", "random", ["random", "mixed", "decode32"], "Client-mode prompts and lengths."
+)
+flags.DEFINE_integer("input_len", 128, "Prompt tokens per request (--workload random).")
+flags.DEFINE_integer("output_len", 128, "Output tokens per request (--workload random).")
+flags.DEFINE_integer(
+    "max_concurrency", None, "Most requests in flight (default: no limit).", lower_bound=1
+)
+flags.DEFINE_string("goodput", None, 'Targets in ms for goodput, e.g. "ttft:500 tpot:50".')
+flags.DEFINE_bool("ignore_eos", True, "Send ignore_eos so output lengths are exact (vLLM field).")
+flags.DEFINE_float("request_timeout_s", 600.0, "Client timeout per request.")
 
 
 def mixed_workload(n: int, seed: int, vocab_lo: int = 100, vocab_hi: int = 20000):
@@ -59,10 +110,7 @@ def mixed_workload(n: int, seed: int, vocab_lo: int = 100, vocab_hi: int = 20000
     return prompts, outputs
 
 
-def arrivals(n: int, rate: float, seed: int) -> np.ndarray:
-    if rate <= 0:
-        return np.zeros(n)
-    return np.cumsum(np.random.default_rng(seed + 1).exponential(1.0 / rate, size=n))
+arrivals = serving_client.arrivals
 
 
 def percentiles(values) -> dict:
@@ -163,17 +211,27 @@ def scenario_mixed(results):
     )
 
 
-def scenario_decode32(results):
-    rng = np.random.default_rng(FLAGS.seed + 7)
+def decode32_workload(seed: int):
+    """32 prompts of 128 token ids, and a warm-up set of the same shape with other ids."""
+    rng = np.random.default_rng(seed + 7)
     prompts = [rng.integers(100, 20000, size=128).tolist() for _ in range(32)]
+    warm = [rng.integers(100, 20000, size=128).tolist() for _ in range(32)]
+    return prompts, warm
+
+
+def scenario_decode32(results):
     # Warm-up: the same workload with other token ids, so the timed run compiles nothing
     # (every step shape and page bucket was seen) and finds none of its prompts in the
     # prefix cache (its prefill is computed, as for new requests).
-    warm = [rng.integers(100, 20000, size=128).tolist() for _ in range(32)]
+    prompts, warm = decode32_workload(FLAGS.seed)
     llm = make_llm("continuous")
     serve(llm, warm, [128] * 32, np.zeros(32))
     results["decode32"] = serve(llm, prompts, [128] * 32, np.zeros(32))
     results["decode32"]["attention_backend"] = llm.engine.backend
+    if FLAGS.compare_http:
+        del llm  # its weights, page pool and threads go before the server loads its own
+        gc.collect()
+        compare_http_decode32(results, prompts, warm)
 
 
 def scenario_capacity(results):
@@ -224,6 +282,137 @@ def scenario_prefix(results):
     }
 
 
+# -- HTTP: a server subprocess, and the client --------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_argv(port: int) -> list[str]:
+    """scripts/serve.py with this run's model and engine flags (those not None)."""
+    argv = [sys.executable, os.path.join(os.path.dirname(__file__), "serve.py")]
+    argv += ["--port", str(port), "--log_level", "warning"]
+    for name in ["model", "dtype", "quantization", *shared_flags.ENGINE_FLAGS, "max_model_len"]:
+        value = FLAGS[name].value
+        if isinstance(value, bool):
+            argv.append(f"--{'' if value else 'no'}{name}")
+        elif value is not None:
+            argv.append(f"--{name}={value}")
+    return argv
+
+
+@contextlib.contextmanager
+def server_subprocess(timeout_s: float = 600.0):
+    """Start scripts/serve.py on a free port, wait for /health 200, yield its base URL, then
+    stop it with SIGTERM (SIGKILL after 30 s). Its output goes to a temporary log, printed
+    if it fails to come up."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryFile(mode="w+") as log:
+        proc = subprocess.Popen(server_argv(port), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                if proc.poll() is not None:
+                    log.seek(0)
+                    raise RuntimeError(f"serve.py exited with {proc.returncode}:\n{log.read()}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(f"{url}/health", timeout=5.0).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"serve.py not healthy at {url} after {timeout_s:.0f} s")
+                time.sleep(0.5)
+            yield url
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+def run_client(url, prompts, max_tokens, *, model, rate=0.0, concurrency=None):
+    """One client run: (results, duration)."""
+    requests = [serving_client.ClientRequest(p, m) for p, m in zip(prompts, max_tokens)]
+    return asyncio.run(
+        serving_client.run_workload(
+            url,
+            requests,
+            model=model,
+            api_key=FLAGS.api_key,
+            request_rate=rate,
+            max_concurrency=concurrency,
+            ignore_eos=FLAGS.ignore_eos,
+            seed=FLAGS.seed,
+            timeout_s=FLAGS.request_timeout_s,
+        )
+    )
+
+
+def compare_http_decode32(results, prompts, warm):
+    """decode32's workload through the HTTP server, after the same warm-up."""
+    with server_subprocess() as url:
+        model = asyncio.run(serving_client.first_model(url, FLAGS.api_key))
+        run_client(url, warm, [128] * len(warm), model=model)
+        cpu = time.process_time()
+        got, duration = run_client(url, prompts, [128] * len(prompts), model=model)
+        cpu = time.process_time() - cpu
+    summary = serving_client.summarize(got, duration)
+    # The client shares the machine with the server: its CPU time is load the in-process
+    # run does not carry (on 2 cores, a part of the gap).
+    summary["client_cpu_s"] = cpu
+    results["http_decode32"] = summary
+    results["http_decode32_ratio"] = (
+        summary["output_tokens_per_s"] / results["decode32"]["output_tokens_per_s"]
+    )
+
+
+def client_workload():
+    if FLAGS.workload == "mixed":
+        return mixed_workload(FLAGS.num_requests, FLAGS.seed)
+    if FLAGS.workload == "decode32":
+        prompts, _ = decode32_workload(FLAGS.seed)
+        return prompts, [128] * len(prompts)
+    rng = np.random.default_rng(FLAGS.seed)
+    prompts = [
+        rng.integers(100, 20000, size=FLAGS.input_len).tolist() for _ in range(FLAGS.num_requests)
+    ]
+    return prompts, [FLAGS.output_len] * FLAGS.num_requests
+
+
+def client_mode(results):
+    """--url: the workload against a running server."""
+    try:
+        goodput = serving_client.parse_goodput(FLAGS.goodput)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    url = FLAGS.url.rstrip("/").removesuffix("/v1")
+    model = FLAGS.served_model or asyncio.run(serving_client.first_model(url, FLAGS.api_key))
+    prompts, outs = client_workload()
+    if FLAGS.full_warmup:
+        # Same lengths, other token ids (another seed; ids < 20000 fit most vocabularies):
+        # compiles every shape, shares no prefix.
+        rng = np.random.default_rng(FLAGS.seed + 100)
+        warm = [rng.integers(100, 20000, size=len(p)).tolist() for p in prompts]
+        run_client(url, warm, outs, model=model, concurrency=FLAGS.max_concurrency)
+    else:
+        run_client(url, [prompts[0]], [4], model=model)
+    got, duration = run_client(
+        url, prompts, outs, model=model, rate=FLAGS.request_rate, concurrency=FLAGS.max_concurrency
+    )
+    results["client"] = {
+        "url": url,
+        "served_model": model,
+        **serving_client.summarize(got, duration, goodput),
+        "requests": serving_client.per_request(got),
+    }
+
+
 SCENARIOS = {
     "mixed": scenario_mixed,
     "decode32": scenario_decode32,
@@ -263,13 +452,62 @@ def print_table(results):
             f"shared {p['prefix_len']}-token prefix: TTFT {p['ttft_first_s']:.2f} s then "
             f"{p['ttft_second_s']:.3f} s ({p['speedup']:.1f}x)"
         )
+    if "http_decode32" in results:
+        d, h = results["decode32"], results["http_decode32"]
+        rows = [
+            (
+                "decode32 in-process",
+                f"{d['output_tokens_per_s']:.1f}",
+                "32/0",
+                f"{d['ttft_s']['p50']:.2f}/{d['ttft_s']['p99']:.2f}",
+                f"{d['tpot_s']['p50'] * 1e3:.0f}/{d['tpot_s']['p99'] * 1e3:.0f}",
+            ),
+            (
+                "decode32 over HTTP",
+                f"{h['output_tokens_per_s']:.1f}",
+                f"{h['completed']}/{h['failed']}",
+                f"{h['ttft_ms']['p50'] / 1e3:.2f}/{h['ttft_ms']['p99'] / 1e3:.2f}",
+                f"{h['tpot_ms']['p50']:.0f}/{h['tpot_ms']['p99']:.0f}",
+            ),
+        ]
+        headers = ["run", "out tok/s", "ok/failed", "TTFT p50/p99 s", "TPOT p50/p99 ms"]
+        report.print_table(headers, rows)
+        print(
+            f"HTTP / in-process output tokens/s: {results['http_decode32_ratio']:.3f}x "
+            f"(client CPU {h['client_cpu_s']:.1f} s in {h['duration_s']:.1f} s)"
+        )
+    if "client" in results:
+        c = results["client"]
+        print(f"{c['url']} ({c['served_model']})")
+        head, totals, lat_head, latencies = serving_client.summary_tables(c)
+        report.print_table(head, totals)
+        report.print_table(lat_head, latencies)
+        for error in c["errors"]:
+            print(f"failed: {error}")
+
+
+CLIENT_FLAGS = ["url", "served_model", "workload", "input_len", "output_len", "max_concurrency"]
+CLIENT_FLAGS += ["goodput", "ignore_eos", "full_warmup"]
 
 
 def main(argv):
     del argv
+    if FLAGS.url:
+        names = [*CLIENT_FLAGS, "num_requests", "request_rate", "seed"]
+        results = {"flags": {k: FLAGS[k].value for k in names}}
+        client_mode(results)
+        print_table(results)
+        report.write_json(FLAGS.json, results)
+        return
     names = ["model", "dtype", "quantization", "scenarios", "num_requests", "request_rate"]
     names += [*shared_flags.ENGINE_FLAGS, "max_model_len", "seed", "mesh_data", "mesh_model"]
+    names += ["compare_http"]
     results = {"flags": {k: FLAGS[k].value for k in names}}
+    if FLAGS.compare_http:
+        if "decode32" not in FLAGS.scenarios.split(","):
+            raise app.UsageError("--compare_http compares decode32: add it to --scenarios")
+        if FLAGS.mesh_data * FLAGS.mesh_model != 1:
+            raise app.UsageError("--compare_http: scripts/serve.py runs on one device (no mesh)")
     for name in FLAGS.scenarios.split(","):
         if name not in SCENARIOS:
             raise app.UsageError(f"--scenarios: {name!r} is not one of {sorted(SCENARIOS)}")
