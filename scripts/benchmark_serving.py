@@ -99,6 +99,16 @@ flags.DEFINE_integer(
 flags.DEFINE_string("goodput", None, 'Targets in ms for goodput, e.g. "ttft:500 tpot:50".')
 flags.DEFINE_bool("ignore_eos", True, "Send ignore_eos so output lengths are exact (vLLM field).")
 flags.DEFINE_float("request_timeout_s", 600.0, "Client timeout per request.")
+flags.DEFINE_float(
+    "disconnect_fraction",
+    0.0,
+    "--url: share of requests that drop their connection after the first streamed chunk.",
+)
+flags.DEFINE_float(
+    "invalid_fraction",
+    0.0,
+    "--url: share of requests sent with an invalid field (max_tokens=-1); each must get a 400.",
+)
 
 
 def mixed_workload(n: int, seed: int, vocab_lo: int = 100, vocab_hi: int = 20000):
@@ -336,9 +346,16 @@ def server_subprocess(timeout_s: float = 600.0):
                     proc.wait()
 
 
-def run_client(url, prompts, max_tokens, *, model, rate=0.0, concurrency=None):
-    """One client run: (results, duration)."""
+def run_client(
+    url, prompts, max_tokens, *, model, rate=0.0, concurrency=None, disconnect=0.0, invalid=0.0
+):
+    """One client run: (results, duration). `disconnect` / `invalid`: shares of the requests
+    that drop mid-stream / carry an invalid field (serving_client.mark_requests)."""
     requests = [serving_client.ClientRequest(p, m) for p, m in zip(prompts, max_tokens)]
+    try:
+        requests = serving_client.mark_requests(requests, disconnect, invalid, FLAGS.seed)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     return asyncio.run(
         serving_client.run_workload(
             url,
@@ -403,12 +420,23 @@ def client_mode(results):
     else:
         run_client(url, [prompts[0]], [4], model=model)
     got, duration = run_client(
-        url, prompts, outs, model=model, rate=FLAGS.request_rate, concurrency=FLAGS.max_concurrency
+        url,
+        prompts,
+        outs,
+        model=model,
+        rate=FLAGS.request_rate,
+        concurrency=FLAGS.max_concurrency,
+        disconnect=FLAGS.disconnect_fraction,
+        invalid=FLAGS.invalid_fraction,
     )
+    # What the server holds once the run is over: anything running, waiting or in the KV
+    # cache now belongs to a request it lost (e.g. one whose client disconnected).
+    after = asyncio.run(serving_client.wait_idle(url, FLAGS.api_key))
     results["client"] = {
         "url": url,
         "served_model": model,
         **serving_client.summarize(got, duration, goodput),
+        "server_after_run": after,
         "requests": serving_client.per_request(got),
     }
 
@@ -484,6 +512,9 @@ def print_table(results):
         report.print_table(lat_head, latencies)
         for error in c["errors"]:
             print(f"failed: {error}")
+        if c.get("server_after_run"):
+            left = ", ".join(f"{k} {v:g}" for k, v in c["server_after_run"].items())
+            print(f"server after the run: {left}")
 
 
 CLIENT_FLAGS = ["url", "served_model", "workload", "input_len", "output_len", "max_concurrency"]

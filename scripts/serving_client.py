@@ -32,10 +32,40 @@ import numpy as np
 GOODPUT_METRICS = ("ttft", "tpot", "e2el")
 
 
+# What a request of the workload does (`ClientRequest.kind`): a normal streamed completion;
+# one that drops its connection after the first chunk (a client that goes away mid-stream);
+# one with an invalid field (max_tokens=-1), which the server must refuse with a 400.
+NORMAL, DISCONNECT, INVALID = "normal", "disconnect", "invalid"
+
+
 @dataclasses.dataclass(frozen=True)
 class ClientRequest:
     prompt: str | list[int]  # token ids give exact prompt lengths
     max_tokens: int
+    kind: str = NORMAL
+
+
+def mark_requests(
+    requests: list[ClientRequest], disconnect: float, invalid: float, seed: int
+) -> list[ClientRequest]:
+    """The same requests, a `disconnect` fraction of them dropping mid-stream and an `invalid`
+    fraction sent with an invalid field (chosen at random, seeded, disjoint)."""
+    for name, value in (("disconnect_fraction", disconnect), ("invalid_fraction", invalid)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name}={value} is invalid: must be in [0, 1]")
+    if disconnect + invalid > 1.0:
+        raise ValueError(
+            f"disconnect_fraction + invalid_fraction = {disconnect + invalid} exceeds 1"
+        )
+    n = len(requests)
+    order = np.random.default_rng(seed + 2).permutation(n)
+    num_disconnect, num_invalid = round(disconnect * n), round(invalid * n)
+    kinds = [NORMAL] * n
+    for i in order[:num_disconnect]:
+        kinds[i] = DISCONNECT
+    for i in order[num_disconnect : num_disconnect + num_invalid]:
+        kinds[i] = INVALID
+    return [dataclasses.replace(r, kind=k) for r, k in zip(requests, kinds)]
 
 
 @dataclasses.dataclass
@@ -44,6 +74,10 @@ class RequestResult:
 
     ok: bool = False
     error: str = ""
+    kind: str = NORMAL
+    # DISCONNECT: the stream was dropped after its first chunk, as planned. INVALID: the
+    # server answered 400, as it must (ok stays False for both: they are not completions).
+    as_expected: bool = False
     prompt_len: int = 0
     output_tokens: int = 0
     chunk_times: list[float] = dataclasses.field(default_factory=list)
@@ -115,7 +149,9 @@ async def send_one(
         payload["model"] = model
     if ignore_eos:
         payload["ignore_eos"] = True
-    result = RequestResult(prompt_len=len(request.prompt))
+    if request.kind == INVALID:
+        payload["max_tokens"] = -1
+    result = RequestResult(prompt_len=len(request.prompt), kind=request.kind)
     text_chunks, usage, done = 0, None, False
     start = time.perf_counter()
     try:
@@ -125,6 +161,10 @@ async def send_one(
             if response.status_code != 200:
                 body = (await response.aread()).decode(errors="replace")
                 result.error = f"HTTP {response.status_code}: {body[:200]}"
+                result.as_expected = request.kind == INVALID and response.status_code == 400
+                return result
+            if request.kind == INVALID:
+                result.error = "an invalid request was accepted (HTTP 200)"
                 return result
             async for line in response.aiter_lines():
                 if not line.startswith("data:"):
@@ -142,6 +182,10 @@ async def send_one(
                     result.chunk_times.append(now)
                     if event["choices"][0].get("text"):
                         text_chunks += 1
+                    if request.kind == DISCONNECT:
+                        # Leaving the `async with` closes the connection mid-stream.
+                        result.error, result.as_expected = "disconnected (planned)", True
+                        return result
                 if event.get("usage"):
                     usage = event["usage"]
     except Exception as e:  # transport errors, broken streams, bad JSON: a failed request
@@ -244,13 +288,18 @@ def meets(result: RequestResult, targets_ms: dict[str, float]) -> bool:
 def summarize(
     results: list[RequestResult], duration_s: float, goodput: dict[str, float] | None = None
 ) -> dict:
-    """vLLM benchmark_serving's figures over one run."""
+    """vLLM benchmark_serving's figures over one run. Planned disconnects and invalid
+    requests are counted apart: `failed` counts only normal requests that did not complete
+    (a lost request) and planned ones that did not behave as planned."""
     done = [r for r in results if r.ok]
+    planned = [r for r in results if r.kind != NORMAL]
     output_tokens = sum(r.output_tokens for r in done)
     input_tokens = sum(r.prompt_len for r in done)
     summary = {
         "completed": len(done),
-        "failed": len(results) - len(done),
+        "failed": sum(not r.ok and not r.as_expected for r in results),
+        "disconnected": sum(r.as_expected for r in planned if r.kind == DISCONNECT),
+        "invalid_rejected": sum(r.as_expected for r in planned if r.kind == INVALID),
         "duration_s": duration_s,
         "total_input_tokens": input_tokens,
         "total_output_tokens": output_tokens,
@@ -261,7 +310,7 @@ def summarize(
         "tpot_ms": stats_ms([r.tpot for r in done if r.output_tokens > 1]),
         "itl_ms": stats_ms([gap for r in done for gap in r.itl]),
         "e2el_ms": stats_ms([r.latency for r in done]),
-        "errors": sorted({r.error for r in results if not r.ok}),
+        "errors": sorted({r.error for r in results if not r.ok and not r.as_expected}),
     }
     if goodput:
         good = sum(meets(r, goodput) for r in results)
@@ -278,6 +327,8 @@ def summary_tables(summary: dict) -> tuple[tuple, list, tuple, list]:
     totals = [
         ("completed requests", summary["completed"]),
         ("failed requests", summary["failed"]),
+        ("disconnected mid-stream (planned)", summary["disconnected"]),
+        ("invalid, refused with 400 (planned)", summary["invalid_rejected"]),
         ("duration (s)", f"{summary['duration_s']:.2f}"),
         ("input tokens", summary["total_input_tokens"]),
         ("output tokens", summary["total_output_tokens"]),
@@ -299,6 +350,43 @@ def summary_tables(summary: dict) -> tuple[tuple, list, tuple, list]:
         )
     ]
     return ("metric", "value"), totals, ("latency (ms)", "mean", "p50", "p99"), latencies
+
+
+IDLE_GAUGES = (
+    "jax_infer:num_requests_running",
+    "jax_infer:num_requests_waiting",
+    "jax_infer:kv_cache_usage_perc",
+)
+
+
+def parse_gauges(text: str, names=IDLE_GAUGES) -> dict[str, float]:
+    """The unlabelled samples `names` from a Prometheus text exposition."""
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in names:
+            out[name] = float(value)
+    return out
+
+
+async def wait_idle(
+    base_url: str, api_key: str | None = None, timeout_s: float = 10.0, poll_s: float = 0.2
+) -> dict[str, float]:
+    """Poll GET /metrics until the server reports no running or waiting request and no KV
+    pages in use (or `timeout_s` passes); returns the last reading of IDLE_GAUGES (empty for
+    a server without them). After a run, anything left is a request the server lost."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    deadline = time.perf_counter() + timeout_s
+    gauges: dict[str, float] = {}
+    async with httpx.AsyncClient(base_url=base_url, timeout=10.0) as client:
+        while True:
+            response = await client.get("/metrics", headers=headers)
+            if response.status_code != 200:
+                return gauges
+            gauges = parse_gauges(response.text)
+            if not gauges or not any(gauges.values()) or time.perf_counter() > deadline:
+                return gauges
+            await asyncio.sleep(poll_s)
 
 
 def per_request(results: list[RequestResult]) -> list[dict]:

@@ -266,3 +266,69 @@ def test_client_against_a_fastapi_sse_server():
     assert s["total_output_tokens"] == 20
     assert s["errors"] == ['HTTP 400: {"error":{"message":"too long"}}']
     assert all(len(r.itl) == 4 for r in results if r.ok)
+
+
+def test_mark_requests_fractions_disjoint_and_checked():
+    requests = [ClientRequest([i], 4) for i in range(200)]
+    marked = serving_client.mark_requests(requests, 0.10, 0.05, seed=0)
+    kinds = [r.kind for r in marked]
+    assert kinds.count(serving_client.DISCONNECT) == 20
+    assert kinds.count(serving_client.INVALID) == 10
+    assert [r.prompt for r in marked] == [r.prompt for r in requests]
+    assert marked == serving_client.mark_requests(requests, 0.10, 0.05, seed=0)
+    with pytest.raises(ValueError, match="disconnect_fraction=1.5"):
+        serving_client.mark_requests(requests, 1.5, 0.0, seed=0)
+    with pytest.raises(ValueError, match="exceeds 1"):
+        serving_client.mark_requests(requests, 0.6, 0.5, seed=0)
+
+
+class RefusingFakeServer(FakeServer):
+    """FakeServer that refuses max_tokens < 1 with a 400, as the real server does."""
+
+    async def handle(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        if body["max_tokens"] < 1:
+            self.bodies.append((body, None))
+            return httpx.Response(400, json={"error": {"param": "max_tokens"}})
+        return await super().handle(request)
+
+
+def test_planned_disconnects_and_invalid_requests_are_counted_apart():
+    fake = RefusingFakeServer()
+    requests = [
+        ClientRequest([1, 2], 6),
+        ClientRequest([3, 4], 6, kind=serving_client.DISCONNECT),
+        ClientRequest([5, 6], 6, kind=serving_client.INVALID),
+        ClientRequest([500, 1], 6),  # a real failure: HTTP 500
+    ]
+    results, duration = _run(fake, requests)
+    ok, dropped, invalid, failed = results
+    assert ok.ok and ok.output_tokens == 6
+    assert not dropped.ok and dropped.as_expected and len(dropped.chunk_times) == 1
+    assert not invalid.ok and invalid.as_expected and "HTTP 400" in invalid.error
+    assert not failed.ok and not failed.as_expected
+    s = serving_client.summarize(results, duration)
+    assert (s["completed"], s["failed"], s["disconnected"], s["invalid_rejected"]) == (1, 1, 1, 1)
+    assert s["errors"] == [failed.error]
+
+
+def test_an_invalid_request_the_server_accepts_is_a_failure():
+    fake = FakeServer()  # accepts anything
+    (result,), duration = _run(fake, [ClientRequest([1], 3, kind=serving_client.INVALID)])
+    assert not result.ok and not result.as_expected
+    assert serving_client.summarize([result], duration)["failed"] == 1
+
+
+def test_parse_gauges_reads_the_idle_metrics():
+    text = (
+        "# HELP jax_infer:num_requests_running Running\n"
+        "jax_infer:num_requests_running 0.0\n"
+        "jax_infer:num_requests_waiting 2.0\n"
+        'jax_infer:request_success_total{finished_reason="stop"} 3.0\n'
+        "jax_infer:kv_cache_usage_perc 0.25\n"
+    )
+    assert serving_client.parse_gauges(text) == {
+        "jax_infer:num_requests_running": 0.0,
+        "jax_infer:num_requests_waiting": 2.0,
+        "jax_infer:kv_cache_usage_perc": 0.25,
+    }
