@@ -281,17 +281,18 @@ def default_backend(sharded: bool = False) -> str:
     return "cpu" if not sharded and cpu_kernels.available() else "xla"
 
 
-def paged_attend_fn(meta: AttentionMetadata, backend: str, sliding_window: int | None):
-    """attend_fn for the model over a paged cache: (k_pages, v_pages) per layer."""
+def paged_attend_fn(meta: AttentionMetadata, backend: str):
+    """attend_fn for the model over a paged cache: (k_pages, v_pages) per layer; `window` is
+    the layer's sliding window (`ModelConfig.layer_windows`), None for full attention."""
     if backend not in ATTENTION:
         raise ValueError(f"attention backend={backend!r} is not one of {BACKENDS}")
     attention = ATTENTION[backend]
 
-    def attend_fn(q, k, v, layer_cache):
+    def attend_fn(q, k, v, layer_cache, window=None):
         # The model runs the flat tokens as a batch of one: [1, T, heads, H].
         k_pages = write_pages(layer_cache[0], k[0], meta.slot_mapping)
         v_pages = write_pages(layer_cache[1], v[0], meta.slot_mapping)
-        out = attention(q[0], k_pages, v_pages, meta, sliding_window)
+        out = attention(q[0], k_pages, v_pages, meta, window)
         return out.reshape(1, q.shape[1], -1), (k_pages, v_pages)
 
     return attend_fn

@@ -61,7 +61,6 @@ def forward(
         start,
         start + num_valid,
         attn_len,
-        config.sliding_window,
         kv_transform=fake_quantize_kv if int8_kv else None,
         native=native_attention,
     )
@@ -81,7 +80,7 @@ def paged_forward(params, tokens, meta, cache, *, config: ModelConfig, dtype, ba
     `attention.build_metadata`. Returns (logits f32[S, V] at each sequence row's last token,
     or f32[S, R, V] at its last R tokens when meta.logits_index is i32[S, R]; cache)."""
     model = Llama(config, dtype)
-    attend_fn = paged_attend_fn(meta, backend, config.sliding_window)
+    attend_fn = paged_attend_fn(meta, backend)
     logits, cache = model.apply(
         {"params": params},
         tokens[None],
