@@ -34,12 +34,13 @@ import numpy as np
 
 from jax_infer.attention import BACKENDS, default_backend
 from jax_infer.config import ModelConfig
-from jax_infer.model.cache import kv_bytes_per_token
+from jax_infer.model.cache import kv_bytes_per_page_group, page_group_windows
 from jax_infer.outputs import RequestOutput, make_output
 from jax_infer.quant.kv import KV_DTYPES, resolve_kv_cache_dtype
 from jax_infer.runner import ModelRunner, StepBatch
 from jax_infer.sampling import SamplingParams
 from jax_infer.scheduler import Request, Scheduler
+from jax_infer.scheduler.page_groups import split_page_budget
 from jax_infer.scheduler.request import finish
 from jax_infer.speculative.config import SPECULATIVE_METHODS
 from jax_infer.speculative.decoder import make_speculative_decoder
@@ -86,6 +87,12 @@ class EngineConfig:
     """Serving knobs (vLLM names where vLLM has one).
 
     kv_cache_gb sizes the page pool unless num_pages is given; page 0 is reserved.
+
+    free_window_pages: a model with sliding-window layers keeps their pages in page groups
+    of their own and frees the pages their window no longer reaches (scheduler.py); kv_cache_gb
+    is split over the groups (`scheduler.page_groups.split_page_budget`), and num_pages, where
+    given, is each group's count. Off (or without windows, or with speculative decoding,
+    whose draft model reads the target's tables): one group holding every page.
     """
 
     max_num_seqs: int = 32
@@ -114,6 +121,7 @@ class EngineConfig:
     # A match of n tokens proposes up to 2**n (capped at k): 1-token matches propose 2 tokens,
     # which verify at about the cost of a plain decode step.
     ngram_prompt_lookup_min: int = 1
+    free_window_pages: bool = True
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "page_size"):
@@ -215,10 +223,28 @@ class LLMEngine:
                 "kv_cache_dtype='int8' needs attention_backend 'cpu', 'xla' or 'reference': the "
                 f"Pallas kernel reads float pages (attention_backend={self.backend!r})"
             )
-        per_token = kv_bytes_per_token(config, self.cache_dtype)
+        # Speculative decoding stays on one group: a draft model (own pool, own windows, or
+        # the target's pool lent) reads through group 0's tables, which must then hold every
+        # page its layers may read.
+        free_windows = ec.free_window_pages and ec.speculative_method is None
+        self.page_groups = page_group_windows(config, free_windows)
+        page_bytes = kv_bytes_per_page_group(
+            config, self.page_groups, ec.page_size, self.cache_dtype
+        )
         num_pages = ec.num_pages
         if num_pages is None:
-            num_pages = int(ec.kv_cache_gb * 2**30) // (per_token * ec.page_size)
+            chunk = min(ec.max_num_batched_tokens, ec.long_prefill_chunk or max_model_len)
+            group_pages = split_page_budget(
+                int(ec.kv_cache_gb * 2**30),
+                page_bytes,
+                self.page_groups,
+                ec.page_size,
+                max_model_len,
+                chunk,
+            )
+        else:
+            group_pages = [num_pages] * len(self.page_groups)
+        num_pages = group_pages[0] if len(group_pages) == 1 else tuple(group_pages)
         # Raises (naming the numbers) when one max_model_len request cannot fit.
         self.scheduler = Scheduler(
             num_pages=num_pages,
@@ -229,19 +255,20 @@ class LLMEngine:
             enable_prefix_caching=ec.enable_prefix_caching,
             long_prefill_chunk=ec.long_prefill_chunk,
             max_num_partial_prefills=ec.max_num_partial_prefills,
+            windows=self.page_groups,
         )
         self.num_pages = num_pages
-        capacity = (num_pages - 1) * ec.page_size
-        log.info(
-            "KV cache: %d pages of %d tokens = %d tokens (%.2f GB); %.1f requests of "
-            "max_model_len=%d fit at once",
-            num_pages,
-            ec.page_size,
-            capacity,
-            num_pages * ec.page_size * per_token / 1e9,
-            capacity / max_model_len,
-            max_model_len,
-        )
+        for g, (window, n, b) in enumerate(zip(self.page_groups, group_pages, page_bytes)):
+            capacity = (n - 1) * ec.page_size
+            log.info(
+                "KV cache group %d (window %s): %d pages of %d tokens = %d tokens (%.2f GB)",
+                g,
+                window,
+                n,
+                ec.page_size,
+                capacity,
+                n * b / 1e9,
+            )
         self.mesh = mesh
         self.runner = ModelRunner(
             config,
@@ -255,6 +282,7 @@ class LLMEngine:
             eos_token_ids=tokenizer.eos_token_ids,
             mesh=mesh,
             rules=rules,
+            groups=self.page_groups,
         )
         # Requests not yet reported finished, by id (the scheduler forgets them at finish).
         self.requests: dict[str, Request] = {}
@@ -391,6 +419,9 @@ class LLMEngine:
             ],
             logits_per_row=per_row,
             min_chunk=per_row or 32,
+            group_block_tables=(
+                [s.block_tables for s in scheduled] if len(self.page_groups) > 1 else None
+            ),
         )
         result = self.runner.execute(batch)
         sampled: dict[str, list[int]] = {}
@@ -448,6 +479,10 @@ class LLMEngine:
             "prefix_cache_queries": self.scheduler.allocator.stats.query_tokens,
             "prefix_cache_hits": self.scheduler.allocator.stats.hit_tokens,
             "num_pages": self.num_pages,
+            # Per page group: its window (None: full attention) and the fraction of its
+            # pages in use; kv_usage above is the fullest group's.
+            "page_group_windows": list(self.page_groups),
+            "kv_usage_per_group": self.scheduler.kv_usage_per_group(),
             "num_waiting": self.scheduler.num_waiting(),
             "num_running": self.scheduler.num_running(),
             "speculative": self.spec.stats.as_dict() if self.spec is not None else None,

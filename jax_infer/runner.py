@@ -106,6 +106,9 @@ class StepBatch:
     # chunk bucket (draft rows are padded to W, not to a 32-token chunk).
     logits_per_row: int | None = None
     min_chunk: int = 32
+    # With page groups: every group's table of each row (row_tables[i][g]; group 0's equals
+    # block_tables[i]). None: one group.
+    group_block_tables: Sequence[Sequence[Sequence[int]]] | None = None
 
 
 @dataclasses.dataclass
@@ -137,10 +140,12 @@ class ModelRunner:
         eos_token_ids=(),
         mesh=None,
         rules=None,
+        groups: tuple = (None,),
     ):
         """params: canonical (as loaded); laid out here by `backend_params`. mesh: None, or a
         `sharding.make_mesh` Mesh: the pool is then split by kv heads over `model` and
-        replicated over `data`, and each step's inputs are replicated."""
+        replicated over `data`, and each step's inputs are replicated. groups: the page
+        groups (`model.cache.page_group_windows`), num_pages one int per group where several."""
         self.config = config
         self.params = backend_params(params, config, mesh, rules)
         self.dtype = dtype
@@ -149,6 +154,7 @@ class ModelRunner:
         self.max_decode_rows = max_decode_rows
         self.eos_token_ids = sorted(eos_token_ids)
         self.num_pages = num_pages
+        self.groups = tuple(groups)
         self.cache_dtype = cache_dtype or dtype
         self.mesh, self.rules = mesh, rules
         self.pool = self._new_pool()
@@ -162,9 +168,17 @@ class ModelRunner:
 
     def _new_pool(self):
         if self.mesh is None:
-            return init_paged_cache(self.config, self.num_pages, self.page_size, self.cache_dtype)
+            return init_paged_cache(
+                self.config, self.num_pages, self.page_size, self.cache_dtype, self.groups
+            )
         return init_sharded_paged_cache(
-            self.config, self.num_pages, self.page_size, self.mesh, self.rules, self.cache_dtype
+            self.config,
+            self.num_pages,
+            self.page_size,
+            self.mesh,
+            self.rules,
+            self.cache_dtype,
+            self.groups,
         )
 
     def pool_is_lost(self) -> bool:
@@ -191,6 +205,21 @@ class ModelRunner:
             min_chunk=batch.min_chunk,
         )
         tokens = flat_tokens(meta, batch.rows, offsets)
+        if len(self.groups) > 1:
+            # One metadata per page group: same layout, the group's block tables and slots.
+            metas = [meta]
+            for g in range(1, len(self.groups)):
+                m, _, _ = build_metadata(
+                    batch.starts,
+                    [len(r) for r in batch.rows],
+                    [tables[g] for tables in batch.group_block_tables],
+                    self.page_size,
+                    max_decode_rows=self.max_decode_rows,
+                    logits_per_row=batch.logits_per_row,
+                    min_chunk=batch.min_chunk,
+                )
+                metas.append(m)
+            meta = tuple(metas)
         logits, self.pool = self._forward(
             self.params,
             tokens,  # numpy: the jitted call transfers it (cheaper than jnp.asarray each)
