@@ -340,14 +340,15 @@ class Scheduler:
 
     def _scheduled(self, req: Request, n: int, is_new: bool) -> ScheduledRequest:
         start = req.num_computed_tokens
+        tables = [list(t) for t in req.block_tables]  # one copy each; block_table is group 0's
         return ScheduledRequest(
             request=req,
             start=start,
             token_ids=req.token_ids_slice(start, start + n),
-            block_table=list(req.block_table),
+            block_table=tables[0],
             sample=start + n == req.num_tokens,
             is_new=is_new,
-            block_tables=[list(t) for t in req.block_tables],
+            block_tables=tables,
         )
 
     def _admit(self, req: Request, budget: int) -> ScheduledRequest | None:
@@ -461,8 +462,8 @@ class Scheduler:
             sr = self._scheduled(req, n, is_new=False)
             if n == 1 and lookahead and lookahead.get(req.request_id):
                 sr.num_lookahead = self._lookahead(req, lookahead[req.request_id], budget)
-                sr.block_table = list(req.block_table)
                 sr.block_tables = [list(t) for t in req.block_tables]
+                sr.block_table = sr.block_tables[0]
             (decodes if n == 1 else chunks).append(sr)
             budget -= n + sr.num_lookahead
             i += 1
