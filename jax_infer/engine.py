@@ -91,8 +91,8 @@ class EngineConfig:
     free_window_pages: a model with sliding-window layers keeps their pages in page groups
     of their own and frees the pages their window no longer reaches (scheduler.py); kv_cache_gb
     is split over the groups (`scheduler.page_groups.split_page_budget`), and num_pages, where
-    given, is each group's count. Off (or without windows, or with speculative decoding,
-    whose draft model reads the target's tables): one group holding every page.
+    given, is each group's count. Off (or without windows, or with a draft model, which
+    reads the target's tables): one group holding every page.
     """
 
     max_num_seqs: int = 32
@@ -223,10 +223,11 @@ class LLMEngine:
                 "kv_cache_dtype='int8' needs attention_backend 'cpu', 'xla' or 'reference': the "
                 f"Pallas kernel reads float pages (attention_backend={self.backend!r})"
             )
-        # Speculative decoding stays on one group: a draft model (own pool, own windows, or
-        # the target's pool lent) reads through group 0's tables, which must then hold every
-        # page its layers may read.
-        free_windows = ec.free_window_pages and ec.speculative_method is None
+        # A draft model stays on one group: it (own pool, own windows, or the target's pool
+        # lent) reads through group 0's tables, which must then hold every page its layers may
+        # read. N-gram drafts touch no pool; their rejected tail never needs a freed page
+        # (pages are freed behind num_computed_tokens, which counts accepted tokens only).
+        free_windows = ec.free_window_pages and ec.speculative_method != "draft_model"
         self.page_groups = page_group_windows(config, free_windows)
         page_bytes = kv_bytes_per_page_group(
             config, self.page_groups, ec.page_size, self.cache_dtype

@@ -297,7 +297,17 @@ CHUNK16 = dict(max_num_batched_tokens=16)
     "model,name,kwargs",
     [
         ("qwen2_hybrid_window", "chunk4_prefix", CHUNK4),
-        ("qwen2_hybrid_window", "chunk16_xla", dict(CHUNK16, attention_backend="xla")),
+        # N-gram drafts verified in the step: rejected drafts roll back over freed pages.
+        (
+            "qwen2_hybrid_window",
+            "chunk16_xla_ngram",
+            dict(
+                CHUNK16,
+                attention_backend="xla",
+                speculative_method="ngram",
+                num_speculative_tokens=3,
+            ),
+        ),
         # 22 pages: the full group (20 pages for one request) runs out, requests preempt.
         ("qwen2_hybrid_window", "preempt", dict(CHUNK16, num_pages=22)),
         ("mistral_sliding", "chunk16_prefix", CHUNK16),
@@ -333,6 +343,8 @@ def test_engine_greedy_equals_transformers(model, name, kwargs):
     assert (engine.num_preemptions > 0) == (name == "preempt")
     if name.endswith("prefix"):
         assert engine.scheduler.allocator.stats.hit_tokens > 0
+    if name.endswith("ngram"):
+        assert engine.spec.stats.num_draft_tokens > 0
 
 
 @pytest.mark.parametrize("backend", ["reference", "xla", "cpu", "pallas"])
