@@ -136,7 +136,8 @@ def default_config():
     return config_dict.ConfigDict(tree)
 
 
-def _type_names(f: Field) -> str:
+def type_names(f: Field) -> str:
+    """'int', 'str or None', 'tuple of str': the types a field allows."""
     names = [t.__name__ if t is not type(None) else "None" for t in f.types]
     if f.seq_of is not None:
         names = [f"tuple of {f.seq_of.__name__}" if n == "tuple" else n for n in names]
@@ -154,7 +155,7 @@ def _check_type(path: str, value, f: Field):
         )
     if not ok:
         raise ValueError(
-            f"config.{path}={value!r} has type {type(value).__name__}; allowed is {_type_names(f)}"
+            f"config.{path}={value!r} has type {type(value).__name__}; allowed is {type_names(f)}"
         )
     if isinstance(value, int) and not isinstance(value, bool) and float in f.types:
         value = float(value)
@@ -338,4 +339,5 @@ __all__ = [
     "resolve",
     "sampling_params",
     "speculative_config",
+    "type_names",
 ]

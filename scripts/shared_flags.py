@@ -368,7 +368,15 @@ def parse_flags(argv: list[str], flag_values=None) -> list[str]:
             section, key = path.split(".")
             fv.config[section][key] = None
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-        sys.stderr.write(f"FATAL Flags parsing error: {e}\n")
+        message = str(e)
+        for arg in argv[1:]:
+            m = _CONFIG_ARG.match(arg)
+            if m and m[1] in message and not _config_arg_problem(arg):
+                section, key = m[1].split(".")
+                allowed = run_config.type_names(run_config.SCHEMA[section][key])
+                message += f" (config.{m[1]}: allowed is {allowed})"
+                break
+        sys.stderr.write(f"FATAL Flags parsing error: {message}\n")
         sys.stderr.write("Pass --helpshort or --helpfull to see help on flags.\n")
         sys.exit(1)
     return args

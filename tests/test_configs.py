@@ -206,7 +206,11 @@ def test_command_line_errors_name_the_problem(tmp_path):
             "config.engine has no key 'max_num_seq': allowed are ['attention_backend'",
         ),
         ([preset, "--config.engin.page_size=4"], "config has no section 'engin'"),
-        ([preset, "--config.engine.max_num_seqs=many"], "max_num_seqs=many"),
+        (
+            [preset, "--config.engine.max_num_seqs=many"],
+            "max_num_seqs=many: invalid literal for int() with base 10: 'many' "
+            "(config.engine.max_num_seqs: allowed is int)",
+        ),
         (
             [f"--config={write_config(tmp_path, 'c.engine.max_num_seq = 4')}"],
             "config.engine.max_num_seq=4: unknown key; allowed in config.engine are",
@@ -364,3 +368,22 @@ def test_serve_runs_from_cpu_preset(preset):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_int8_preset_with_its_int4_self_draft_keeps_the_int8_greedy_output():
+    # The preset's LLM (an int8 target; the draft quantized to int4 from the float weights)
+    # against the same int8 model decoding plainly: token for token the same.
+    from jax_infer import LLM
+
+    cfg = run_config.resolve(load_preset("cpu_smollm2_int8_speculative.py"))
+    kwargs = dict(run_config.llm_kwargs(cfg), max_model_len=256, kv_cache_gb=0.05, progress=False)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+    spec = LLM(**kwargs)
+    assert spec.engine.spec is not None
+    got = [o.token_ids for o in spec.generate(prompts, params)]
+    del spec
+    plain = LLM(**{**kwargs, "speculative_config": None})
+    assert got == [o.token_ids for o in plain.generate(prompts, params)]
