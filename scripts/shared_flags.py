@@ -286,7 +286,8 @@ def apply_config(flag_values=None, extra: dict[str, tuple[str, str]] | None = No
     """The resolved config tree (`run_config.resolve`), folded into the defined flags.
 
     extra: more flag -> (section, key) pairs (generate.py's --max_tokens is sampling.max_tokens).
-    Exits (SystemExit, status 1) with a message naming the key for an unknown key, a wrong type or a refused value."""
+    An unknown key, a wrong type or a refused value exits (SystemExit, status 1) with a
+    message naming the key, the value and what is allowed."""
     fv = _fv(flag_values)
     try:
         return _apply_config(fv, {**CONFIG_PATHS, **(extra or {})})
@@ -317,7 +318,10 @@ def _apply_config(fv, paths) -> dict:
 def dry_run(cfg: dict, out=None) -> int:
     """Print the plan of a resolved config; 0 if it fits, 1 (with the problems) if not."""
     out = out or sys.stdout
-    plan = run_config.make_plan(cfg)
+    try:
+        plan = run_config.make_plan(cfg)
+    except (ValueError, OSError) as e:  # an unknown model config, an unreadable file
+        raise SystemExit(f"FATAL dry run: {e}") from e
     print(plan.format(), file=out)
     print(
         f"(dry run: no weights read; this process sees {jax.device_count()} "
