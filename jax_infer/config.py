@@ -337,4 +337,37 @@ TINY_LLAMA_TEST = ModelConfig(
     max_position_embeddings=256,
 )
 
-PRESETS = {"smollm2-135m": SMOLLM2_135M, "tiny-llama-test": TINY_LLAMA_TEST}
+# Llama 3.1 architectures (the numbers of Meta's config.json files), for plans and dry runs
+# of real sizes without their weights (`jax_infer.plan`); serving them loads an HF directory.
+_LLAMA31_ROPE = RopeScaling(
+    rope_type="llama3",
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=8192,
+)
+
+LLAMA31_8B = ModelConfig(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    rope_scaling=_LLAMA31_ROPE,
+    max_position_embeddings=131072,
+)
+
+LLAMA31_70B = LLAMA31_8B.replace(
+    hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64
+)
+
+PRESETS = {
+    "smollm2-135m": SMOLLM2_135M,
+    "tiny-llama-test": TINY_LLAMA_TEST,
+    "llama-3.1-8b": LLAMA31_8B,
+    "llama-3.1-70b": LLAMA31_70B,
+}
