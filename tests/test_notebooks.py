@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -131,9 +132,11 @@ def test_notebook_runs_end_to_end(name, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.real_model
-def test_a_failing_cell_fails_the_run_and_leaves_no_server(tmp_path):
-    """A cell that raises while the server is up stops the run with that error, and the
-    server still goes away with the kernel."""
+def test_a_failing_cell_stops_the_run_and_a_killed_kernel_leaves_no_server(tmp_path):
+    """A cell that raises while the server is up stops the run with its error. Then the
+    kernel is killed outright (SIGKILL: no atexit, no ipykernel cleanup of its children, as
+    when the OOM killer takes it): the server must still go away, before the kernel manager's
+    own cleanup could signal the kernel's process group."""
     marker = f"nbtest-{uuid.uuid4().hex[:12]}"
     nb = nbformat.read(os.path.join(NOTEBOOK_DIR, "serving.ipynb"), as_version=4)
     start = next(i for i, c in enumerate(nb.cells) if "subprocess.Popen(" in c.source)
@@ -142,6 +145,17 @@ def test_a_failing_cell_fails_the_run_and_leaves_no_server(tmp_path):
         "raise RuntimeError('deliberately broken cell')"
     )
     nb.cells.insert(start + 1, broken)
-    with pytest.raises(nbclient.exceptions.CellExecutionError, match="deliberately broken cell"):
-        execute(nb, str(tmp_path), kernel_env(JAX_INFER_NB_SERVED_NAME=marker))
-    assert_no_process_with(marker)
+    client = nbclient.NotebookClient(
+        nb,
+        timeout=CELL_TIMEOUT_S,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(tmp_path)}},
+    )
+    client.reset_execution_trackers()
+    with client.setup_kernel(env=kernel_env(JAX_INFER_NB_SERVED_NAME=marker)):
+        with pytest.raises(nbclient.exceptions.CellExecutionError, match="deliberately broken"):
+            for index, cell in enumerate(nb.cells):
+                client.execute_cell(cell, index)
+        assert processes_with(marker), "the server should be running after the failed cell"
+        os.kill(client.km.provisioner.pid, signal.SIGKILL)
+        assert_no_process_with(marker)
