@@ -141,6 +141,8 @@ class LLM:
             )
         self.dtype = resolve_dtype(dtype)
         self.mesh = mesh = resolve_mesh(mesh)
+        # In a multi-process job every process loads; only process 0 shows progress.
+        progress = progress and jax.process_index() == 0
         self.sharding_rules = sharding_rules
         config, params, fmt, path, reader = weights.load(
             model, self.dtype, progress, mesh=mesh, rules=sharding_rules
