@@ -32,6 +32,7 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
+from jax_infer import sharding
 from jax_infer.attention import BACKENDS, default_backend
 from jax_infer.config import ModelConfig
 from jax_infer.model.cache import kv_bytes_per_token
@@ -40,6 +41,7 @@ from jax_infer.quant.kv import KV_DTYPES, resolve_kv_cache_dtype
 from jax_infer.runner import ModelRunner, StepBatch
 from jax_infer.sampling import SamplingParams
 from jax_infer.scheduler import Request, Scheduler
+from jax_infer.scheduler.replicas import ReplicatedScheduler
 from jax_infer.scheduler.request import finish
 from jax_infer.speculative.config import SPECULATIVE_METHODS
 from jax_infer.speculative.decoder import make_speculative_decoder
@@ -198,9 +200,10 @@ class LLMEngine:
     ):
         """params: canonical (as loaded, maybe quantized); the runner lays them out for the
         backend. mesh: a `sharding.make_mesh` Mesh, or None for one device. With a mesh the
-        page pool is split by kv heads over `model` and replicated over `data`, and each
-        step's inputs are replicated: in this engine `data` adds replicas, not throughput
-        (run one engine per data slice for that; the static engine splits its batch).
+        page pool is split by kv heads over `model`; over `data` the engine is data
+        parallel: D = data replicas, each with a pool of num_pages pages (kv_cache_gb) of its
+        own and its own scheduler (`scheduler.replicas`), requests assigned to the least
+        loaded, and one jitted step runs every replica's rows (D times the rows of one).
         draft_model: (ModelConfig, canonical params) for speculative_method="draft_model"."""
         self.config = config
         self.tokenizer = tokenizer
@@ -219,8 +222,14 @@ class LLMEngine:
         num_pages = ec.num_pages
         if num_pages is None:
             num_pages = int(ec.kv_cache_gb * 2**30) // (per_token * ec.page_size)
+        self.num_replicas = 1 if mesh is None else mesh.shape[sharding.DATA]
         # Raises (naming the numbers) when one max_model_len request cannot fit.
-        self.scheduler = Scheduler(
+        scheduler_cls = Scheduler
+        replicas = {}
+        if self.num_replicas > 1:
+            scheduler_cls, replicas = ReplicatedScheduler, {"num_replicas": self.num_replicas}
+        self.scheduler = scheduler_cls(
+            **replicas,
             num_pages=num_pages,
             page_size=ec.page_size,
             max_num_seqs=ec.max_num_seqs,
@@ -233,8 +242,9 @@ class LLMEngine:
         self.num_pages = num_pages
         capacity = (num_pages - 1) * ec.page_size
         log.info(
-            "KV cache: %d pages of %d tokens = %d tokens (%.2f GB); %.1f requests of "
+            "KV cache%s: %d pages of %d tokens = %d tokens (%.2f GB); %.1f requests of "
             "max_model_len=%d fit at once",
+            f" per data replica (x{self.num_replicas})" if self.num_replicas > 1 else "",
             num_pages,
             ec.page_size,
             capacity,
@@ -262,6 +272,9 @@ class LLMEngine:
         self._next_id = 0
         self.num_steps = 0
         self.num_preemptions = 0
+        # Rows (scheduled requests) over all steps, and the most in one step.
+        self.num_rows = 0
+        self.max_rows_per_step = 0
         # Test hook: called as fault_hook(engine, scheduler_output) inside each step, before
         # the device work; an exception it raises is handled like a failed step (see step()).
         # The server sets it from JAX_INFER_TEST_FAULT_SEED (server/cli.py). None in service.
@@ -340,6 +353,8 @@ class LLMEngine:
         if out.is_empty:
             return outputs
         self.num_steps += 1
+        self.num_rows += len(out.scheduled)
+        self.max_rows_per_step = max(self.max_rows_per_step, len(out.scheduled))
         now = time.monotonic()
         for s in out.scheduled:
             if s.request.first_scheduled_time is None:
@@ -391,6 +406,7 @@ class LLMEngine:
             ],
             logits_per_row=per_row,
             min_chunk=per_row or 32,
+            replicas=getattr(out, "replicas", None),
         )
         result = self.runner.execute(batch)
         sampled: dict[str, list[int]] = {}
@@ -451,4 +467,12 @@ class LLMEngine:
             "num_waiting": self.scheduler.num_waiting(),
             "num_running": self.scheduler.num_running(),
             "speculative": self.spec.stats.as_dict() if self.spec is not None else None,
+            "num_rows": self.num_rows,
+            "mean_rows_per_step": self.num_rows / self.num_steps if self.num_steps else 0.0,
+            "max_rows_per_step": self.max_rows_per_step,
+            "num_data_replicas": self.num_replicas,
+            # Requests ever assigned to each data replica (one replica: all of them).
+            "replica_requests": (
+                list(self.scheduler.num_assigned) if self.num_replicas > 1 else None
+            ),
         }
