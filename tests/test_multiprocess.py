@@ -224,7 +224,9 @@ def test_greedy_and_logprobs_equal_single_process(job, name):
 
 
 # How the default rules split each array of the tiny llama (N=4 query heads, K=2 kv heads,
-# F=112, V=128), restated: (dim, unit count the model axis must divide).
+# F=112, V=128), restated: weight -> (dim, unit count the model axis must divide). The page
+# pool [P, L, K, H] is split by kv heads over model the same way, and by pages over data
+# (each data replica holds its own pages).
 SPLITS = {
     "wq": (1, 4),
     "wk": (1, 2),
@@ -235,37 +237,58 @@ SPLITS = {
 }
 
 
-def blocks(indices: list, dim: int) -> set[tuple[int, int]]:
-    return {tuple(index[dim]) for index in indices}
+def expected_ways(weight: str, data: int, model: int) -> dict[int, int]:
+    """dim -> how many ways it is split."""
+    dim, units = SPLITS[weight]
+    ways = {dim: model} if model > 1 and units % model == 0 else {}
+    if weight == "pool" and data > 1:
+        ways[0] = data
+    return ways
+
+
+def spans_processes(weight: str, data: int, model: int) -> bool:
+    """Whether a split axis runs across the two processes: the mesh orders devices process by
+    process, so `data` does whenever data > 1 here, `model` only at model=8."""
+    if weight == "pool" and data > 1:
+        return True
+    return model == 2 * DEVICES_PER_PROCESS and bool(expected_ways(weight, data, model))
+
+
+def blocks(indices: list, dims) -> set[tuple]:
+    return {tuple(tuple(index[d]) for d in sorted(dims)) for index in indices}
 
 
 @pytest.mark.parametrize("name", ["hf-2x4", "hf-1x8", "hf-8x1", "orbax-2x4"])
 def test_each_process_holds_only_its_shards(job, name):
-    _, model = (int(n) for n in name.split("-")[1].split("x"))
+    data, model = (int(n) for n in name.split("-")[1].split("x"))
     held = []
     for r in job["reports"]:
         shards = r["meshes"][name]["shards"]
         per_process = {}
-        for weight, (dim, units) in SPLITS.items():
+        for weight in SPLITS:
             s = shards[weight]
-            # Only this process's 4 devices, one shard each.
+            ways = expected_ways(weight, data, model)
+            total = int(np.prod(list(ways.values()), dtype=int))
+            # Only this process's 4 devices, one shard each, of the expected size.
             assert s["processes"] == [r["process"]], weight
             assert len(s["indices"]) == DEVICES_PER_PROCESS, weight
-            ways = model if model > 1 and units % model == 0 else 1
-            assert s["local_bytes"] * ways == s["global_bytes"] * DEVICES_PER_PROCESS, weight
-            # Along the split dim: blocks of 1/ways of it; every other dim whole.
+            assert s["local_bytes"] * total == s["global_bytes"] * DEVICES_PER_PROCESS, weight
             for index in s["indices"]:
                 for d, ((start, stop), n) in enumerate(zip(index, s["shape"])):
-                    assert stop - start == (n // ways if d == dim else n), weight
-            got = blocks(s["indices"], dim)
-            assert len(got) == min(ways, DEVICES_PER_PROCESS), weight
-            per_process[weight] = got
+                    assert stop - start == n // ways.get(d, 1), weight
+            got = blocks(s["indices"], ways)
+            spans = spans_processes(weight, data, model)
+            assert len(got) == (total // NUM_PROCESSES if spans else total), weight
+            per_process[weight] = (got, spans, total)
         held.append(per_process)
-    for weight, (_, units) in SPLITS.items():
-        if model > DEVICES_PER_PROCESS and units % model == 0:
-            # The model axis spans both processes: they hold disjoint halves, together all.
-            assert not held[0][weight] & held[1][weight], weight
-            assert len(held[0][weight] | held[1][weight]) == model, weight
+    for weight in SPLITS:
+        (mine, spans, total), (theirs, _, _) = held[0][weight], held[1][weight]
+        if spans:
+            # The split runs across processes: each holds its own part, together all.
+            assert not mine & theirs, weight
+            assert len(mine | theirs) == total, weight
+        else:
+            assert mine == theirs, weight
 
 
 def test_killed_process_stops_the_job(tmp_path):
