@@ -223,6 +223,11 @@ class LLMEngine:
         if num_pages is None:
             num_pages = int(ec.kv_cache_gb * 2**30) // (per_token * ec.page_size)
         self.num_replicas = 1 if mesh is None else mesh.shape[sharding.DATA]
+        if self.num_replicas > 1 and ec.speculative_method is not None:
+            raise ValueError(
+                f"speculative_method={ec.speculative_method!r} needs one data replica; the mesh "
+                f"has data={self.num_replicas}"
+            )
         # Raises (naming the numbers) when one max_model_len request cannot fit.
         scheduler_cls = Scheduler
         replicas = {}
