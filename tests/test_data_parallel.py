@@ -110,6 +110,35 @@ def test_bad_arguments_are_named():
     assert not sched.has_unfinished()
 
 
+def test_metadata_laid_out_in_a_common_shape():
+    """Two replicas' steps (one decode-only, one with a prompt chunk) padded to one shape keep
+    their real rows where their own layout puts them; an idle replica is all padding."""
+    from jax_infer.attention.metadata import build_metadata, common_shape, step_shape
+
+    a = ([5, 9], [1, 1], [[1, 2], [3, 8, 9]], 4)  # two decodes
+    b = ([0], [13], [[4, 5, 6, 7]], 4)  # one 13-token chunk
+    own_a, own_b = build_metadata(*a)[0], build_metadata(*b)[0]
+    shape = common_shape([step_shape(own_a), step_shape(own_b)])
+    assert shape == (4, 1, 32, 32, 4)
+    for args in (a, b):
+        meta, order, offsets = build_metadata(*args, at_least=shape)
+        assert step_shape(meta) == shape
+        rows = [r for r, i in enumerate(order) if i >= 0]
+        for r in rows:
+            i = order[r]
+            n = args[1][i]
+            flat = offsets[i]
+            assert meta.kv_lens[r] == args[0][i] + n
+            assert list(meta.positions[flat : flat + n]) == list(range(args[0][i], args[0][i] + n))
+            assert meta.logits_index[r] == flat + n - 1
+            assert list(meta.block_tables[r][: len(args[2][i])]) == args[2][i]
+    idle, order, _ = build_metadata([], [], [], 4, at_least=shape)
+    assert step_shape(idle) == shape and (order == -1).all()
+    assert not idle.positions.any() and (idle.kv_lens == 1).all()
+    with pytest.raises(ValueError, match="non-zero numbers"):
+        build_metadata([], [], [], 4)
+
+
 # == engine: a subprocess with 8 simulated devices ========================================
 
 PROMPT_LENGTHS = (1, 11, 5, 3, 20, 7, 2, 9)
