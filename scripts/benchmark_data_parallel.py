@@ -37,15 +37,24 @@ flags.DEFINE_integer("max_num_seqs", 8, "Seats per data replica.")
 flags.DEFINE_integer("num_pages", 128, "KV pages per data replica.")
 
 
-def run(data: int, prompts, params) -> dict:
-    llm = LLM(
-        **shared_flags.llm_kwargs(),
+def make_prompts(vocab_size: int) -> list[list[int]]:
+    rng = np.random.default_rng(0)
+    high = min(vocab_size, 1000)
+    return [
+        rng.integers(0, high, size=FLAGS.prompt_len).tolist() for _ in range(FLAGS.num_requests)
+    ]
+
+
+def run(data: int, params) -> dict:
+    kwargs = shared_flags.llm_kwargs() | dict(
         mesh=(data, 1),
         max_num_seqs=FLAGS.max_num_seqs,
         num_pages=FLAGS.num_pages,
         enable_prefix_caching=False,
         progress=False,
     )
+    llm = LLM(**kwargs)
+    prompts = make_prompts(llm.config.vocab_size)
     llm.generate(prompts, params)  # compiles every step shape this batch meets
     before = llm.engine.stats()
     start = time.perf_counter()
@@ -74,12 +83,8 @@ def main(argv):
         raise ValueError(f"--data_sizes={FLAGS.data_sizes} is invalid: each must be >= 1")
     if "JAX_NUM_CPU_DEVICES" not in os.environ:
         jax.config.update("jax_num_cpu_devices", max(sizes))
-    rng = np.random.default_rng(0)
-    prompts = [
-        rng.integers(0, 1000, size=FLAGS.prompt_len).tolist() for _ in range(FLAGS.num_requests)
-    ]
     params = SamplingParams(temperature=0.0, max_tokens=FLAGS.max_tokens, ignore_eos=True)
-    results = [run(d, prompts, params) for d in sizes]
+    results = [run(d, params) for d in sizes]
     first = results[0]["token_ids"]
     for r in results:
         r["same_tokens_as_first"] = r.pop("token_ids") == first
