@@ -21,6 +21,7 @@ HF_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
 }
 GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +62,10 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
     sliding_window: int | None = None  # Mistral: attend to at most this many previous tokens
+    # Per-layer attention kind (HF's names): "sliding_attention" layers use `sliding_window`,
+    # "full_attention" layers attend to everything. None: every layer uses `sliding_window`
+    # (None there too means full attention everywhere). See `layer_windows`.
+    layer_types: tuple[str, ...] | None = None
     family: str = "llama"
 
     def __post_init__(self):
@@ -86,6 +91,31 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even for RoPE")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"ModelConfig.sliding_window={self.sliding_window} must be >= 1")
+        if self.layer_types is not None:
+            # Lists (from JSON) become tuples so the config stays hashable (a jit static arg).
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+            bad = [t for t in self.layer_types if t not in LAYER_TYPES]
+            if bad or len(self.layer_types) != self.num_layers:
+                raise ValueError(
+                    f"ModelConfig.layer_types={self.layer_types!r} is invalid: must be "
+                    f"{self.num_layers} (num_layers) entries, each one of {LAYER_TYPES}"
+                )
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ValueError(
+                    "ModelConfig.layer_types has 'sliding_attention' layers but "
+                    "sliding_window=None: give the window size"
+                )
+
+    @property
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """Each layer's attention window: an int W (a query attends to the last W positions up
+        to its own) or None (full causal attention). The one place the model, the attention
+        kernels and the KV-cache manager read a layer's window from."""
+        if self.layer_types is None:
+            return (self.sliding_window,) * self.num_layers
+        return tuple(
+            self.sliding_window if t == "sliding_attention" else None for t in self.layer_types
+        )
 
     @property
     def group_size(self) -> int:  # G
@@ -179,6 +209,9 @@ class ModelConfig:
             sliding_window = config.get("sliding_window")
         elif family == "qwen2" and config.get("use_sliding_window"):
             sliding_window = config.get("sliding_window")
+        # Per-layer kinds where the config lists them (Qwen2 windows only the layers from
+        # max_window_layers on); without a window every layer is full attention.
+        layer_types = config.get("layer_types") if sliding_window is not None else None
         return cls(
             vocab_size=config["vocab_size"],
             hidden_size=hidden,
@@ -194,6 +227,7 @@ class ModelConfig:
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             attention_bias=bool(config.get("attention_bias", family == "qwen2")),
             sliding_window=sliding_window,
+            layer_types=tuple(layer_types) if layer_types else None,
             family=family,
         )
 
@@ -303,4 +337,37 @@ TINY_LLAMA_TEST = ModelConfig(
     max_position_embeddings=256,
 )
 
-PRESETS = {"smollm2-135m": SMOLLM2_135M, "tiny-llama-test": TINY_LLAMA_TEST}
+# Llama 3.1 architectures (the numbers of Meta's config.json files), for plans and dry runs
+# of real sizes without their weights (`jax_infer.plan`); serving them loads an HF directory.
+_LLAMA31_ROPE = RopeScaling(
+    rope_type="llama3",
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=8192,
+)
+
+LLAMA31_8B = ModelConfig(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    rope_scaling=_LLAMA31_ROPE,
+    max_position_embeddings=131072,
+)
+
+LLAMA31_70B = LLAMA31_8B.replace(
+    hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64
+)
+
+PRESETS = {
+    "smollm2-135m": SMOLLM2_135M,
+    "tiny-llama-test": TINY_LLAMA_TEST,
+    "llama-3.1-8b": LLAMA31_8B,
+    "llama-3.1-70b": LLAMA31_70B,
+}

@@ -35,12 +35,13 @@ import numpy as np
 from jax_infer import sharding
 from jax_infer.attention import BACKENDS, default_backend
 from jax_infer.config import ModelConfig
-from jax_infer.model.cache import kv_bytes_per_token
+from jax_infer.model.cache import kv_bytes_per_page_group, page_group_windows
 from jax_infer.outputs import RequestOutput, make_output
 from jax_infer.quant.kv import KV_DTYPES, resolve_kv_cache_dtype
 from jax_infer.runner import ModelRunner, StepBatch
 from jax_infer.sampling import SamplingParams
 from jax_infer.scheduler import Request, Scheduler
+from jax_infer.scheduler.page_groups import split_page_budget
 from jax_infer.scheduler.replicas import ReplicatedScheduler
 from jax_infer.scheduler.request import finish
 from jax_infer.speculative.config import SPECULATIVE_METHODS
@@ -88,6 +89,12 @@ class EngineConfig:
     """Serving knobs (vLLM names where vLLM has one).
 
     kv_cache_gb sizes the page pool unless num_pages is given; page 0 is reserved.
+
+    free_window_pages: a model with sliding-window layers keeps their pages in page groups
+    of their own and frees the pages their window no longer reaches (scheduler.py); kv_cache_gb
+    is split over the groups (`scheduler.page_groups.split_page_budget`), and num_pages, where
+    given, is each group's count. Off (or without windows, or with a draft model, which
+    reads the target's tables): one group holding every page.
     """
 
     max_num_seqs: int = 32
@@ -116,6 +123,7 @@ class EngineConfig:
     # A match of n tokens proposes up to 2**n (capped at k): 1-token matches propose 2 tokens,
     # which verify at about the cost of a plain decode step.
     ngram_prompt_lookup_min: int = 1
+    free_window_pages: bool = True
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "page_size"):
@@ -218,15 +226,40 @@ class LLMEngine:
                 "kv_cache_dtype='int8' needs attention_backend 'cpu', 'xla' or 'reference': the "
                 f"Pallas kernel reads float pages (attention_backend={self.backend!r})"
             )
-        per_token = kv_bytes_per_token(config, self.cache_dtype)
+        # A draft model stays on one group: it (own pool, own windows, or the target's pool
+        # lent) reads through group 0's tables, which must then hold every page its layers may
+        # read. N-gram drafts touch no pool; their rejected tail never needs a freed page
+        # (pages are freed behind num_computed_tokens, which counts accepted tokens only).
+        free_windows = ec.free_window_pages and ec.speculative_method != "draft_model"
+        self.page_groups = page_group_windows(config, free_windows)
+        page_bytes = kv_bytes_per_page_group(
+            config, self.page_groups, ec.page_size, self.cache_dtype
+        )
         num_pages = ec.num_pages
         if num_pages is None:
-            num_pages = int(ec.kv_cache_gb * 2**30) // (per_token * ec.page_size)
+            chunk = min(ec.max_num_batched_tokens, ec.long_prefill_chunk or max_model_len)
+            group_pages = split_page_budget(
+                int(ec.kv_cache_gb * 2**30),
+                page_bytes,
+                self.page_groups,
+                ec.page_size,
+                max_model_len,
+                chunk,
+            )
+        else:
+            group_pages = [num_pages] * len(self.page_groups)
+        num_pages = group_pages[0] if len(group_pages) == 1 else tuple(group_pages)
         self.num_replicas = 1 if mesh is None else mesh.shape[sharding.DATA]
         if self.num_replicas > 1 and ec.speculative_method is not None:
             raise ValueError(
                 f"speculative_method={ec.speculative_method!r} needs one data replica; the mesh "
                 f"has data={self.num_replicas}"
+            )
+        if self.num_replicas > 1 and len(self.page_groups) > 1:
+            raise ValueError(
+                f"data={self.num_replicas} replicas need one page group; this model has "
+                f"{len(self.page_groups)} (windows {self.page_groups}): set "
+                "free_window_pages=False"
             )
         # Raises (naming the numbers) when one max_model_len request cannot fit.
         scheduler_cls = Scheduler
@@ -243,20 +276,21 @@ class LLMEngine:
             enable_prefix_caching=ec.enable_prefix_caching,
             long_prefill_chunk=ec.long_prefill_chunk,
             max_num_partial_prefills=ec.max_num_partial_prefills,
+            windows=self.page_groups,
         )
         self.num_pages = num_pages
-        capacity = (num_pages - 1) * ec.page_size
-        log.info(
-            "KV cache%s: %d pages of %d tokens = %d tokens (%.2f GB); %.1f requests of "
-            "max_model_len=%d fit at once",
-            f" per data replica (x{self.num_replicas})" if self.num_replicas > 1 else "",
-            num_pages,
-            ec.page_size,
-            capacity,
-            num_pages * ec.page_size * per_token / 1e9,
-            capacity / max_model_len,
-            max_model_len,
-        )
+        for g, (window, n, b) in enumerate(zip(self.page_groups, group_pages, page_bytes)):
+            capacity = (n - 1) * ec.page_size
+            log.info(
+                "KV cache%s group %d (window %s): %d pages of %d tokens = %d tokens (%.2f GB)",
+                f" per data replica (x{self.num_replicas})" if self.num_replicas > 1 else "",
+                g,
+                window,
+                n,
+                ec.page_size,
+                capacity,
+                n * b / 1e9,
+            )
         self.mesh = mesh
         self.runner = ModelRunner(
             config,
@@ -270,6 +304,7 @@ class LLMEngine:
             eos_token_ids=tokenizer.eos_token_ids,
             mesh=mesh,
             rules=rules,
+            groups=self.page_groups,
         )
         # Requests not yet reported finished, by id (the scheduler forgets them at finish).
         self.requests: dict[str, Request] = {}
@@ -412,6 +447,9 @@ class LLMEngine:
             logits_per_row=per_row,
             min_chunk=per_row or 32,
             replicas=getattr(out, "replicas", None),
+            group_block_tables=(
+                [s.block_tables for s in scheduled] if len(self.page_groups) > 1 else None
+            ),
         )
         result = self.runner.execute(batch)
         sampled: dict[str, list[int]] = {}
@@ -469,6 +507,10 @@ class LLMEngine:
             "prefix_cache_queries": self.scheduler.allocator.stats.query_tokens,
             "prefix_cache_hits": self.scheduler.allocator.stats.hit_tokens,
             "num_pages": self.num_pages,
+            # Per page group: its window (None: full attention) and the fraction of its
+            # pages in use; kv_usage above is the fullest group's.
+            "page_group_windows": list(self.page_groups),
+            "kv_usage_per_group": self.scheduler.kv_usage_per_group(),
             "num_waiting": self.scheduler.num_waiting(),
             "num_running": self.scheduler.num_running(),
             "speculative": self.spec.stats.as_dict() if self.spec is not None else None,

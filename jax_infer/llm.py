@@ -149,9 +149,16 @@ class LLM:
             model, self.dtype, progress, mesh=mesh, rules=sharding_rules
         )
         params = jax.tree.map(self._cast_float, params)
+        self.config = config
+        float_params = params
         if quantization is not None:
             params = quantize(params, quantization)
-        self.config = config
+        # A quantized self-draft starts from the target's float weights (`quantize` refuses
+        # quantized ones), so an int8 target can have an int4 self-draft; an unquantized one
+        # is the target's weights as served.
+        quantized_draft = spec is not None and spec["quantization"] is not None
+        draft = self._draft_model(spec, float_params if quantized_draft else params, progress)
+        del float_params
         self.model_path = path
         self.tokenizer = load_tokenizer(fmt, path, reader)
         if max_model_len is None:
@@ -189,7 +196,6 @@ class LLM:
         # The engine's runner (or the static generator) lays the params out for the backend
         # and keeps only that copy; `params` rebuilds the canonical ones when asked.
         if engine == "continuous":
-            draft = self._draft_model(spec, params, progress)
             self.engine = LLMEngine(
                 config,
                 params,

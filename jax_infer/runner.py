@@ -139,6 +139,9 @@ class StepBatch:
     # Data parallelism: the replica (data slice) each row runs on, its block table in that
     # replica's page ids. None: one replica.
     replicas: Sequence[int] | None = None
+    # With page groups: every group's table of each row (row_tables[i][g]; group 0's equals
+    # block_tables[i]). None: one group.
+    group_block_tables: Sequence[Sequence[Sequence[int]]] | None = None
 
 
 @dataclasses.dataclass
@@ -172,13 +175,15 @@ class ModelRunner:
         mesh=None,
         rules=None,
         data_parallel: bool = True,
+        groups: tuple = (None,),
     ):
         """params: canonical (as loaded); laid out here by `backend_params`. mesh: None, or a
         `sharding.make_mesh` Mesh: the pool is then split by kv heads over `model`. Over
         `data` (when data_parallel and the mesh has data > 1) each replica holds a pool of
         `num_pages` pages of its own (the pool, D * num_pages pages, split by pages) and runs
         its own rows (`StepBatch.replicas`); otherwise the pool and each step are
-        replicated over `data`."""
+        replicated over `data`. groups: the page groups (`model.cache.page_group_windows`),
+        num_pages one int per group where several (data replicas need one group)."""
         self.config = config
         self.params = backend_params(params, config, mesh, rules)
         self.dtype = dtype
@@ -187,6 +192,7 @@ class ModelRunner:
         self.max_decode_rows = max_decode_rows
         self.eos_token_ids = sorted(eos_token_ids)
         self.num_pages = num_pages
+        self.groups = tuple(groups)
         self.cache_dtype = cache_dtype or dtype
         self.mesh, self.rules = mesh, rules
         self.num_replicas = 1
@@ -206,18 +212,23 @@ class ModelRunner:
 
     def _new_pool(self):
         if self.mesh is None:
-            return init_paged_cache(self.config, self.num_pages, self.page_size, self.cache_dtype)
+            return init_paged_cache(
+                self.config, self.num_pages, self.page_size, self.cache_dtype, self.groups
+            )
         rules = self.rules
+        num_pages = self.num_pages
         if self.num_replicas > 1:
             # Each data slice holds its own replica's pages: the pool splits by pages.
             rules = {**(sharding.DEFAULT_RULES if rules is None else rules), "pages": sharding.DATA}
+            num_pages = self.num_replicas * num_pages
         return init_sharded_paged_cache(
             self.config,
-            self.num_replicas * self.num_pages,
+            num_pages,
             self.page_size,
             self.mesh,
             rules,
             self.cache_dtype,
+            self.groups,
         )
 
     def pool_is_lost(self) -> bool:
@@ -246,6 +257,21 @@ class ModelRunner:
             min_chunk=batch.min_chunk,
         )
         tokens = flat_tokens(meta, batch.rows, offsets)
+        if len(self.groups) > 1:
+            # One metadata per page group: same layout, the group's block tables and slots.
+            metas = [meta]
+            for g in range(1, len(self.groups)):
+                m, _, _ = build_metadata(
+                    batch.starts,
+                    [len(r) for r in batch.rows],
+                    [tables[g] for tables in batch.group_block_tables],
+                    self.page_size,
+                    max_decode_rows=self.max_decode_rows,
+                    logits_per_row=batch.logits_per_row,
+                    min_chunk=batch.min_chunk,
+                )
+                metas.append(m)
+            meta = tuple(metas)
         logits, self.pool = self._forward(
             self.params,
             tokens,  # numpy: the jitted call transfers it (cheaper than jnp.asarray each)

@@ -4,6 +4,10 @@
     python scripts/benchmark.py --quantization int8+embed --json results/benchmark_int8.json
     python scripts/benchmark.py --speculative ngram --num_prompts 6 --decode_tokens 96 \
         --json results/speculative_ngram.json     # or self-int4, self-int8, draft:<path>
+    python scripts/benchmark.py --config=configs/cpu_smollm2_int8_speculative.py
+
+With --config, its model and engine sections set the flags (batch 1 and no prefix caching are
+fixed here) and its speculative section is used by the prefill/decode run.
 
 Prefill: tokens/s for one `--prompt_len`-token prompt (time to the first token, sampling
 included). Decode: tokens/s over `--decode_tokens` generated tokens through the same loop
@@ -31,6 +35,7 @@ shared_flags.define_model_flags()
 shared_flags.define_engine_flags(names=["attention_backend", "kv_cache_dtype", "page_size"])
 shared_flags.define_mesh_flags()
 shared_flags.define_json_flag()
+shared_flags.define_config_flags()
 flags.adopt_module_key_flags(shared_flags)  # --help lists the shared flags too
 flags.DEFINE_integer("prompt_len", 512, "Prompt tokens for the prefill measurement.")
 flags.DEFINE_integer("decode_tokens", 128, "Generated tokens for the decode measurement.")
@@ -115,13 +120,18 @@ def speculative_main() -> None:
 
 def main(argv):
     del argv
+    cfg = shared_flags.apply_config()
+    if FLAGS.dry_run:
+        return shared_flags.dry_run(cfg)
     if FLAGS.speculative:
         speculative_main()
         return
     # Prefix caching off: the timed runs repeat one prompt, and a cache hit would turn the
     # prefill measurement into a one-token step.
+    # The static engine has no speculative decoding: the config's is used by the continuous one.
+    kwargs = shared_flags.llm_kwargs(config=cfg if FLAGS.engine == "continuous" else None)
     llm = LLM(
-        **shared_flags.llm_kwargs(),
+        **kwargs,
         max_num_seqs=1,
         engine=FLAGS.engine,
         enable_prefix_caching=False,
@@ -144,6 +154,7 @@ def main(argv):
         "page_size": FLAGS.page_size,
         "kv_cache_dtype": FLAGS.kv_cache_dtype,
         "engine": FLAGS.engine,
+        "speculative_config": kwargs.get("speculative_config"),
         # With a mesh, weight bytes and bandwidth are the whole model's, all devices together.
         "mesh": {"data": FLAGS.mesh_data, "model": FLAGS.mesh_model},
         "prompt_len": FLAGS.prompt_len,
@@ -180,4 +191,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=shared_flags.parse_flags)

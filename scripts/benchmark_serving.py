@@ -5,6 +5,7 @@ capacity with pages against contiguous reservation, and TTFT with a shared prefi
     python scripts/benchmark_serving.py --json results/serving.json
     python scripts/benchmark_serving.py --scenarios=decode32,prefix --json results/serving.json
     python scripts/benchmark_serving.py --scenarios=decode32 --compare_http
+    python scripts/benchmark_serving.py --config=configs/cpu_smollm2_f32.py --scenarios=decode32
     python scripts/benchmark_serving.py --url http://127.0.0.1:8000 --num_requests 16 \
         --input_len 128 --output_len 16 --request_rate 4 --goodput "ttft:500 tpot:50"
 
@@ -63,6 +64,7 @@ shared_flags.define_model_flags()
 shared_flags.define_engine_flags()
 shared_flags.define_mesh_flags()
 shared_flags.define_json_flag()
+shared_flags.define_config_flags()
 flags.adopt_module_key_flags(shared_flags)  # --help lists the shared flags too
 flags.DEFINE_string("scenarios", "mixed,decode32,capacity,prefix", "Which scenarios to run.")
 flags.DEFINE_integer("num_requests", 64, "Requests in the mixed workload.")
@@ -187,11 +189,15 @@ def mesh():
     return shared_flags.mesh_from_flags()
 
 
+# The resolved --config (set in main): its speculative section reaches the continuous engine.
+CONFIG: dict | None = None
+
+
 def make_llm(engine: str, **overrides) -> LLM:
     """An LLM from the shared model and engine flags (--max_num_seqs is also the static
     batch size), on the mesh built once per process."""
     kwargs = dict(
-        shared_flags.llm_kwargs(mesh=mesh()),
+        shared_flags.llm_kwargs(mesh=mesh(), config=CONFIG if engine == "continuous" else None),
         max_model_len=FLAGS.max_model_len,
         engine=engine,
         progress=False,
@@ -305,6 +311,8 @@ def server_argv(port: int) -> list[str]:
     """scripts/serve.py with this run's model and engine flags (those not None)."""
     argv = [sys.executable, os.path.join(os.path.dirname(__file__), "serve.py")]
     argv += ["--port", str(port), "--log_level", "warning"]
+    # The config file and its overrides (for what no flag carries: speculative decoding).
+    argv += [a for a in sys.argv[1:] if a.startswith(("--config", "-config"))]
     for name in ["model", "dtype", "quantization", *shared_flags.ENGINE_FLAGS, "max_model_len"]:
         value = FLAGS[name].value
         if isinstance(value, bool):
@@ -523,6 +531,10 @@ CLIENT_FLAGS += ["goodput", "ignore_eos", "full_warmup"]
 
 def main(argv):
     del argv
+    global CONFIG
+    CONFIG = shared_flags.apply_config()
+    if FLAGS.dry_run:
+        return shared_flags.dry_run(CONFIG)
     if FLAGS.url:
         names = [*CLIENT_FLAGS, "num_requests", "request_rate", "seed"]
         results = {"flags": {k: FLAGS[k].value for k in names}}
@@ -548,4 +560,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=shared_flags.parse_flags)

@@ -4,6 +4,7 @@
         --window 1024 --stride 512 --json results/ppl_f32.json
     python scripts/perplexity.py --quantization int8+embed --text_file a.txt,b.txt ...
     python scripts/perplexity.py --kv_cache_dtype int8 ...   # with the int8 KV cache
+    python scripts/perplexity.py --config=configs/cpu_smollm2_f32.py --max_tokens 2048
 
 Several comma-separated --text_file are joined with a blank line between them and tokenized as
 one text (no special tokens), so a corpus can be made long enough from short files. See
@@ -27,6 +28,7 @@ shared_flags.define_model_flags()
 # Scoring uses the static path's int8 rounding (eval.perplexity): auto or int8 only.
 shared_flags.define_engine_flags(names=["kv_cache_dtype"])
 shared_flags.define_json_flag()
+shared_flags.define_config_flags()
 flags.adopt_module_key_flags(shared_flags)  # --help lists the shared flags too
 flags.DEFINE_list("text_file", ["/usr/share/common-licenses/GPL-3"], "Text file(s), joined.")
 flags.DEFINE_integer("window", 1024, "Tokens per forward pass.")
@@ -44,6 +46,11 @@ def read_text(paths: list[str]) -> str:
 
 def main(argv):
     del argv
+    # A config's model section and engine.kv_cache_dtype apply; scoring is the static path, so
+    # the rest of the engine section and speculative decoding do not.
+    cfg = shared_flags.apply_config()
+    if FLAGS.dry_run:
+        return shared_flags.dry_run(cfg)
     kwargs = shared_flags.llm_kwargs()
     del kwargs["kv_cache_dtype"]  # the static engine's cache is not used: scoring sets its own
     llm = LLM(
@@ -79,4 +86,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=shared_flags.parse_flags)

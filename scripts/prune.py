@@ -11,7 +11,7 @@ Methods: layers (depth; --layer_metric angular|bi, --contiguous), mlp (MLP chann
 (attention heads or KV groups), magnitude and wanda (zeroed weights, same shapes: no speed-up
 on this CPU). --amount is the fraction removed (for sparse methods with --pattern
 unstructured, the sparsity). Calibration and healing read --calibration_text (default GPL-3);
-evaluate on other text.
+evaluate on other text. With --config, model.name comes from it (pruning runs in float32).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ METHODS = ("layers", "mlp", "heads", "magnitude", "wanda")
 
 FLAGS = flags.FLAGS
 shared_flags.define_model_flags(dtype=False, quantization=False)  # pruning runs in float32
+shared_flags.define_config_flags()
 flags.adopt_module_key_flags(shared_flags)  # --help lists the shared flags too
 flags.DEFINE_enum("method", "layers", METHODS, "What to prune.")
 flags.DEFINE_float("amount", 0.25, "Fraction removed: of layers, MLP channels, heads, weights.")
@@ -57,7 +58,7 @@ flags.DEFINE_integer("heal_steps", 0, "Distillation steps after pruning (0: no h
 flags.DEFINE_integer("heal_batch", 4, "Sequences per healing step.")
 flags.DEFINE_integer("heal_len", 128, "Tokens per healing sequence.")
 flags.DEFINE_float("heal_lr", 2e-4, "Peak learning rate (AdamW, warm-up then cosine).")
-flags.DEFINE_string("output", None, "Checkpoint directory to create.", required=True)
+flags.DEFINE_string("output", None, "Checkpoint directory to create (required).")
 
 
 def read_calibration(tokenizer, path: str) -> list[int]:
@@ -87,6 +88,11 @@ def prune_model(params, config, tokens, method: str, amount: float):
 
 def main(argv):
     del argv
+    cfg = shared_flags.apply_config()
+    if FLAGS.dry_run:
+        return shared_flags.dry_run(cfg)
+    if FLAGS.output is None:
+        raise app.UsageError("--output is required: the checkpoint directory to create")
     if os.path.exists(os.path.join(FLAGS.output, "params")):
         raise app.UsageError(f"--output={FLAGS.output!r} already holds a checkpoint")
     config, params, fmt, path, reader = weights.load(FLAGS.model, "float32", progress=True)
@@ -133,4 +139,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=shared_flags.parse_flags)

@@ -2,6 +2,10 @@
 
     python scripts/quantize.py --model smollm2-135m --scheme int8+embed --out /tmp/smollm2-int8
     python scripts/generate.py --model /tmp/smollm2-int8 --prompt "The capital of France is"
+python scripts/quantize.py --config=configs/cpu_smollm2_int8_speculative.py --out /tmp/q
+
+With --config, model.name and model.dtype come from it, and model.quantization (when set)
+is the scheme unless --scheme is given.
 
 Schemes are those of `jax_infer.quant` (int8, int8-g64, int4, int4-g64, ..., +embed to also
 quantize the embedding and LM head). The checkpoint records the scheme in jax_infer.json's
@@ -23,15 +27,24 @@ from jax_infer.quant import parse_scheme, quantize, weight_bytes
 
 FLAGS = flags.FLAGS
 shared_flags.define_model_flags(quantization=False, dtype_help="Dtype of the unquantized leaves.")
+shared_flags.define_config_flags()
 flags.adopt_module_key_flags(shared_flags)  # --help lists the shared flags too
 flags.DEFINE_string("scheme", "int8+embed", "Quantization scheme (see jax_infer.quant).")
 flags.DEFINE_string("out", None, "Directory of the new orbax checkpoint (must not exist).")
-flags.mark_flag_as_required("out")
 
 
 def main(argv):
     del argv
-    scheme = parse_scheme(FLAGS.scheme)
+    cfg = shared_flags.apply_config()
+    name = cfg["model"]["quantization"]
+    if name is None or FLAGS["scheme"].present:
+        name = FLAGS.scheme
+    scheme = parse_scheme(name)
+    cfg["model"]["quantization"] = scheme.name
+    if FLAGS.dry_run:
+        return shared_flags.dry_run(cfg)
+    if FLAGS.out is None:
+        raise app.UsageError("--out is required: the directory of the new checkpoint")
     dtype = resolve_dtype(FLAGS.dtype)
     config, params, fmt, path, reader = weights.load(FLAGS.model, dtype, progress=True)
 
@@ -60,4 +73,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=shared_flags.parse_flags)

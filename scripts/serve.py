@@ -3,8 +3,10 @@
 python scripts/serve.py --port 8000
 python scripts/serve.py --model smollm2-135m --max_model_len 2048 --api_key secret
 jax-infer serve --port 8000          # the same, through the console entry point
+python scripts/serve.py --config=configs/cpu_smollm2_f32.py --config.engine.max_num_seqs=8
 
-Model and engine flags are the shared groups of scripts/shared_flags.py. The API key may
+Model and engine flags are the shared groups of scripts/shared_flags.py; a --config also
+gives the mesh and speculative decoding. The API key may
 also come from the environment (JAX_INFER_API_KEY); /v1/* then need `Authorization: Bearer`.
 """
 
@@ -21,6 +23,7 @@ from jax_infer.server import ServerConfig, run_server
 FLAGS = flags.FLAGS
 shared_flags.define_model_flags()
 shared_flags.define_engine_flags()
+shared_flags.define_config_flags()
 flags.adopt_module_key_flags(shared_flags)
 flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0 for every interface).")
 flags.DEFINE_integer("port", 8000, "Port to listen on.")
@@ -46,7 +49,14 @@ flags.DEFINE_enum("log_level", "info", ["debug", "info", "warning", "error"], "u
 
 def main(argv):
     del argv
-    kwargs = {**shared_flags.llm_kwargs(), "max_model_len": FLAGS.max_model_len, "progress": False}
+    cfg = shared_flags.apply_config()
+    if FLAGS.dry_run:
+        return shared_flags.dry_run(cfg)
+    kwargs = {
+        **shared_flags.llm_kwargs(config=cfg),
+        "max_model_len": FLAGS.max_model_len,
+        "progress": False,
+    }
     config = ServerConfig(
         model_name=FLAGS.served_model_name or FLAGS.model,
         api_key=FLAGS.api_key or os.environ.get("JAX_INFER_API_KEY") or None,
@@ -68,4 +78,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=shared_flags.parse_flags)

@@ -142,7 +142,7 @@ def test_smollm2_logits_unchanged_by_tiling(smollm2):
         cache = init_cache(smollm2.config, b, t, jnp.float32)
         start, valid = jnp.zeros((b,), jnp.int32), jnp.full((b,), t, jnp.int32)
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        attn = contiguous_attention(start, valid, t, smollm2.config.sliding_window)
+        attn = contiguous_attention(start, valid, t)
         out, _ = model.apply({"params": params}, tokens, positions, cache, attn)
         return out
 

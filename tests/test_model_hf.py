@@ -45,7 +45,7 @@ def test_logits_match_transformers(name, tmp_path):
     assert err <= 1e-4, f"{name}: max abs logit error {err}"
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral_sliding", "qwen2_bias"])
+@pytest.mark.parametrize("name", ["llama", "mistral_sliding", "qwen2_bias", "qwen2_hybrid_window"])
 def test_incremental_decode_matches_full_forward(name, tmp_path):
     """Prefill a prefix then feed tokens one at a time through the cache: same logits as HF's
     full forward, including rows of different lengths in one batch and the sliding window."""

@@ -40,6 +40,11 @@ CASES = {
     ),
     "mistral_sliding": (transformers.MistralConfig, dict(sliding_window=8, head_dim=16)),
     "qwen2_bias": (transformers.Qwen2Config, dict(tie_word_embeddings=True, num_key_value_heads=1)),
+    # Hybrid layers: layer 0 full attention, the others a sliding window of 8 (`layer_types`).
+    "qwen2_hybrid_window": (
+        transformers.Qwen2Config,
+        dict(use_sliding_window=True, sliding_window=8, max_window_layers=1),
+    ),
 }
 ARCH = {
     transformers.LlamaConfig: transformers.LlamaForCausalLM,

@@ -281,17 +281,26 @@ def default_backend(sharded: bool = False) -> str:
     return "cpu" if not sharded and cpu_kernels.available() else "xla"
 
 
-def paged_attend_fn(meta: AttentionMetadata, backend: str, sliding_window: int | None):
-    """attend_fn for the model over a paged cache: (k_pages, v_pages) per layer."""
+def paged_attend_fn(meta, backend: str, groups: tuple = (None,)):
+    """attend_fn for the model over a paged cache: (k_pages, v_pages) per layer; `window` is
+    the layer's sliding window (`ModelConfig.layer_windows`), None for full attention.
+
+    With page groups (`model.cache.page_group_windows`: sliding-window layers in pools of
+    their own), `meta` is one AttentionMetadata per group, identical but for block tables
+    and slot mapping, and each layer reads and writes through its window's group."""
     if backend not in ATTENTION:
         raise ValueError(f"attention backend={backend!r} is not one of {BACKENDS}")
     attention = ATTENTION[backend]
+    metas = (meta,) if isinstance(meta, AttentionMetadata) else tuple(meta)
+    if len(metas) != len(groups):
+        raise ValueError(f"{len(metas)} attention metadata for page groups {groups}")
 
-    def attend_fn(q, k, v, layer_cache):
+    def attend_fn(q, k, v, layer_cache, window=None):
+        m = metas[groups.index(window)] if len(groups) > 1 else metas[0]
         # The model runs the flat tokens as a batch of one: [1, T, heads, H].
-        k_pages = write_pages(layer_cache[0], k[0], meta.slot_mapping)
-        v_pages = write_pages(layer_cache[1], v[0], meta.slot_mapping)
-        out = attention(q[0], k_pages, v_pages, meta, sliding_window)
+        k_pages = write_pages(layer_cache[0], k[0], m.slot_mapping)
+        v_pages = write_pages(layer_cache[1], v[0], m.slot_mapping)
+        out = attention(q[0], k_pages, v_pages, m, window)
         return out.reshape(1, q.shape[1], -1), (k_pages, v_pages)
 
     return attend_fn

@@ -104,7 +104,6 @@ def contiguous_attention(
     start,
     kv_valid_len,
     attn_len: int,
-    sliding_window: int | None,
     kv_transform=None,
     native: bool = False,
 ):
@@ -121,16 +120,16 @@ def contiguous_attention(
     same program takes `attend`.
     """
 
-    def attend_fn(q, k, v, layer_cache):
+    def attend_fn(q, k, v, layer_cache, window=None):
         b, t = q.shape[:2]
         if kv_transform is not None:
             k, v = kv_transform(k), kv_transform(v)
         positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         cache_k = write_cache(layer_cache[0], k, start)
         cache_v = write_cache(layer_cache[1], v, start)
-        xla = functools.partial(_attend_window, attn_len=attn_len, sliding_window=sliding_window)
+        xla = functools.partial(_attend_window, attn_len=attn_len, sliding_window=window)
         if native:
-            cpu = functools.partial(native_contiguous_attend, sliding_window=sliding_window)
+            cpu = functools.partial(native_contiguous_attend, sliding_window=window)
             out = jax.lax.platform_dependent(
                 q, cache_k, cache_v, positions, kv_valid_len, cpu=cpu, default=xla
             )
@@ -170,7 +169,7 @@ class DecoderLayer(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, positions, inv_freq, layer_cache, attend_fn):
+    def __call__(self, x, positions, inv_freq, layer_cache, attend_fn, window=None):
         c = self.config
         d, n, kh, h, f = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
         init = nn.initializers.normal(0.02)
@@ -201,7 +200,7 @@ class DecoderLayer(nn.Module):
         v = v.reshape(b, t, kh, h)
         # The cache layout (contiguous rows or a page pool) is the attend_fn's business: it
         # stores k, v for these positions and attends q over everything cached so far.
-        attn, layer_cache = attend_fn(q, k, v, layer_cache)
+        attn, layer_cache = attend_fn(q, k, v, layer_cache, window=window)
         attn = attn.astype(self.dtype)  # [B, T, N*H]
         x = x + linear(attn, p["wo"])
 
@@ -238,9 +237,9 @@ class Llama(nn.Module):
         x = embed_lookup(embed, tokens, self.dtype)
         inv_freq = jnp.asarray(rope_frequencies(c))
         new_cache = []
-        for i in range(c.num_layers):
+        for i, window in enumerate(c.layer_windows):
             x, layer_cache = DecoderLayer(c, self.dtype, name=f"layers_{i}")(
-                x, positions, inv_freq, cache[i], attend_fn
+                x, positions, inv_freq, cache[i], attend_fn, window
             )
             new_cache.append(layer_cache)
         final_norm = self.param("final_norm", nn.initializers.ones, (c.hidden_size,))
@@ -281,6 +280,6 @@ def init_params(config: ModelConfig, seed: int = 0, dtype=jnp.float32) -> dict:
         jnp.zeros((1, 4), jnp.int32),
         jnp.arange(4, dtype=jnp.int32)[None],
         cache,
-        contiguous_attention(start, valid, 4, config.sliding_window),
+        contiguous_attention(start, valid, 4),
     )
     return jax.tree.map(lambda a: a.astype(dtype), variables["params"])

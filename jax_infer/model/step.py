@@ -20,8 +20,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jax_infer.attention import paged_attend_fn
+from jax_infer.attention import AttentionMetadata, paged_attend_fn
 from jax_infer.config import ModelConfig
+from jax_infer.model.cache import page_group_windows
 from jax_infer.model.llama import Llama, contiguous_attention
 from jax_infer.quant.kv import fake_quantize_kv
 
@@ -61,7 +62,6 @@ def forward(
         start,
         start + num_valid,
         attn_len,
-        config.sliding_window,
         kv_transform=fake_quantize_kv if int8_kv else None,
         native=native_attention,
     )
@@ -79,9 +79,15 @@ def forward(
 def paged_forward(params, tokens, meta, cache, *, config: ModelConfig, dtype, backend: str):
     """One ragged step over the page pool: tokens i32[T] laid out by
     `attention.build_metadata`. Returns (logits f32[S, V] at each sequence row's last token,
-    or f32[S, R, V] at its last R tokens when meta.logits_index is i32[S, R]; cache)."""
+    or f32[S, R, V] at its last R tokens when meta.logits_index is i32[S, R]; cache).
+
+    meta may be a tuple, one AttentionMetadata per page group of
+    `page_group_windows(config)` (sliding-window layers in pools of their own)."""
     model = Llama(config, dtype)
-    attend_fn = paged_attend_fn(meta, backend, config.sliding_window)
+    grouped = not isinstance(meta, AttentionMetadata)
+    groups = page_group_windows(config) if grouped else (None,)
+    attend_fn = paged_attend_fn(meta, backend, groups)
+    meta = meta[0] if grouped else meta
     logits, cache = model.apply(
         {"params": params},
         tokens[None],

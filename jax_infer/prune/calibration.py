@@ -58,22 +58,24 @@ def calibration_tokens(token_ids: Sequence[int], seq_len: int, num_seqs: int) ->
     return ids[: n * seq_len].reshape(n, seq_len)
 
 
-def full_causal_attention(t: int, sliding_window: int | None) -> Callable:
+def full_causal_attention(t: int) -> Callable:
     """attend_fn for `Llama`/`DecoderLayer` without a KV cache: T real tokens at positions
-    0..T-1 attend causally to each other. The layer cache passes through untouched (None)."""
+    0..T-1 attend causally to each other (within the layer's window). The layer cache passes
+    through untouched (None)."""
 
-    def attend_fn(q, k, v, layer_cache):
+    def attend_fn(q, k, v, layer_cache, window=None):
         b = q.shape[0]
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        out = attend(q, k, v, positions, jnp.full((b,), t, jnp.int32), sliding_window)
+        out = attend(q, k, v, positions, jnp.full((b,), t, jnp.int32), window)
         return out, layer_cache
 
     return attend_fn
 
 
-def layer_forward(p: dict, x, config: ModelConfig, dtype=jnp.float32):
-    """One decoder layer over x [B, T, D] (positions 0..T-1, causal): the model's own
-    `DecoderLayer`, applied with its "intermediates" (the input of each projection) kept.
+def layer_forward(p: dict, x, config: ModelConfig, dtype=jnp.float32, window=None):
+    """One decoder layer over x [B, T, D] (positions 0..T-1, causal, within `window`, the
+    layer's entry of `config.layer_windows`): the model's own `DecoderLayer`, applied with its
+    "intermediates" (the input of each projection) kept.
     Returns (x_out [B, T, D], stats: dict of per-feature sums over the B*T tokens)."""
     c = config
     b, t, _ = x.shape
@@ -86,7 +88,8 @@ def layer_forward(p: dict, x, config: ModelConfig, dtype=jnp.float32):
         positions,
         inv_freq,
         None,
-        full_causal_attention(t, c.sliding_window),
+        full_causal_attention(t),
+        window,
         mutable=["intermediates"],
     )
     # `sow` keeps a tuple per name: one entry, as the layer ran once.
@@ -111,9 +114,9 @@ def layer_forward(p: dict, x, config: ModelConfig, dtype=jnp.float32):
     return x, stats
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype"))
-def _layer_step(p, x, *, config: ModelConfig, dtype):
-    return layer_forward(p, x, config, dtype)
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "window"))
+def _layer_step(p, x, *, config: ModelConfig, dtype, window):
+    return layer_forward(p, x, config, dtype, window)
 
 
 @functools.partial(jax.jit, static_argnames=("dtype",))
@@ -153,6 +156,7 @@ class LayerwiseRunner:
         self.config = config
         self.dtype = jnp.dtype(dtype)
         self.num_tokens = int(tokens.size)
+        self.layer = 0  # index of the layer the held hidden states enter next
         self.hidden = [
             _embed(params["embed"], jnp.asarray(tokens[i : i + batch_size]), dtype=self.dtype)
             for i in range(0, len(tokens), batch_size)
@@ -167,16 +171,22 @@ class LayerwiseRunner:
             intermediate_size=p["w_gate"].shape[1],
         )
 
+    def _window(self):
+        return self.config.layer_windows[self.layer]
+
     def stats(self, p: dict) -> dict[str, np.ndarray]:
         """Statistics of layer p over the current inputs, as means over tokens."""
         cfg = self._config_for(p)
         total = None
         for x in self.hidden:
-            _, s = _layer_step(p, x, config=cfg, dtype=self.dtype)
+            _, s = _layer_step(p, x, config=cfg, dtype=self.dtype, window=self._window())
             total = s if total is None else jax.tree.map(jnp.add, total, s)
         return {k: np.asarray(v) / self.num_tokens for k, v in total.items()}
 
     def advance(self, p: dict) -> None:
         """Replace the held hidden states by layer p's outputs."""
-        cfg = self._config_for(p)
-        self.hidden = [_layer_step(p, x, config=cfg, dtype=self.dtype)[0] for x in self.hidden]
+        cfg, window = self._config_for(p), self._window()
+        self.hidden = [
+            _layer_step(p, x, config=cfg, dtype=self.dtype, window=window)[0] for x in self.hidden
+        ]
+        self.layer += 1

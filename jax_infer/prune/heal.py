@@ -70,7 +70,7 @@ def model_logits(params, config: ModelConfig, tokens, dtype=jnp.float32):
     through the model's own `Llama` with a cache-free attend_fn."""
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    attend_fn = full_causal_attention(t, config.sliding_window)
+    attend_fn = full_causal_attention(t)
     logits, _ = Llama(config, dtype).apply(
         {"params": params}, tokens, positions, [None] * config.num_layers, attend_fn
     )

@@ -217,6 +217,12 @@ class PageAllocator:
             pages.append(page)
         return pages
 
+    def cached_page(self, page_hash: bytes) -> int | None:
+        """The page cached under one hash (in use or evictable), or None; changes nothing."""
+        if not self.enable_prefix_caching:
+            return None
+        return self._page_of_hash.get(page_hash)
+
     def lookup_hashes(self, hashes: Sequence[bytes]) -> list[int]:
         """Like match(), but takes a reference to each matched page (reviving evictable ones)."""
         pages = self.match(hashes)

@@ -203,6 +203,10 @@ class ReplicatedScheduler:
         used = sum(s.allocator.num_used() for s in self.replicas)
         return used / sum(s.allocator.num_pages - 1 for s in self.replicas)
 
+    def kv_usage_per_group(self) -> list[float]:
+        """kv_usage of each page group over all replicas (data replicas have one group)."""
+        return [self.kv_usage()]
+
     def prefix_hit_rate(self) -> float:
         return self.allocator.stats.hit_rate
 

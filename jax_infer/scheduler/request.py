@@ -17,6 +17,9 @@ Invariants while the request is RUNNING:
 * 0 <= num_computed_tokens < num_tokens between steps (the newest token is never
   computed until the next step, so there is always something to compute);
 * block_table covers at least positions [0, num_computed_tokens) and is append-only;
+  with several page groups (sliding-window layers, see scheduler.py) each group has its own
+  table in `block_tables` (`block_table` is group 0's), and a windowed group's entries for
+  pages its window no longer reaches are the null page 0;
 * len(output_token_ids) <= max_tokens, and room(max_model_len) > 0 (a request with no room
   left was finished by `commit_tokens` with "length").
 While WAITING or PREEMPTED it holds no pages and num_computed_tokens == 0.
@@ -73,7 +76,9 @@ class Request:
     arrival_time: float = dataclasses.field(default_factory=time.monotonic)
     output_token_ids: list[int] = dataclasses.field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
-    block_table: list[int] = dataclasses.field(default_factory=list)  # page ids, append-only
+    # Page ids per page group (group 0 first), append-only; one group unless the scheduler
+    # runs sliding-window layers in their own group.
+    block_tables: list[list[int]] = dataclasses.field(default_factory=lambda: [[]])
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at first admission
@@ -97,6 +102,15 @@ class Request:
     def __post_init__(self) -> None:
         self.prompt_token_ids = list(self.prompt_token_ids)
         self.output_token_ids = list(self.output_token_ids)
+
+    @property
+    def block_table(self) -> list[int]:
+        """Page group 0's block table (the only one without sliding-window page groups)."""
+        return self.block_tables[0]
+
+    @block_table.setter
+    def block_table(self, pages: list[int]) -> None:
+        self.block_tables[0] = pages
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -21,6 +21,18 @@ Why it is shaped this way:
   preempt: the pool is known to be tight.
 * Strict alternation: every non-empty schedule() must be followed by its update()
   before the next schedule(), so the host state never runs ahead of the device.
+* Page groups (vLLM's hybrid KV-cache manager): layers with a sliding window W may keep
+  their pages apart from the full-attention layers (`windows`, one entry per group, each
+  group its own allocator, page pool and block table per request). A windowed group returns
+  a page to its allocator once every position on it is older than
+  ``num_computed_tokens - W + 1``, the oldest key any later query can read (queries only
+  move forward: a rejected speculative draft rolls back no further than the computed
+  tokens), and its block-table entry becomes the null page, which the masks never read.
+  So a long request holds about W / L pages per windowed group instead of all of them.
+  Allocation, preemption and admission take every group together (all or nothing). A
+  prefix-cache hit of k pages needs, in a windowed group, only the pages its window reaches
+  from position k * L; the longest k for which every group has them cached is used (a
+  window page evicted means a shorter hit, recomputed, never a wrong one).
 
 A request's life: WAITING -> RUNNING <-> PREEMPTED -> FINISHED_*. A finished
 request is forgotten by the scheduler: it owns no pages and is in no queue.
@@ -32,7 +44,8 @@ import collections
 import dataclasses
 from collections.abc import Mapping, Sequence
 
-from jax_infer.scheduler.allocator import PageAllocator, page_hashes
+from jax_infer.scheduler.allocator import NULL_PAGE, PageAllocator, page_hashes
+from jax_infer.scheduler.page_groups import request_pages
 from jax_infer.scheduler.request import FINISH_REASONS, Request, RequestStatus, commit_tokens
 
 
@@ -60,6 +73,9 @@ class ScheduledRequest:
     # update() then takes 1 + (accepted drafts) tokens and advances num_computed_tokens past
     # the accepted drafts only: rejected drafts' K/V is overwritten by later steps.
     num_lookahead: int = 0
+    # Snapshots of every page group's table (block_tables[0] == block_table); a windowed
+    # group's pages its window no longer reaches are the null page.
+    block_tables: list[list[int]] = dataclasses.field(default_factory=list)
 
     @property
     def request_id(self) -> str:
@@ -105,8 +121,25 @@ class Scheduler:
         enable_prefix_caching: bool = True,
         long_prefill_chunk: int | None = None,
         max_num_partial_prefills: int | None = None,
+        windows: Sequence[int | None] | None = None,
     ):
-        _check_int("num_pages", num_pages, 2)
+        """windows: one entry per page group, None for a full-attention group or the sliding
+        window (>= 1) of its layers; None for one full-attention group (no page freeing).
+        num_pages: an int (every group gets that many) or one int per group."""
+        windows = (None,) if windows is None else tuple(windows)
+        if not windows:
+            raise ValueError("windows must name at least one page group, got ()")
+        for w in windows:
+            if w is not None:
+                _check_int("windows[i]", w, 1)
+        group_pages = (num_pages,) * len(windows) if isinstance(num_pages, int) else num_pages
+        if not isinstance(group_pages, (tuple, list)) or len(group_pages) != len(windows):
+            raise ValueError(
+                f"num_pages must be an int or one int per page group ({len(windows)}), "
+                f"got {num_pages!r}"
+            )
+        for n in group_pages:
+            _check_int("num_pages", n, 2)
         _check_int("page_size", page_size, 1)
         _check_int("max_num_seqs", max_num_seqs, 1)
         _check_int("max_num_batched_tokens", max_num_batched_tokens, 1)
@@ -118,13 +151,17 @@ class Scheduler:
             _check_int("max_num_partial_prefills", max_num_partial_prefills, 1)
         # The newest token of a finishing request is never fed back, so a request of
         # max_model_len tokens writes K/V for at most max_model_len - 1 of them.
-        need = _cdiv(max_model_len - 1, page_size)
-        if need > num_pages - 1:
-            raise ValueError(
-                f"one request of max_model_len={max_model_len} tokens needs {need} pages of "
-                f"page_size={page_size}, but num_pages={num_pages} leaves {num_pages - 1} "
-                f"(page 0 is the null page); use num_pages >= {need + 1} or a smaller max_model_len"
-            )
+        chunk = min(max_num_batched_tokens, long_prefill_chunk or max_num_batched_tokens)
+        for g, (w, n) in enumerate(zip(windows, group_pages)):
+            need = request_pages(max_model_len, page_size, w, chunk)
+            if need > n - 1:
+                what = "num_pages" if len(windows) == 1 else f"num_pages[{g}] (window {w})"
+                raise ValueError(
+                    f"one request of max_model_len={max_model_len} tokens needs {need} pages of "
+                    f"page_size={page_size}, but {what}={n} leaves {n - 1} (page 0 is the "
+                    f"null page); use {what} >= {need + 1} or a smaller max_model_len"
+                )
+        self.windows = windows
         self.page_size = page_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -134,7 +171,9 @@ class Scheduler:
         # fewer distinct step shapes for engines that compile per shape. None: no limit.
         self.max_num_partial_prefills = max_num_partial_prefills
         self.enable_prefix_caching = enable_prefix_caching
-        self.allocator = PageAllocator(num_pages, page_size, enable_prefix_caching)
+        self.allocators = [PageAllocator(n, page_size, enable_prefix_caching) for n in group_pages]
+        # Group 0's allocator; the prefix-cache stats are recorded here (one lookup per admission).
+        self.allocator = self.allocators[0]
         self._requests: dict[str, Request] = {}  # every unfinished request
         # Waiting and preempted requests, served from the left. They hold no pages.
         self._waiting: collections.deque[Request] = collections.deque()
@@ -171,7 +210,7 @@ class Scheduler:
         if (
             request.status is not RequestStatus.WAITING
             or request.num_computed_tokens
-            or request.block_table
+            or any(request.block_tables)
             or request.output_token_ids
         ):
             raise ValueError(
@@ -219,9 +258,27 @@ class Scheduler:
 
     def _free_pages(self, req: Request) -> None:
         # Reverse order: the tail pages, least likely to be shared, become the
-        # least recently used and are evicted first.
-        self.allocator.free(reversed(req.block_table))
-        req.block_table = []
+        # least recently used and are evicted first. Null entries (window pages freed
+        # already) are skipped.
+        for alloc, table in zip(self.allocators, req.block_tables):
+            alloc.free(p for p in reversed(table) if p != NULL_PAGE)
+        req.block_tables = [[] for _ in self.allocators]
+
+    def _release_window_pages(self, req: Request) -> None:
+        """Free, in each windowed group, the pages no query from num_computed_tokens on can
+        read (every position < num_computed_tokens - W + 1); their entries become null."""
+        for g, w in enumerate(self.windows):
+            if w is None:
+                continue
+            table = req.block_tables[g]
+            j = min(max(0, req.num_computed_tokens - w + 1) // self.page_size, len(table)) - 1
+            # Freed entries form a prefix of the table: walk back to the last one freed.
+            freed = []
+            while j >= 0 and table[j] != NULL_PAGE:
+                freed.append(table[j])
+                table[j] = NULL_PAGE
+                j -= 1
+            self.allocators[g].free(freed)
 
     def _preempt(self, req: Request) -> None:
         """Free all of a running request's pages and put it at the front of the queue."""
@@ -244,7 +301,8 @@ class Scheduler:
             victim = self._running[-1]
             self._preempt(victim)
             ids.append(victim.request_id)
-        self.allocator.reset_prefix_cache()
+        for alloc in self.allocators:
+            alloc.reset_prefix_cache()
         return ids
 
     # ---- scheduling --------------------------------------------------------------------
@@ -257,14 +315,21 @@ class Scheduler:
         return n
 
     def _grow(self, req: Request, num_tokens: int) -> bool:
-        """Append pages so the block table covers `num_tokens` positions; False if none are left."""
+        """Append pages so every group's block table covers `num_tokens` positions; False
+        (allocating nothing) if some group has too few left."""
         need = _cdiv(num_tokens, self.page_size) - len(req.block_table)
         if need <= 0:
             return True
-        pages = self.allocator.allocate(need)
-        if pages is None:
-            return False
-        req.block_table.extend(pages)
+        got = []
+        for alloc in self.allocators:
+            pages = alloc.allocate(need)
+            if pages is None:
+                for a, p in zip(self.allocators, got):
+                    a.free(p)
+                return False
+            got.append(pages)
+        for table, pages in zip(req.block_tables, got):
+            table.extend(pages)
         return True
 
     def _extend_hashes(self, req: Request, num_pages: int) -> None:
@@ -275,44 +340,78 @@ class Scheduler:
 
     def _scheduled(self, req: Request, n: int, is_new: bool) -> ScheduledRequest:
         start = req.num_computed_tokens
+        tables = [list(t) for t in req.block_tables]  # one copy each; block_table is group 0's
         return ScheduledRequest(
             request=req,
             start=start,
             token_ids=req.token_ids_slice(start, start + n),
-            block_table=list(req.block_table),
+            block_table=tables[0],
             sample=start + n == req.num_tokens,
             is_new=is_new,
+            block_tables=tables,
         )
 
     def _admit(self, req: Request, budget: int) -> ScheduledRequest | None:
         """Give the head of the queue its cached prefix and pages for a first chunk, or None."""
-        cached: list[int] = []
+        hit = 0
         if self.enable_prefix_caching:
             # Only pages strictly before the last known token may come from cache: that
             # token must be computed so that the step samples the next one, and a page
             # is never written while shared.
             num_full = (req.num_tokens - 1) // self.page_size
             self._extend_hashes(req, num_full)
-            cached = self.allocator.lookup_hashes(req.block_hashes[:num_full])
-        start = len(cached) * self.page_size
+            hit = self._cache_hit(req.block_hashes[:num_full])
+        start = hit * self.page_size
         n = min(req.num_tokens - start, budget)
         if self.long_prefill_chunk is not None:
             n = min(n, self.long_prefill_chunk)
-        new = self.allocator.allocate(_cdiv(start + n, self.page_size) - len(cached))
-        if new is None:
-            self.allocator.free(reversed(cached))
-            return None
+        tables = []
+        for g, alloc in enumerate(self.allocators):
+            lo = self._window_start(g, start)
+            cached = [alloc.cached_page(h) for h in req.block_hashes[lo:hit]]
+            alloc.share(cached)
+            new = alloc.allocate(_cdiv(start + n, self.page_size) - hit)
+            if new is None:
+                alloc.free(reversed(cached))
+                for a, t in zip(self.allocators, tables):
+                    a.free(p for p in reversed(t) if p != NULL_PAGE)
+                return None
+            tables.append([NULL_PAGE] * lo + cached + new)
         if self.enable_prefix_caching:
             self.allocator.stats.record(
                 query_tokens=req.num_tokens, hit_tokens=start, page_size=self.page_size
             )
         if req.status is RequestStatus.WAITING:
             req.num_cached_tokens = start
-        req.block_table = cached + new
+        req.block_tables = tables
         req.num_computed_tokens = start
         req.status = RequestStatus.RUNNING
         self._running.append(req)
         return self._scheduled(req, n, is_new=True)
+
+    def _window_start(self, g: int, position: int) -> int:
+        """The first page group g's queries from `position` on can read (0 for full attention)."""
+        w = self.windows[g]
+        return 0 if w is None else max(0, position - w + 1) // self.page_size
+
+    def _cache_hit(self, hashes: Sequence[bytes]) -> int:
+        """The most leading pages (<= len(hashes)) every group can serve from its prefix
+        cache: a full group all of them, a windowed group those its window reaches from the
+        end of the hit."""
+        k = len(hashes)
+        for alloc, w in zip(self.allocators, self.windows):
+            if w is None:
+                k = min(k, len(alloc.match(hashes[:k])))
+        while k > 0 and not all(
+            all(
+                alloc.cached_page(h) is not None
+                for h in hashes[self._window_start(g, k * self.page_size) : k]
+            )
+            for g, alloc in enumerate(self.allocators)
+            if self.windows[g] is not None
+        ):
+            k -= 1
+        return k
 
     def _prefill_slots_full(self, chunks: list[ScheduledRequest]) -> bool:
         limit = self.max_num_partial_prefills
@@ -363,7 +462,8 @@ class Scheduler:
             sr = self._scheduled(req, n, is_new=False)
             if n == 1 and lookahead and lookahead.get(req.request_id):
                 sr.num_lookahead = self._lookahead(req, lookahead[req.request_id], budget)
-                sr.block_table = list(req.block_table)
+                sr.block_tables = [list(t) for t in req.block_tables]
+                sr.block_table = sr.block_tables[0]
             (decodes if n == 1 else chunks).append(sr)
             budget -= n + sr.num_lookahead
             i += 1
@@ -391,7 +491,8 @@ class Scheduler:
                         RequestStatus.FINISHED_ERROR,
                         f"request {req.request_id!r} needs pages for "
                         f"{req.num_tokens} tokens but only {self.allocator.num_free()} of "
-                        f"{self.allocator.num_pages - 1} pages can be allocated with nothing running",
+                        f"{self.allocator.num_pages - 1} pages (group 0) can be allocated with "
+                        "nothing running",
                     )
                     errors.append(req.request_id)
                     self._finished_outside_update.append(req)
@@ -486,9 +587,11 @@ class Scheduler:
             if sr.num_lookahead:
                 # Pages reserved for rejected drafts that the known tokens no longer reach.
                 keep = _cdiv(req.num_tokens, self.page_size)
-                if len(req.block_table) > keep:
-                    self.allocator.free(reversed(req.block_table[keep:]))
-                    del req.block_table[keep:]
+                for alloc, table in zip(self.allocators, req.block_tables):
+                    if len(table) > keep:
+                        alloc.free(reversed(table[keep:]))
+                        del table[keep:]
+            self._release_window_pages(req)
             reason = finished.pop(sr.request_id, None)
             if req.is_finished:  # a stop rule or the length limit, in commit_tokens
                 self._finish(req, req.status)
@@ -517,8 +620,9 @@ class Scheduler:
         first, last = start // self.page_size, end // self.page_size
         if last > first:
             self._extend_hashes(req, last)
-            for j in range(first, last):
-                self.allocator.register(req.block_table[j], req.block_hashes[j])
+            for alloc, table in zip(self.allocators, req.block_tables):
+                for j in range(first, last):
+                    alloc.register(table[j], req.block_hashes[j])
 
     # ---- introspection -----------------------------------------------------------------
 
@@ -533,8 +637,14 @@ class Scheduler:
         return len(self._running)
 
     def kv_usage(self) -> float:
-        """Fraction of allocatable pages referenced by requests (evictable cache counts as free)."""
-        return self.allocator.num_used() / (self.allocator.num_pages - 1)
+        """Fraction of allocatable pages referenced by requests (evictable cache counts as
+        free); with several page groups, that of the fullest group (the one admission and
+        preemption run into first)."""
+        return max(self.kv_usage_per_group())
+
+    def kv_usage_per_group(self) -> list[float]:
+        """kv_usage of each page group, in group order."""
+        return [a.num_used() / (a.num_pages - 1) for a in self.allocators]
 
     def prefix_hit_rate(self) -> float:
         """Of the tokens known at admissions, the fraction served by the prefix cache."""
@@ -545,8 +655,9 @@ class Scheduler:
 
         Assumes the scheduler's requests are the allocator's only users.
         """
-        alloc, size = self.allocator, self.page_size
-        alloc.check_invariants()
+        size = self.page_size
+        for alloc in self.allocators:
+            alloc.check_invariants()
         running_ids = [r.request_id for r in self._running]
         waiting_ids = [r.request_id for r in self._waiting]
         assert len(set(running_ids)) == len(running_ids), "a request is running twice"
@@ -554,39 +665,50 @@ class Scheduler:
         assert not set(running_ids) & set(waiting_ids), "a request is running and waiting"
         assert set(running_ids) | set(waiting_ids) == set(self._requests), "request lost"
         assert len(self._running) <= self.max_num_seqs, "more running than max_num_seqs"
-        refs: collections.Counter[int] = collections.Counter()
+        refs = [collections.Counter() for _ in self.allocators]
         for req in self._running:
-            rid, table, nc = req.request_id, req.block_table, req.num_computed_tokens
+            rid, nc = req.request_id, req.num_computed_tokens
             assert req.status is RequestStatus.RUNNING, f"{rid}: status {req.status}"
             assert 0 <= nc < req.num_tokens, f"{rid}: num_computed_tokens={nc}"
-            assert _cdiv(nc, size) <= len(table) <= _cdiv(req.num_tokens, size), (
-                f"{rid}: {len(table)} pages for {nc} computed of {req.num_tokens} tokens"
-            )
-            assert 0 not in table, f"{rid}: null page in block table"
-            assert len(set(table)) == len(table), f"{rid}: page twice in block table"
-            refs.update(table)
-            # Pages still being written are private and not in the prefix cache.
-            for page in table[nc // size :]:
-                assert alloc.refcount(page) == 1, f"{rid}: page {page} written while shared"
-                assert alloc.page_hash_of(page) is None, f"{rid}: page {page} written while cached"
+            assert len(req.block_tables) == len(self.allocators), f"{rid}: groups lost"
             hashes = req.block_hashes
             assert hashes == page_hashes(req.token_ids_slice(0, len(hashes) * size), size), (
                 f"{rid}: stale block_hashes"
             )
-            for j, page in enumerate(table[: nc // size]):
-                h = alloc.page_hash_of(page)
-                assert h is None or (j < len(hashes) and hashes[j] == h), (
-                    f"{rid}: page {page} cached under another prefix"
+            for g, (alloc, table) in enumerate(zip(self.allocators, req.block_tables)):
+                assert len(table) == len(req.block_table), f"{rid}: group tables differ"
+                assert _cdiv(nc, size) <= len(table) <= _cdiv(req.num_tokens, size), (
+                    f"{rid}: {len(table)} pages for {nc} computed of {req.num_tokens} tokens"
                 )
+                # A windowed group holds exactly the pages its window reaches from nc on.
+                lo = self._window_start(g, nc)
+                assert all(p == NULL_PAGE for p in table[:lo]), f"{rid}: group {g} kept {table}"
+                held = table[lo:]
+                assert NULL_PAGE not in held, f"{rid}: null page in block table"
+                assert len(set(held)) == len(held), f"{rid}: page twice in block table"
+                refs[g].update(held)
+                # Pages still being written are private and not in the prefix cache.
+                for page in table[nc // size :]:
+                    assert alloc.refcount(page) == 1, f"{rid}: page {page} written while shared"
+                    assert alloc.page_hash_of(page) is None, (
+                        f"{rid}: page {page} written while cached"
+                    )
+                for j, page in enumerate(table[: nc // size]):
+                    h = alloc.page_hash_of(page) if page != NULL_PAGE else None
+                    assert h is None or (j < len(hashes) and hashes[j] == h), (
+                        f"{rid}: page {page} cached under another prefix"
+                    )
         for req in self._running + list(self._waiting):
             assert len(req.output_token_ids) <= req.max_tokens, f"{req.request_id}: too long"
             assert req.num_tokens <= self.max_model_len, f"{req.request_id}: past max_model_len"
         for req in self._waiting:
             assert req.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED), req.status
-            assert not req.block_table and req.num_computed_tokens == 0, (
+            assert not any(req.block_tables) and req.num_computed_tokens == 0, (
                 f"{req.request_id}: waiting request holds pages or computed tokens"
             )
-        for page in range(1, alloc.num_pages):
-            assert alloc.refcount(page) == refs[page], (
-                f"page {page}: refcount {alloc.refcount(page)} but {refs[page]} block tables"
-            )
+        for g, alloc in enumerate(self.allocators):
+            for page in range(1, alloc.num_pages):
+                assert alloc.refcount(page) == refs[g][page], (
+                    f"group {g} page {page}: refcount {alloc.refcount(page)} but "
+                    f"{refs[g][page]} block tables"
+                )
