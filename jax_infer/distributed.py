@@ -25,6 +25,15 @@ def _launched_multiprocess() -> bool:
     return False
 
 
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    if not value.isdigit():
+        raise ValueError(f"environment variable {name}={value!r} is invalid: must be an int >= 0")
+    return int(value)
+
+
 def initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
@@ -38,9 +47,17 @@ def initialize_distributed(
     off and no multi-process launcher (JAX_COORDINATOR_ADDRESS, Slurm or Open MPI with more
     than one task). Otherwise unset values are auto-detected by jax (TPU pods, Slurm, Open
     MPI). Must run before anything touches the jax backend (jax.devices(), any computation).
+
+    Unset num_processes and process_id are read from JAX_NUM_PROCESSES and JAX_PROCESS_ID
+    when set (`scripts/launch_local.py` sets them with JAX_COORDINATOR_ADDRESS). On CPU the
+    processes' collectives run over gloo (TCP), jax's default CPU implementation.
     """
     if jax.distributed.is_initialized():
         return True
+    if num_processes is None and process_id is None:
+        # A local launcher (scripts/launch_local.py) names both in the environment.
+        num_processes = _env_int("JAX_NUM_PROCESSES")
+        process_id = _env_int("JAX_PROCESS_ID")
     if num_processes is not None:
         if (
             not isinstance(num_processes, int)

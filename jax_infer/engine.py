@@ -32,6 +32,7 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
+from jax_infer import sharding
 from jax_infer.attention import BACKENDS, default_backend
 from jax_infer.config import ModelConfig
 from jax_infer.model.cache import kv_bytes_per_page_group, page_group_windows
@@ -41,6 +42,7 @@ from jax_infer.runner import ModelRunner, StepBatch
 from jax_infer.sampling import SamplingParams
 from jax_infer.scheduler import Request, Scheduler
 from jax_infer.scheduler.page_groups import split_page_budget
+from jax_infer.scheduler.replicas import ReplicatedScheduler
 from jax_infer.scheduler.request import finish
 from jax_infer.speculative.config import SPECULATIVE_METHODS
 from jax_infer.speculative.decoder import make_speculative_decoder
@@ -206,9 +208,10 @@ class LLMEngine:
     ):
         """params: canonical (as loaded, maybe quantized); the runner lays them out for the
         backend. mesh: a `sharding.make_mesh` Mesh, or None for one device. With a mesh the
-        page pool is split by kv heads over `model` and replicated over `data`, and each
-        step's inputs are replicated: in this engine `data` adds replicas, not throughput
-        (run one engine per data slice for that; the static engine splits its batch).
+        page pool is split by kv heads over `model`; over `data` the engine is data
+        parallel: D = data replicas, each with a pool of num_pages pages (kv_cache_gb) of its
+        own and its own scheduler (`scheduler.replicas`), requests assigned to the least
+        loaded, and one jitted step runs every replica's rows (D times the rows of one).
         draft_model: (ModelConfig, canonical params) for speculative_method="draft_model"."""
         self.config = config
         self.tokenizer = tokenizer
@@ -246,8 +249,25 @@ class LLMEngine:
         else:
             group_pages = [num_pages] * len(self.page_groups)
         num_pages = group_pages[0] if len(group_pages) == 1 else tuple(group_pages)
+        self.num_replicas = 1 if mesh is None else mesh.shape[sharding.DATA]
+        if self.num_replicas > 1 and ec.speculative_method is not None:
+            raise ValueError(
+                f"speculative_method={ec.speculative_method!r} needs one data replica; the mesh "
+                f"has data={self.num_replicas}"
+            )
+        if self.num_replicas > 1 and len(self.page_groups) > 1:
+            raise ValueError(
+                f"data={self.num_replicas} replicas need one page group; this model has "
+                f"{len(self.page_groups)} (windows {self.page_groups}): set "
+                "free_window_pages=False"
+            )
         # Raises (naming the numbers) when one max_model_len request cannot fit.
-        self.scheduler = Scheduler(
+        scheduler_cls = Scheduler
+        replicas = {}
+        if self.num_replicas > 1:
+            scheduler_cls, replicas = ReplicatedScheduler, {"num_replicas": self.num_replicas}
+        self.scheduler = scheduler_cls(
+            **replicas,
             num_pages=num_pages,
             page_size=ec.page_size,
             max_num_seqs=ec.max_num_seqs,
@@ -262,7 +282,8 @@ class LLMEngine:
         for g, (window, n, b) in enumerate(zip(self.page_groups, group_pages, page_bytes)):
             capacity = (n - 1) * ec.page_size
             log.info(
-                "KV cache group %d (window %s): %d pages of %d tokens = %d tokens (%.2f GB)",
+                "KV cache%s group %d (window %s): %d pages of %d tokens = %d tokens (%.2f GB)",
+                f" per data replica (x{self.num_replicas})" if self.num_replicas > 1 else "",
                 g,
                 window,
                 n,
@@ -291,6 +312,9 @@ class LLMEngine:
         self._next_id = 0
         self.num_steps = 0
         self.num_preemptions = 0
+        # Rows (scheduled requests) over all steps, and the most in one step.
+        self.num_rows = 0
+        self.max_rows_per_step = 0
         # Test hook: called as fault_hook(engine, scheduler_output) inside each step, before
         # the device work; an exception it raises is handled like a failed step (see step()).
         # The server sets it from JAX_INFER_TEST_FAULT_SEED (server/cli.py). None in service.
@@ -369,6 +393,8 @@ class LLMEngine:
         if out.is_empty:
             return outputs
         self.num_steps += 1
+        self.num_rows += len(out.scheduled)
+        self.max_rows_per_step = max(self.max_rows_per_step, len(out.scheduled))
         now = time.monotonic()
         for s in out.scheduled:
             if s.request.first_scheduled_time is None:
@@ -420,6 +446,7 @@ class LLMEngine:
             ],
             logits_per_row=per_row,
             min_chunk=per_row or 32,
+            replicas=getattr(out, "replicas", None),
             group_block_tables=(
                 [s.block_tables for s in scheduled] if len(self.page_groups) > 1 else None
             ),
@@ -487,4 +514,12 @@ class LLMEngine:
             "num_waiting": self.scheduler.num_waiting(),
             "num_running": self.scheduler.num_running(),
             "speculative": self.spec.stats.as_dict() if self.spec is not None else None,
+            "num_rows": self.num_rows,
+            "mean_rows_per_step": self.num_rows / self.num_steps if self.num_steps else 0.0,
+            "max_rows_per_step": self.max_rows_per_step,
+            "num_data_replicas": self.num_replicas,
+            # Requests ever assigned to each data replica (one replica: all of them).
+            "replica_requests": (
+                list(self.scheduler.num_assigned) if self.num_replicas > 1 else None
+            ),
         }

@@ -97,9 +97,10 @@ class LLM:
     quantization: None, or a scheme name for `jax_infer.quant.quantize` ("int8", "int4", ...),
         applied on load.
     mesh: None (one device), a `sharding.make_mesh` Mesh, or (data, model) sizes for one. Params
-        are placed by `sharding_rules` (loaded straight into their shards from HF safetensors
-        and GGUF), the KV cache is split by kv heads; the continuous engine replicates each
-        step over `data`, the static engine splits its batch over it (see engine.LLMEngine).
+        are placed by `sharding_rules` (loaded straight into their shards from HF safetensors,
+        GGUF and orbax), the KV cache is split by kv heads; the continuous engine runs `data`
+        replicas, each with its own pages (num_pages each) and rows, the static engine splits
+        its batch over it (see engine.LLMEngine).
     sharding_rules: logical axis -> mesh axis table (default `sharding.DEFAULT_RULES`).
     speculative_config: speculative decoding (speculative/config.py): a dict like vLLM's
         ({"method": "ngram" | "draft_model", "num_speculative_tokens": k, "model": draft path,
@@ -141,6 +142,8 @@ class LLM:
             )
         self.dtype = resolve_dtype(dtype)
         self.mesh = mesh = resolve_mesh(mesh)
+        # In a multi-process job every process loads; only process 0 shows progress.
+        progress = progress and jax.process_index() == 0
         self.sharding_rules = sharding_rules
         config, params, fmt, path, reader = weights.load(
             model, self.dtype, progress, mesh=mesh, rules=sharding_rules

@@ -29,6 +29,7 @@ import numpy as np
 
 from jax_infer import sharding
 from jax_infer.attention import build_metadata, flat_tokens
+from jax_infer.attention.metadata import common_shape, step_shape
 from jax_infer.config import ModelConfig
 from jax_infer.cpu.layout import tile_f32_params, untile_f32_params
 from jax_infer.model.cache import init_paged_cache, init_sharded_paged_cache
@@ -91,6 +92,35 @@ def sharded_step(step, logits_sharding: jax.sharding.NamedSharding, pool_shardin
     return call
 
 
+def data_parallel_step(step, mesh: jax.sharding.Mesh):
+    """`step(params, tokens, meta, cache, **static)` run by each data replica on its own rows
+    and its own slice of the page pool: tokens i32[D, T] and every metadata array with a
+    leading replica axis D (`mesh.shape["data"]`), the pool split by pages over `data`
+    (each replica sees its slice, page ids local to it). Returns (logits [D, S, ...], cache).
+
+    A `shard_map` manual over `data` only: inside, the `model` axis is still partitioned by
+    XLA from the params' and pool's shardings, as in the plain sharded step."""
+    P = jax.sharding.PartitionSpec
+    data = P(sharding.DATA)
+
+    def local(params, tokens, meta, cache, **static):
+        logits, cache = step(params, tokens[0], jax.tree.map(lambda a: a[0], meta), cache, **static)
+        return logits[None], cache
+
+    def call(params, tokens, meta, cache, **static):
+        mapped = jax.shard_map(
+            functools.partial(local, **static),
+            mesh=mesh,
+            in_specs=(P(), data, data, data),
+            out_specs=(data, data),
+            axis_names={sharding.DATA},
+            check_vma=False,
+        )
+        return mapped(params, tokens, meta, cache)
+
+    return call
+
+
 @dataclasses.dataclass
 class StepBatch:
     """One ragged step, in input order: row i computes `rows[i]` at positions starts[i].. over
@@ -106,6 +136,9 @@ class StepBatch:
     # chunk bucket (draft rows are padded to W, not to a 32-token chunk).
     logits_per_row: int | None = None
     min_chunk: int = 32
+    # Data parallelism: the replica (data slice) each row runs on, its block table in that
+    # replica's page ids. None: one replica.
+    replicas: Sequence[int] | None = None
     # With page groups: every group's table of each row (row_tables[i][g]; group 0's equals
     # block_tables[i]). None: one group.
     group_block_tables: Sequence[Sequence[Sequence[int]]] | None = None
@@ -114,7 +147,8 @@ class StepBatch:
 @dataclasses.dataclass
 class StepResult:
     """logits f32[S, V] (or f32[S, W, V] with logits_per_row) in sequence-row order; `order[r]`
-    is the input row of sequence row r (-1: padding). tokens[i] / logprobs[i]: the token
+    is the input row of sequence row r (-1: padding). With data replicas the sequence rows are
+    replica 0's, then replica 1's, and so on. tokens[i] / logprobs[i]: the token
     sampled for input row i and its logprob entry (None where batch.sample[i] is None)."""
 
     logits: jax.Array
@@ -140,12 +174,16 @@ class ModelRunner:
         eos_token_ids=(),
         mesh=None,
         rules=None,
+        data_parallel: bool = True,
         groups: tuple = (None,),
     ):
         """params: canonical (as loaded); laid out here by `backend_params`. mesh: None, or a
-        `sharding.make_mesh` Mesh: the pool is then split by kv heads over `model` and
-        replicated over `data`, and each step's inputs are replicated. groups: the page
-        groups (`model.cache.page_group_windows`), num_pages one int per group where several."""
+        `sharding.make_mesh` Mesh: the pool is then split by kv heads over `model`. Over
+        `data` (when data_parallel and the mesh has data > 1) each replica holds a pool of
+        `num_pages` pages of its own (the pool, D * num_pages pages, split by pages) and runs
+        its own rows (`StepBatch.replicas`); otherwise the pool and each step are
+        replicated over `data`. groups: the page groups (`model.cache.page_group_windows`),
+        num_pages one int per group where several (data replicas need one group)."""
         self.config = config
         self.params = backend_params(params, config, mesh, rules)
         self.dtype = dtype
@@ -157,6 +195,9 @@ class ModelRunner:
         self.groups = tuple(groups)
         self.cache_dtype = cache_dtype or dtype
         self.mesh, self.rules = mesh, rules
+        self.num_replicas = 1
+        if mesh is not None and data_parallel:
+            self.num_replicas = mesh.shape[sharding.DATA]
         self.pool = self._new_pool()
         if mesh is None:
             self._forward = paged_forward
@@ -164,19 +205,28 @@ class ModelRunner:
             # Logits are gathered (the sampler reads every row); the pool keeps its sharding.
             replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
             shardings = jax.tree.map(lambda a: a.sharding, self.pool)
-            self._forward = sharded_step(paged_forward, replicated, shardings)
+            step = paged_forward
+            if self.num_replicas > 1:
+                step = data_parallel_step(paged_forward, mesh)
+            self._forward = sharded_step(step, replicated, shardings)
 
     def _new_pool(self):
         if self.mesh is None:
             return init_paged_cache(
                 self.config, self.num_pages, self.page_size, self.cache_dtype, self.groups
             )
+        rules = self.rules
+        num_pages = self.num_pages
+        if self.num_replicas > 1:
+            # Each data slice holds its own replica's pages: the pool splits by pages.
+            rules = {**(sharding.DEFAULT_RULES if rules is None else rules), "pages": sharding.DATA}
+            num_pages = self.num_replicas * num_pages
         return init_sharded_paged_cache(
             self.config,
-            self.num_pages,
+            num_pages,
             self.page_size,
             self.mesh,
-            self.rules,
+            rules,
             self.cache_dtype,
             self.groups,
         )
@@ -195,6 +245,8 @@ class ModelRunner:
 
     def execute(self, batch: StepBatch) -> StepResult:
         """Run one ragged step over the pool and sample the rows that ask for it."""
+        if self.num_replicas > 1:
+            return self._execute_replicas(batch)
         meta, order, offsets = build_metadata(
             batch.starts,
             [len(r) for r in batch.rows],
@@ -229,6 +281,54 @@ class ModelRunner:
             dtype=self.dtype,
             backend=self.backend,
         )
+        last = logits[:, -1] if batch.logits_per_row else logits
+        sampled, entries = self._sample(last, order, batch.sample)
+        return StepResult(logits, order, sampled, entries)
+
+    def _execute_replicas(self, batch: StepBatch) -> StepResult:
+        """One step of every data replica's rows, in one call: each replica's metadata laid
+        out in one common shape and stacked on a leading replica axis."""
+        if batch.replicas is None or len(batch.replicas) != len(batch.rows):
+            raise ValueError(
+                f"a step over {self.num_replicas} data replicas needs StepBatch.replicas, one "
+                "per row"
+            )
+        groups = [[] for _ in range(self.num_replicas)]
+        for i, d in enumerate(batch.replicas):
+            groups[d].append(i)
+
+        def layout(rows, at_least=None):
+            return build_metadata(
+                [batch.starts[i] for i in rows],
+                [len(batch.rows[i]) for i in rows],
+                [batch.block_tables[i] for i in rows],
+                self.page_size,
+                max_decode_rows=self.max_decode_rows,
+                logits_per_row=batch.logits_per_row,
+                min_chunk=batch.min_chunk,
+                at_least=at_least,
+            )
+
+        shape = common_shape([step_shape(layout(rows)[0]) for rows in groups if rows])
+        metas, tokens, orders = [], [], []
+        for rows in groups:
+            meta, order, offsets = layout(rows, shape)
+            metas.append(meta)
+            tokens.append(flat_tokens(meta, [batch.rows[i] for i in rows], offsets))
+            # Sequence row -> the batch's input row (-1: padding).
+            orders.append(np.array([rows[j] if j >= 0 else -1 for j in order], np.int64))
+        meta = jax.tree.map(lambda *a: np.stack(a), *metas)
+        logits, self.pool = self._forward(
+            self.params,
+            np.stack(tokens),
+            meta,
+            self.pool,
+            config=self.config,
+            dtype=self.dtype,
+            backend=self.backend,
+        )
+        logits = logits.reshape(-1, *logits.shape[2:])  # [D * S, ...]: replica-major rows
+        order = np.concatenate(orders)
         last = logits[:, -1] if batch.logits_per_row else logits
         sampled, entries = self._sample(last, order, batch.sample)
         return StepResult(logits, order, sampled, entries)

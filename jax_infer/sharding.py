@@ -66,13 +66,12 @@ Under `jit` every layout is numerically the same program; the rules only decide 
 bytes live and what moves.
 
 What `data` splits. The static engine and `model.step.forward` have a batch axis: tokens
-and the contiguous cache split over `data`. The continuous engine does not: a step is one
-flat run of tokens from every sequence, over a page pool that sequences share through block
-tables (prefix caching shares pages between them), so the pool cannot be split by sequence,
-and splitting the token run over `data` would all-gather every new K/V into the replicated
-pool each layer for little gain. So there (`LLMEngine(mesh=...)`) each step's inputs and
-the pool are replicated over `data`: the axis adds replicas, not throughput, and data
-parallel serving is one engine per data slice (as vLLM runs it). The pool is pinned to its
+and the contiguous cache split over `data`. The continuous engine has none: a step is one
+flat run of tokens from every sequence over a page pool shared through block tables. So
+there (`LLMEngine(mesh=...)`) `data` makes replicas that each own a slice of the pool: the
+runner maps the logical "pages" axis to `data` (`DEFAULT_RULES` leave it replicated), each
+replica's scheduler hands out page ids local to its slice (`scheduler/replicas.py`), and
+one step runs every replica's rows (`runner.data_parallel_step`). The pool is pinned to its
 sharding across steps (`runner.sharded_step`) so that its donation updates it in place.
 
 What lives elsewhere. This module is rules and specs only and imports no model code:
@@ -137,8 +136,8 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
 
 # The contiguous cache of model/cache.py: per layer (k, v), each [B, S, K, H].
 CACHE_AXES = ("batch", "seq", "kv_heads", "head_dim")
-# A page pool [P, L, K, H]: split by kv heads only; pages are shared by every sequence
-# through the block tables, so the pool has no batch axis to split over `data`.
+# A page pool [P, L, K, H]: split by kv heads; the continuous engine also splits "pages"
+# over `data` (one slice per data replica, see runner.ModelRunner).
 PAGED_CACHE_AXES = ("pages", "page", "kv_heads", "head_dim")
 
 # Stored arrays of a quantized [K, N] matrix (quant/arrays.py), or of an f32 one in column

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import sys
 
+import jax
 import shared_flags
 from absl import app, flags
 
@@ -51,16 +52,21 @@ def main(argv):
     llm = LLM(**shared_flags.llm_kwargs(config=cfg))
     # The sampling section (flags folded in): stop strings, penalties, ... come from a config.
     params = SamplingParams(**cfg["sampling"])
+    # Every process of a multi-process job runs the same steps; only process 0 prints.
+    quiet = jax.process_index() != 0
     if FLAGS.chat:
         chunks = llm.chat_stream([{"role": "user", "content": FLAGS.prompt}], params)
     else:
         chunks = llm.stream(FLAGS.prompt, params)
-        print(FLAGS.prompt, end="")
+        if not quiet:
+            print(FLAGS.prompt, end="")
     last = None
     for chunk in chunks:
-        if FLAGS.stream:
+        if FLAGS.stream and not quiet:
             print(chunk.delta_text, end="", flush=True)
         last = chunk
+    if quiet:
+        return
     if not FLAGS.stream:
         print(last.text, end="")
     print()

@@ -331,11 +331,13 @@ def test_paged_engine_greedy_equals_unsharded(engine_report, data, model):
 @pytest.mark.parametrize("data, model", ENGINE_MESHES)
 def test_page_pool_split_by_kv_heads_and_donated(engine_report, data, model):
     """N=4, K=2: at model=2 kv heads and the pool split; at model=4 they are replicated while
-    queries still split; `data` never splits the pool (it has no batch axis)."""
+    queries still split; `data` splits the pool by pages (each data replica holds its own
+    pages: scheduler/replicas.py)."""
     entry = engine_report["engine"][mesh_name(data, model)]
     kv = "model" if model == 2 else None
-    assert entry["pool_spec"] == [None, None, kv, None]
-    assert entry["pool_out_specs"] == [str([None, None, kv, None])], "a step resharded the pool"
+    pages = "data" if data > 1 else None
+    assert entry["pool_spec"] == [pages, None, kv, None]
+    assert entry["pool_out_specs"] == [str([pages, None, kv, None])], "a step resharded the pool"
     assert entry["pool_devices"] == data * model
     assert entry["donated"], "the step did not consume the donated pool"
     assert entry["wk"] == [None, kv]
@@ -459,8 +461,9 @@ def test_smollm2_engine_on_mesh(tmp_path, gguf_path):
     for data, model in SMOLLM2_MESHES:
         entry = report[mesh_name(data, model)]
         assert entry["got"] == report["want"], (data, model)
-        # 9 q / 3 kv heads divide neither 2 nor 4: attention and the pool replicated.
-        assert entry["pool"] == [None, None, None, None]
+        # 9 q / 3 kv heads divide neither 2 nor 4: attention replicated over model; the pool
+        # split by pages over data (one slice per data replica).
+        assert entry["pool"] == ["data" if data > 1 else None, None, None, None]
         assert entry["w_up"] == [None, "model"]
     int8 = report["int8"]
     assert int8["got"] == int8["want"]

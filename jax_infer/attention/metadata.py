@@ -38,6 +38,28 @@ class AttentionMetadata(NamedTuple):
     logits_index: Any
 
 
+class StepShape(NamedTuple):
+    """The static dimensions of one step's metadata (what selects its compiled program)."""
+
+    decode_rows: int  # D_pad
+    prefill_rows: int  # P_pad
+    prefill_len: int  # Q: the longest prefill chunk, bucketed
+    prefill_tokens: int  # the flat prefill region, T - D_pad
+    pages: int  # block table columns
+
+
+def step_shape(meta: AttentionMetadata) -> StepShape:
+    p_pad, q_pad = meta.prefill_token_index.shape
+    d_pad = len(meta.kv_lens) - p_pad
+    return StepShape(d_pad, p_pad, q_pad, len(meta.positions) - d_pad, meta.block_tables.shape[1])
+
+
+def common_shape(shapes: Sequence[StepShape]) -> StepShape:
+    """Each dimension's largest: the shape every one of these steps can be laid out in (data
+    replicas run their rows in one program, so their metadata must have one shape)."""
+    return StepShape(*(max(dims) for dims in zip(*shapes)))
+
+
 def bucket(n: int, minimum: int, factor: int = 2) -> int:
     """Round n up to the smallest minimum * factor**k (k >= 0) that holds it: a bounded set of
     shapes for at most `factor` times the padding. The one bucketing rule of the stack (the
@@ -58,6 +80,7 @@ def build_metadata(
     min_chunk: int = 32,
     max_decode_rows: int | None = None,
     logits_per_row: int | None = None,
+    at_least: StepShape | None = None,
 ) -> tuple[AttentionMetadata, np.ndarray, list[int]]:
     """Lay out one step. Row i computes q_lens[i] tokens at positions starts[i].., through
     block_tables[i]. Rows with q_len 1 become decode rows; the rest prefill rows.
@@ -66,12 +89,15 @@ def build_metadata(
     (`logits_index` i32[S, R]); with min_chunk=R, rows of R tokens (a decode and its R-1 drafts)
     pad to R rather than to a 32-token chunk. None keeps the single-index layout.
 
+    at_least: pad every dimension to at least this shape (`common_shape` of other steps'),
+    so that several replicas' steps stack; then no rows at all is allowed (all padding).
+
     Returns (metadata as numpy arrays, order, flat_offsets): `order[r]` is the input index of
     sequence row r (or -1 for padding) and `flat_offsets[i]` is where input row i's tokens
     start in the flat layout (the caller scatters token ids there).
     """
     n = len(starts)
-    if not (len(q_lens) == len(block_tables) == n) or n == 0:
+    if not (len(q_lens) == len(block_tables) == n) or (n == 0 and at_least is None):
         raise ValueError(
             f"build_metadata needs equal, non-zero numbers of starts ({n}), q_lens "
             f"({len(q_lens)}) and block_tables ({len(block_tables)})"
@@ -88,10 +114,17 @@ def build_metadata(
     prefill_tokens = sum(q_lens[i] for i in prefill)
     # The flat run is exactly the decode rows plus a bucketed prefill region: no extra
     # dimension to compile for (with one prefill row per step the region is that row's Q).
-    t_pad = d_pad + (bucket(prefill_tokens, min_chunk) if prefill else 0)
-    s_pad = d_pad + p_pad
-    pages_needed = max(-(-(starts[i] + q_lens[i]) // page_size) for i in range(n))
+    t_prefill = bucket(prefill_tokens, min_chunk) if prefill else 0
+    pages_needed = max((-(-(starts[i] + q_lens[i]) // page_size) for i in range(n)), default=1)
     pages = bucket(pages_needed, min_pages)
+    if at_least is not None:
+        d_pad = max(d_pad, at_least.decode_rows)
+        p_pad = max(p_pad, at_least.prefill_rows)
+        q_pad = max(q_pad, at_least.prefill_len)
+        t_prefill = max(t_prefill, at_least.prefill_tokens)
+        pages = max(pages, at_least.pages)
+    t_pad = d_pad + t_prefill
+    s_pad = d_pad + p_pad
 
     positions = np.zeros(t_pad, np.int32)
     slots = np.full(t_pad, NULL_PAGE * page_size, np.int32)

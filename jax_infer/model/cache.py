@@ -117,8 +117,8 @@ def init_sharded_paged_cache(
     groups: tuple = (None,),
 ):
     """`init_paged_cache` (float or int8 pools), created directly in its sharding: split by
-    kv heads over `model` (replicated where K does not divide it), replicated over `data`
-    (the pool has no batch axis)."""
+    kv heads over `model` (replicated where K does not divide it); over `data` as `rules`
+    map "pages" (the default replicates; the data-parallel engine splits pages)."""
 
     def zeros():
         return init_paged_cache(config, num_pages, page_size, dtype, groups)

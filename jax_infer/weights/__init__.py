@@ -70,9 +70,10 @@ def resolve(model: str) -> tuple[str, str]:
 def load(model: str, dtype="float32", progress: bool = True, *, mesh=None, rules=None):
     """Returns (config, params, fmt, path, gguf_reader_or_None).
 
-    With a mesh, HF and GGUF params are created in their `jax_infer.sharding` shardings (HF
-    reads only each device's slices; GGUF dequantizes each tensor on the host, then places
-    only the slices); orbax checkpoints load whole and the caller shards them."""
+        With a mesh, HF and GGUF params are created in their `jax_infer.sharding` shardings (HF
+        reads only each device's slices; GGUF dequantizes each tensor on the host, then places
+        only the slices); orbax restores float params in their shardings, each process reading only
+    its devices' slices."""
     fmt, path = resolve(model)
     if fmt == "gguf":
         config, params, reader = load_gguf(path, dtype, progress, mesh=mesh, rules=rules)
@@ -80,7 +81,7 @@ def load(model: str, dtype="float32", progress: bool = True, *, mesh=None, rules
     if fmt == "hf":
         config, params = load_hf(path, dtype, progress, mesh=mesh, rules=rules)
         return config, params, fmt, path, None
-    config, params, _ = load_orbax(path, progress)
+    config, params, _ = load_orbax(path, progress, mesh=mesh, rules=rules)
     return config, params, fmt, path, None
 
 

@@ -19,9 +19,11 @@ import os
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jax_infer.config import ModelConfig
 from jax_infer.quant.transform import join_quantized, split_quantized
+from jax_infer.sharding import param_sharding, path_str
 from jax_infer.weights.common import WeightsError
 
 META_FILE = "jax_infer.json"
@@ -74,8 +76,32 @@ def read_meta(path: str) -> dict:
     return meta
 
 
-def load_orbax(path: str, progress: bool = True) -> tuple[ModelConfig, dict, dict]:
-    """Returns (config, params, meta)."""
+def restore_target(ckptr, target: str, config: ModelConfig, meta: dict, mesh, rules=None):
+    """Abstract params (shape, dtype, sharding per leaf) that make orbax restore each float
+    leaf straight into its `jax_infer.sharding` sharding: every process reads only the
+    slices its own devices hold. The stored arrays of a quantized matrix (whose tile layout
+    the float rules do not describe) are restored replicated and resharded by the caller."""
+    tree = ckptr.metadata(target).item_metadata
+    quantized = tuple(meta.get("quantized") or ())
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def abstract(keypath, leaf):
+        name = path_str(keypath)
+        if any(name == q or name.startswith(q + "/") for q in quantized):
+            where = replicated
+        else:
+            where = param_sharding(name, leaf.shape, config, mesh, rules)
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where)
+
+    return jax.tree_util.tree_map_with_path(abstract, dict(tree))
+
+
+def load_orbax(
+    path: str, progress: bool = True, *, mesh=None, rules=None
+) -> tuple[ModelConfig, dict, dict]:
+    """Returns (config, params, meta). mesh (a `sharding.make_mesh` Mesh): float params are
+    restored in their shardings under `rules`, each process reading only its devices'
+    slices (`restore_target`); without one, params are whole arrays on the default device."""
     import orbax.checkpoint as ocp
 
     path = os.path.abspath(path)
@@ -88,7 +114,12 @@ def load_orbax(path: str, progress: bool = True) -> tuple[ModelConfig, dict, dic
         print(f"restoring orbax checkpoint {path}", flush=True)
     try:
         with ocp.StandardCheckpointer() as ckptr:
-            params = ckptr.restore(target)
+            if mesh is None:
+                params = ckptr.restore(target)
+            else:
+                params = ckptr.restore(
+                    target, restore_target(ckptr, target, config, meta, mesh, rules)
+                )
     except Exception as e:  # orbax raises many types for a damaged checkpoint
         raise WeightsError(
             f"orbax checkpoint {target!r} is missing or corrupt ({type(e).__name__}: {e})"
