@@ -367,7 +367,10 @@ class LLMEngine:
         """Run one scheduled step; returns an output for every request that changed."""
         lookahead = None
         if self.spec is not None:
-            lookahead = self.spec.lookahead(self.requests.values(), self.scheduler.num_running())
+            # Samples of n > 1 decode without drafts: a forked sample's pages hold K/V its
+            # draft never computed, and a draft catching up would write into shared pages.
+            solo = (r for r in self.requests.values() if r.group_id is None)
+            lookahead = self.spec.lookahead(solo, self.scheduler.num_running())
         out = self.scheduler.schedule(lookahead)
         outputs = []
         # Aborted requests, and requests the scheduler found can never fit (errors).

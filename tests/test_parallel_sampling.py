@@ -254,3 +254,22 @@ def test_prompt_logprobs_match_transformers(tiny, prompt, chunk):
         for g, w in zip(got[1:], want[1:]):
             assert g.keys() == w.keys()
             np.testing.assert_allclose([g[t] for t in w], list(w.values()), atol=2e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_smollm2_generate_n_outputs_equal_single_requests(smollm2):
+    """LLM.generate with n: one output per prompt, `outputs` the n samples, each equal to the
+    request with seed seed + i; `text` is sample 0's."""
+    params = SamplingParams(n=4, seed=9, temperature=0.9, max_tokens=6)
+    prompts = ["Once upon a time", "The best way to learn"]
+    outs = smollm2.generate(prompts, params)
+    assert len(outs) == 2
+    for prompt, out in zip(prompts, outs):
+        assert [o.index for o in out.outputs] == [0, 1, 2, 3]
+        assert out.text == out.outputs[0].text
+        single = smollm2.generate(
+            [prompt] * 4,
+            [dataclasses.replace(params, n=1, seed=9 + i) for i in range(4)],
+        )
+        assert [o.token_ids for o in out.outputs] == [o.token_ids for o in single]

@@ -557,6 +557,17 @@ def test_logit_bias_and_echo_with_prompt_logprobs(client, hf_smollm2):
     want = [ref[p - 1, ids[p]] for p in range(1, len(ids))]
     assert lp.token_logprobs[1 : len(ids)] == pytest.approx(want, abs=2e-3)
     assert all(len(top) == 2 for top in lp.top_logprobs[1:])
+    stream = client.completions.create(
+        model="smollm2",
+        prompt=prompt,
+        max_tokens=2,
+        temperature=0,
+        echo=True,
+        logprobs=2,
+        stream=True,
+    )
+    streamed = [x for c in stream for ch in c.choices if ch.logprobs for x in ch.logprobs.tokens]
+    assert streamed == lp.tokens
 
 
 @pytest.mark.real_model
