@@ -9,16 +9,20 @@ preemption. prompt_logprobs are checked against HF transformers' log_softmax."""
 from __future__ import annotations
 
 import dataclasses
+import random
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jax_infer import SamplingParams
 from jax_infer.engine import EngineConfig, LLMEngine
 from jax_infer.scheduler import Request, Scheduler
 from jax_infer.tokenizer import Tokenizer
 from jax_infer.weights import load_hf
+from tests.test_scheduler_property import VOCAB, FakeDevice
 from tests.tiny_models import make_hf_model
 
 PAGE = 8
@@ -273,3 +277,63 @@ def test_smollm2_generate_n_outputs_equal_single_requests(smollm2):
             [dataclasses.replace(params, n=1, seed=9 + i) for i in range(4)],
         )
         assert [o.token_ids for o in out.outputs] == [o.token_ids for o in single]
+
+
+# -- forks under random load (the scheduler alone, a fake device) ---------------------------
+
+
+class CopyingDevice(FakeDevice):
+    """The property test's fake pool of token ids, making the step's page copies first."""
+
+    def step(self, out):
+        for src, dst in out.page_copies:
+            self.pool[dst] = list(self.pool[src])
+        return super().step(out)
+
+
+def run_groups(prompts, ns, max_tokens, **config):
+    """Prompt i sampled ns[i] times; sample j's token is a function of j and of the sequence
+    read back from the (fake) cache, so a shared page written wrongly changes the outputs."""
+    sched = Scheduler(**config)
+    device = CopyingDevice(config["num_pages"], config["page_size"])
+    for i, (prompt, n) in enumerate(zip(prompts, ns)):
+        group = [Request(f"g{i}#{j}", prompt, max_tokens[i]) for j in range(n)]
+        sched.add_request(group[0], group[1:])
+    results, preemptions, copies = {}, 0, 0
+    while sched.has_unfinished():
+        out = sched.schedule()
+        preemptions += len(out.preempted)
+        copies += len(out.page_copies)
+        seqs = device.step(out)
+        sampled = {}
+        for sr in out.scheduled:
+            if sr.sample:
+                for req in (sr.request, *sr.followers):
+                    j = int(req.request_id.split("#")[1])
+                    sampled[req.request_id] = [hash((j, *seqs[sr.request_id])) % VOCAB]
+        for r in sched.update(out, sampled):
+            results[r.request_id] = tuple(r.output_token_ids)
+        sched.check_invariants()
+    assert sched.allocator.num_free() == config["num_pages"] - 1
+    return results, preemptions, copies
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10**6), st.sampled_from([9, 12, 20]), st.booleans())
+def test_forked_groups_under_preemption_equal_a_roomy_run(seed, num_pages, prefix_caching):
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(1, VOCAB) for _ in range(rng.randrange(1, 14))] for _ in range(4)]
+    ns = [rng.randrange(1, 5) for _ in prompts]
+    max_tokens = [rng.randrange(1, 32 - len(p)) for p in prompts]
+    kw = dict(page_size=4, max_num_batched_tokens=16, max_model_len=32)
+    want, _, _ = run_groups(prompts, ns, max_tokens, num_pages=200, max_num_seqs=16, **kw)
+    got, _, _ = run_groups(
+        prompts,
+        ns,
+        max_tokens,
+        num_pages=num_pages,
+        max_num_seqs=4,
+        enable_prefix_caching=prefix_caching,
+        **kw,
+    )
+    assert got == want
