@@ -36,7 +36,7 @@ from jax_infer import sharding
 from jax_infer.attention import BACKENDS, default_backend
 from jax_infer.config import ModelConfig
 from jax_infer.model.cache import kv_bytes_per_page_group, page_group_windows
-from jax_infer.outputs import RequestOutput, make_output
+from jax_infer.outputs import RequestOutput, child_request_ids, make_output
 from jax_infer.quant.kv import KV_DTYPES, resolve_kv_cache_dtype
 from jax_infer.runner import ModelRunner, StepBatch
 from jax_infer.sampling import SamplingParams
@@ -76,6 +76,12 @@ def prepare_prompt(prompt, params, tokenizer, vocab_size: int, max_model_len: in
     bad = [t for t in ids if not 0 <= t < vocab_size]
     if bad:
         raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+    bad_bias = [t for t, _ in params.logit_bias or () if t >= vocab_size]
+    if bad_bias:
+        raise ValueError(
+            f"SamplingParams.logit_bias token ids {bad_bias[:5]} are outside the vocabulary "
+            f"[0, {vocab_size})"
+        )
     if len(ids) + params.max_tokens > max_model_len:
         raise ValueError(
             f"prompt of {len(ids)} tokens + max_tokens={params.max_tokens} exceeds "
@@ -168,12 +174,31 @@ class EngineConfig:
             )
 
 
+def make_requests(
+    request_id: str, text: str | None, ids: list[int], params: SamplingParams, tokenizer, rng
+) -> list[Request]:
+    """The records of the `params.n` samples of one prompt (ids `child_request_ids`): sample i
+    has params with n=1 and seed `params.sample_seed(seed, i)`, so it is the single request
+    with that seed. A request without a seed gets one drawn from `rng`."""
+    if params.n == 1:
+        return [make_request(request_id, text, ids, params, tokenizer, rng)]
+    base = params.seed if params.seed is not None else int(rng.integers(0, 2**32))
+    out = []
+    for i, rid in enumerate(child_request_ids(request_id, params.n)):
+        one = dataclasses.replace(params, n=1, seed=params.sample_seed(base, i))
+        req = make_request(rid, text, ids, one, tokenizer, rng)
+        req.group_id, req.sample_index = request_id, i
+        out.append(req)
+    return out
+
+
 def make_request(
     request_id: str, text: str | None, ids: list[int], params: SamplingParams, tokenizer, rng
 ) -> Request:
     """The one record of a request checked by `prepare_prompt` (any engine). A request without
     a seed gets one drawn from `rng` (np.random.Generator), so it is reproducible per engine."""
     seed = params.seed if params.seed is not None else int(rng.integers(0, 2**32))
+    wants_prompt_lps = params.prompt_logprobs is not None
     return Request(
         request_id,
         ids,
@@ -185,6 +210,8 @@ def make_request(
             tokenizer, ids, skip_special_tokens=params.skip_special_tokens
         ),
         eos_token_ids=frozenset(tokenizer.eos_token_ids),
+        skip_prefix_cache=wants_prompt_lps,
+        prompt_logprobs=[None] * len(ids) if wants_prompt_lps else None,
     )
 
 
@@ -308,6 +335,8 @@ class LLMEngine:
         )
         # Requests not yet reported finished, by id (the scheduler forgets them at finish).
         self.requests: dict[str, Request] = {}
+        # The sample ids of each request with n > 1, by the id it was added under.
+        self.groups: dict[str, list[str]] = {}
         self._rng = np.random.default_rng(seed)
         self._next_id = 0
         self.num_steps = 0
@@ -361,16 +390,38 @@ class LLMEngine:
         if request_id is None:
             request_id = f"req-{self._next_id}"
             self._next_id += 1
-        if request_id in self.requests:
-            raise ValueError(f"request_id={request_id!r} is already in use")
-        req = make_request(request_id, text, ids, params, self.tokenizer, self._rng)
-        self.scheduler.add_request(req)
-        self.requests[request_id] = req
+        if params.prompt_logprobs is not None and self.num_replicas > 1:
+            raise ValueError(
+                f"SamplingParams.prompt_logprobs={params.prompt_logprobs} is not supported with "
+                f"{self.num_replicas} data replicas: use a mesh with data=1"
+            )
+        reqs = make_requests(request_id, text, ids, params, self.tokenizer, self._rng)
+        for rid in {request_id, *(r.request_id for r in reqs)}:
+            if rid in self.requests or rid in self.groups:
+                raise ValueError(f"request_id={rid!r} is already in use")
+        if len(reqs) == 1 or self.num_replicas > 1 or len(self.page_groups) > 1:
+            # Forking the prompt's pages needs one page group on one replica; otherwise the
+            # samples are separate requests (the same seeds, so the same tokens; the prefix
+            # cache still shares the prompt's full pages).
+            for req in reqs:
+                self.scheduler.add_request(req)
+        else:
+            self.scheduler.add_request(reqs[0], reqs[1:])
+        for req in reqs:
+            self.requests[req.request_id] = req
+        if params.n > 1:
+            self.groups[request_id] = [r.request_id for r in reqs]
         return request_id
 
+    def sample_ids(self, request_id: str) -> list[str]:
+        """The engine request ids of the samples of `request_id` (itself when n=1)."""
+        return list(self.groups.get(request_id, [request_id]))
+
     def abort(self, request_id: str) -> bool:
-        """Stop a request now; its pages are freed at once. False if it is unknown/finished."""
-        return self.scheduler.abort(request_id)
+        """Stop a request (all n samples, or one sample by its id) now; its pages are freed at
+        once. False if it is unknown/finished."""
+        ids = self.groups.get(request_id, [request_id])
+        return any([self.scheduler.abort(rid) for rid in ids])
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -381,12 +432,15 @@ class LLMEngine:
         """Run one scheduled step; returns an output for every request that changed."""
         lookahead = None
         if self.spec is not None:
-            lookahead = self.spec.lookahead(self.requests.values(), self.scheduler.num_running())
+            # Samples of n > 1 decode without drafts: a forked sample's pages hold K/V its
+            # draft never computed, and a draft catching up would write into shared pages.
+            solo = (r for r in self.requests.values() if r.group_id is None)
+            lookahead = self.spec.lookahead(solo, self.scheduler.num_running())
         out = self.scheduler.schedule(lookahead)
         outputs = []
         # Aborted requests, and requests the scheduler found can never fit (errors).
         for req in self.scheduler.pop_finished():
-            if self.requests.pop(req.request_id, None) is not None:
+            if self._pop(req.request_id) is not None:
                 finish(req)
                 outputs.append(make_output(req))
         self.num_preemptions += len(out.preempted)
@@ -411,11 +465,39 @@ class LLMEngine:
         for rid in sampled:
             req = self.requests[rid]
             if req.is_finished:
-                del self.requests[rid]
+                self._pop(rid)
             outputs.append(make_output(req))
         if self.spec is not None:
             self.spec.synced(self.scheduler)
         return outputs
+
+    def _pop(self, rid: str) -> Request | None:
+        """Forget a finished request (and its group once every sample is done)."""
+        req = self.requests.pop(rid, None)
+        if req is not None and req.group_id is not None:
+            group = self.groups.get(req.group_id, [])
+            if not any(r in self.requests for r in group):
+                self.groups.pop(req.group_id, None)
+        return req
+
+    def _prompt_logits(self, scheduled) -> list[tuple[int, list[int], int]]:
+        """StepBatch.prompt_logits for the rows whose request wants prompt logprobs: the
+        chunk's positions p < len(prompt) - 1 give the logprob of prompt token p + 1."""
+        out = []
+        for i, s in enumerate(scheduled):
+            req = s.request
+            if req.prompt_logprobs is None:
+                continue
+            last = min(s.end, req.num_prompt_tokens - 1)
+            if last > s.start:
+                out.append(
+                    (
+                        i,
+                        req.prompt_token_ids[s.start + 1 : last + 1],
+                        req.sampling_params.prompt_logprobs,
+                    )
+                )
+        return out
 
     def _execute(self, out):
         """Propose drafts, run the ragged step, sample and verify: (sampled, logprobs,
@@ -423,9 +505,14 @@ class LLMEngine:
         scheduled = out.scheduled
         if self.fault_hook is not None:
             self.fault_hook(self, out)
+        if out.page_copies:  # copy on write, before any of this step's writes
+            self.runner.copy_pages(out.page_copies)
         drafts = {}
         if self.spec is not None:
             drafts, self.runner.pool = self.spec.propose(out, self.runner.pool)
+        prompt_logits = self._prompt_logits(scheduled)
+        if prompt_logits:
+            drafts = {}  # logits at every prompt position: this step verifies no drafts
         rows = [
             s.token_ids + (drafts[s.request_id].token_ids if s.request_id in drafts else [])
             for s in scheduled
@@ -450,6 +537,8 @@ class LLMEngine:
             group_block_tables=(
                 [s.block_tables for s in scheduled] if len(self.page_groups) > 1 else None
             ),
+            forks=[(i, f) for i, s in enumerate(scheduled) if s.sample for f in s.followers],
+            prompt_logits=prompt_logits,
         )
         result = self.runner.execute(batch)
         sampled: dict[str, list[int]] = {}
@@ -457,6 +546,15 @@ class LLMEngine:
         for s, token, entry in zip(scheduled, result.tokens, result.logprobs):
             if token is not None:
                 sampled[s.request_id], logprobs[s.request_id] = [token], [entry]
+        for (_, f), token, entry in zip(batch.forks, result.fork_tokens, result.fork_logprobs):
+            sampled[f.request_id], logprobs[f.request_id] = [token], [entry]
+        for (i, _, _), entries in zip(prompt_logits, result.prompt_logprobs):
+            s = scheduled[i]
+            s.request.prompt_logprobs[s.start + 1 : s.start + 1 + len(entries)] = entries
+        for s in scheduled:  # followers fork from the prompt their leader computed
+            if s.followers and s.request.prompt_logprobs is not None:
+                for f in s.followers:
+                    f.prompt_logprobs = list(s.request.prompt_logprobs)
         before = {}
         if drafts:
             verified = self.spec.verify(result.logits, result.order, scheduled, drafts)
@@ -479,7 +577,7 @@ class LLMEngine:
         self.scheduler.update(out, {}, finished=dict.fromkeys(ids, "error"))
         outputs = []
         for rid in ids:
-            req = self.requests.pop(rid)
+            req = self._pop(rid)
             finish(req)
             outputs.append(make_output(req))
         if self.runner.pool_is_lost():

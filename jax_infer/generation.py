@@ -30,6 +30,7 @@ from jax_infer.runner import backend_params
 from jax_infer.sampling import (
     SamplerFlags,
     SamplingMetadata,
+    logit_bias_arrays,
     min_tokens_banned_ids,
     sample,
     update_output_counts,
@@ -140,6 +141,8 @@ class StaticBatchGenerator:
             native_attention=self.native_attention,
         )
         positions = np.array(_pad_rows(lens, b, 0), np.int32)  # next cache slot per row
+        bias = logit_bias_arrays(params_list, b)
+        bias = None if bias is None else tuple(map(jnp.asarray, bias))
         while True:
             meta = SamplingMetadata.build(
                 params_list, [s.seed for s in seqs], [s.num_output_tokens for s in seqs], b
@@ -154,6 +157,7 @@ class StaticBatchGenerator:
                 prompt_mask,
                 flags=flags,
                 banned_ids=None if banned is None else jnp.asarray(banned),
+                logit_bias=bias,
             )
             token_ids = np.asarray(out.token_ids)
             if flags.use_penalties:

@@ -13,6 +13,7 @@ benchmark compares against.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Iterator, Sequence
 
@@ -292,6 +293,12 @@ class LLM:
         return out
 
     def _static_requests(self, requests) -> list[Request]:
+        for _, _, params in requests:
+            if params.n > 1 or params.prompt_logprobs is not None:
+                raise ValueError(
+                    f"SamplingParams n={params.n}, prompt_logprobs={params.prompt_logprobs} "
+                    "need engine='continuous' (the static engine runs n=1 without prompt logprobs)"
+                )
         return [
             make_request(str(next(self._ids)), text, ids, params, self.tokenizer, self._rng)
             for text, ids, params in requests
@@ -312,9 +319,10 @@ class LLM:
         ids = []
         for text, token_ids, params in requests:
             ids.append(self.engine.add_prepared(text, token_ids, params))
+        samples = {rid: self.engine.sample_ids(rid) for rid in ids}
 
         def steps():
-            pending = set(ids)
+            pending = {sid for rid in ids for sid in samples[rid]}
             try:
                 while pending:
                     for chunk in self.engine.step():
@@ -333,16 +341,28 @@ class LLM:
     def generate(
         self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
     ) -> list[RequestOutput]:
-        """Completions for a prompt or a list of prompts (strings or token-id lists), in order."""
+        """Completions for a prompt or a list of prompts (strings or token-id lists), in order:
+        one RequestOutput per prompt. With SamplingParams.n > 1 its `outputs` holds the n
+        samples (each a RequestOutput with its `index`), and its own fields are sample 0's."""
         ids, chunks = self._run(self._requests(prompts, sampling_params))
+        continuous = self.engine_kind == "continuous"
+        sample_ids = {rid: self.engine.sample_ids(rid) if continuous else [rid] for rid in ids}
         final: dict[str, RequestOutput] = {}
         for chunk in chunks:
             if chunk.finished:
                 final[chunk.request_id] = chunk
-        return [final[i] for i in ids]
+        out = []
+        for rid in ids:
+            samples = [final[sid] for sid in sample_ids[rid]]
+            if len(samples) == 1:
+                out.append(samples[0])
+            else:
+                out.append(dataclasses.replace(samples[0], request_id=rid, samples=samples))
+        return out
 
     def stream(self, prompts, sampling_params=None) -> Iterator[RequestOutput]:
-        """Yields RequestOutput chunks as tokens arrive (`delta_text` is the new text)."""
+        """Yields RequestOutput chunks as tokens arrive (`delta_text` is the new text); with
+        n > 1 each chunk is one sample's (`group_id` the prompt's request, `index` the sample)."""
         _, chunks = self._run(self._requests(prompts, sampling_params))
         yield from chunks
 

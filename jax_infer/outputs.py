@@ -28,11 +28,26 @@ class RequestOutput:
     delta_token_ids: list[int] = dataclasses.field(default_factory=list)
     error: str | None = None  # why the engine ended it, when finish_reason is "error"
     first_scheduled_time: float | None = None  # time.monotonic() of its first step
+    # Parallel sampling (SamplingParams.n): which sample this is, the id the request was added
+    # under (request_id is then the sample's own, `child_request_ids`), and, on the one
+    # output per prompt that LLM.generate returns for n > 1, all n samples in order (its
+    # other fields are then sample 0's).
+    index: int = 0
+    group_id: str | None = None
+    samples: list[RequestOutput] | None = None
+    # SamplingParams.prompt_logprobs: per prompt token {token id: logprob}, the first None.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     @property
     def outputs(self) -> list[RequestOutput]:
-        """vLLM code reads `output.outputs[0].text`; one completion per prompt here."""
-        return [self]
+        """vLLM code reads `output.outputs[i].text`: the n samples (one when n=1)."""
+        return self.samples if self.samples is not None else [self]
+
+
+def child_request_ids(request_id: str, n: int) -> list[str]:
+    """The engine request ids of the n samples of `request_id`: itself when n=1, else
+    f"{request_id}#{i}"."""
+    return [request_id] if n == 1 else [f"{request_id}#{i}" for i in range(n)]
 
 
 def make_output(req: Request) -> RequestOutput:
@@ -61,6 +76,9 @@ def make_output(req: Request) -> RequestOutput:
         delta_token_ids=new,
         error=req.error,
         first_scheduled_time=req.first_scheduled_time,
+        index=req.sample_index,
+        group_id=req.group_id,
+        prompt_logprobs=list(req.prompt_logprobs) if req.prompt_logprobs is not None else None,
     )
 
 

@@ -29,14 +29,21 @@ import numpy as np
 
 from jax_infer import sharding
 from jax_infer.attention import build_metadata, flat_tokens
-from jax_infer.attention.metadata import common_shape, step_shape
+from jax_infer.attention.metadata import bucket, common_shape, step_shape
 from jax_infer.config import ModelConfig
 from jax_infer.cpu.layout import tile_f32_params, untile_f32_params
 from jax_infer.model.cache import init_paged_cache, init_sharded_paged_cache
 from jax_infer.model.llama import untie_lm_head
 from jax_infer.model.step import paged_forward
 from jax_infer.outputs import host_logprob_rows, logprob_entry
-from jax_infer.sampling import SamplerFlags, SamplingMetadata, min_tokens_banned_ids, sample
+from jax_infer.sampling import (
+    SamplerFlags,
+    SamplingMetadata,
+    logit_bias_arrays,
+    min_tokens_banned_ids,
+    sample,
+    token_logprobs,
+)
 from jax_infer.scheduler.request import Request
 
 
@@ -121,6 +128,12 @@ def data_parallel_step(step, mesh: jax.sharding.Mesh):
     return call
 
 
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _copy_pages(pool, src, dst):
+    """pool leaves [P, ...] (page axis first, int8 scales included): leaf[dst] = leaf[src]."""
+    return jax.tree.map(lambda a: a.at[dst].set(a[src]), pool)
+
+
 @dataclasses.dataclass
 class StepBatch:
     """One ragged step, in input order: row i computes `rows[i]` at positions starts[i].. over
@@ -142,6 +155,12 @@ class StepBatch:
     # With page groups: every group's table of each row (row_tables[i][g]; group 0's equals
     # block_tables[i]). None: one group.
     group_block_tables: Sequence[Sequence[Sequence[int]]] | None = None
+    # Parallel sampling: (input row, request) pairs sampled from that row's logits as well.
+    forks: Sequence[tuple[int, Request]] = ()
+    # Prompt logprobs: (input row, m, k): logprobs at the row's first m tokens of the token
+    # after each (rows[i][1:m + 1], or the next row token), with the top k. Needs
+    # logits_per_row None.
+    prompt_logits: Sequence[tuple[int, Sequence[int], int]] = ()
 
 
 @dataclasses.dataclass
@@ -155,6 +174,10 @@ class StepResult:
     order: np.ndarray
     tokens: list[int | None]
     logprobs: list[dict[int, float] | None]
+    fork_tokens: list[int] = dataclasses.field(default_factory=list)  # per batch.forks
+    fork_logprobs: list[dict[int, float] | None] = dataclasses.field(default_factory=list)
+    # Per batch.prompt_logits: one {token id: logprob} per position (the token and top k).
+    prompt_logprobs: list[list[dict[int, float]]] = dataclasses.field(default_factory=list)
 
 
 class ModelRunner:
@@ -272,6 +295,18 @@ class ModelRunner:
                 )
                 metas.append(m)
             meta = tuple(metas)
+        first = meta[0] if isinstance(meta, tuple) else meta  # the one whose logits_index counts
+        num_rows = len(first.logits_index)
+        if batch.prompt_logits:
+            # Logits at more positions: extra indices after the rows' own (a bucketed count).
+            extra = np.concatenate(
+                [offsets[i] + np.arange(len(nxt)) for i, nxt, _ in batch.prompt_logits]
+            ).astype(np.int32)
+            index = np.zeros(num_rows + bucket(len(extra), 32), np.int32)
+            index[:num_rows] = first.logits_index
+            index[num_rows : num_rows + len(extra)] = extra
+            first = first._replace(logits_index=index)
+            meta = (first, *meta[1:]) if isinstance(meta, tuple) else first
         logits, self.pool = self._forward(
             self.params,
             tokens,  # numpy: the jitted call transfers it (cheaper than jnp.asarray each)
@@ -281,9 +316,55 @@ class ModelRunner:
             dtype=self.dtype,
             backend=self.backend,
         )
+        prompt_lps = []
+        if batch.prompt_logits:
+            prompt_lps = self._prompt_logprobs(logits[num_rows:], batch.prompt_logits)
+            logits = logits[:num_rows]
         last = logits[:, -1] if batch.logits_per_row else logits
         sampled, entries = self._sample(last, order, batch.sample)
-        return StepResult(logits, order, sampled, entries)
+        result = StepResult(logits, order, sampled, entries, prompt_logprobs=prompt_lps)
+        if batch.forks:
+            # Each fork samples from its leader's row: gather those rows, padded to a power of
+            # two so the sampler compiles for few shapes.
+            row_of = {int(i): r for r, i in enumerate(order) if i >= 0}
+            rows = [row_of[i] for i, _ in batch.forks]
+            rows += [0] * (bucket(len(rows), 1) - len(rows))
+            fork_reqs = [req for _, req in batch.forks]
+            fork_order = np.full(len(rows), -1, np.int64)
+            fork_order[: len(fork_reqs)] = np.arange(len(fork_reqs))
+            tokens, fork_entries = self._sample(logits[np.asarray(rows)], fork_order, fork_reqs)
+            result.fork_tokens, result.fork_logprobs = tokens, fork_entries
+        return result
+
+    def copy_pages(self, copies: Sequence[tuple[int, int]]) -> None:
+        """Copy whole pages src -> dst in every layer's K and V (copy on write of pages shared
+        by forked samples); padded to a power of two with null-page self-copies."""
+        size = bucket(len(copies), 1)
+        src = np.zeros(size, np.int32)
+        dst = np.zeros(size, np.int32)
+        src[: len(copies)] = [c[0] for c in copies]
+        dst[: len(copies)] = [c[1] for c in copies]
+        self.pool = _copy_pages(self.pool, src, dst)
+
+    def _prompt_logprobs(self, logits, requests) -> list[list[dict[int, float]]]:
+        """Entries for `StepBatch.prompt_logits` from the extra logits rows f32[X, V]."""
+        next_ids = np.concatenate([np.asarray(nxt, np.int32) for _, nxt, _ in requests])
+        ids = np.zeros(logits.shape[0], np.int32)
+        ids[: len(next_ids)] = next_ids
+        k = max(kk for _, _, kk in requests)
+        lp, top_ids, top_lps = map(np.asarray, token_logprobs(logits, ids, k=k))
+        out, pos = [], 0
+        for _, nxt, kk in requests:
+            entries = []
+            for j, token in enumerate(nxt):
+                entry = {
+                    int(t): float(v) for t, v in zip(top_ids[pos + j, :kk], top_lps[pos + j, :kk])
+                }
+                entry[int(token)] = float(lp[pos + j])
+                entries.append(entry)
+            out.append(entries)
+            pos += len(nxt)
+        return out
 
     def _execute_replicas(self, batch: StepBatch) -> StepResult:
         """One step of every data replica's rows, in one call: each replica's metadata laid
@@ -361,6 +442,7 @@ class ModelRunner:
         generated = [req.num_output_tokens if req is not None else 0 for req in by_row]
         seeds = [req.seed if req is not None else 0 for req in by_row]
         banned = min_tokens_banned_ids(params, generated, self.eos_token_ids, rows)
+        bias = logit_bias_arrays(params, rows)
         res = sample(
             logits,
             SamplingMetadata.build(params, seeds, generated, rows),
@@ -368,6 +450,7 @@ class ModelRunner:
             jnp.asarray(prompt_mask),
             flags=flags,
             banned_ids=None if banned is None else jnp.asarray(banned),
+            logit_bias=None if bias is None else tuple(map(jnp.asarray, bias)),
         )
         token_ids = np.asarray(res.token_ids)
         lp_rows = host_logprob_rows(res, flags.num_logprobs)

@@ -61,6 +61,8 @@ GREEDY_TEMPERATURE_EPS = 1e-5
 
 MAX_LOGPROBS = 20
 _U32_MAX = 2**32 - 1
+# OpenAI's range for a logit_bias value; +-100 amounts to forcing or banning a token.
+MAX_LOGIT_BIAS = 100.0
 
 
 def _invalid(field: str, value: Any, allowed: str) -> ValueError:
@@ -97,6 +99,15 @@ class SamplingParams:
     ``stop`` strings are matched by the engine on detokenized text and cannot be
     masked at the logits level; ``min_tokens`` only masks eos/stop_token_ids.
     ``seed`` must fit in uint32 because the device keeps it in a ``u32[B]`` array.
+
+    ``n`` samples of one prompt share its KV pages; sample i draws from the seed
+    ``(seed + i) % 2**32`` (``sample_seed``), so it equals a single request with that seed.
+    ``logit_bias`` ({token id: bias in [-100, 100]}, OpenAI) is added to the logits before
+    penalties and sampling (greedy too); it is normalized to a tuple of (id, bias) pairs
+    sorted by id so that params stay hashable (``dict(p.logit_bias)`` gives the mapping).
+    ``prompt_logprobs`` (k in [0, 20]): the logprob of every prompt token after the first
+    plus the top k there, computed from the prefill logits (prefix-cache reuse is skipped
+    for such a request so that every prompt position is computed).
     """
 
     max_tokens: int = 16
@@ -115,6 +126,9 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    n: int = 1
+    logit_bias: Any = None  # {token id: bias}; stored as tuple[tuple[int, float], ...]
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         setattr_ = functools.partial(object.__setattr__, self)
@@ -196,6 +210,46 @@ class SamplingParams:
             if not _is_bool(raw):
                 raise _invalid(name, raw, "must be a bool")
             setattr_(name, bool(raw))
+        self._check_parallel_fields(setattr_)
+
+    def _check_parallel_fields(self, setattr_) -> None:
+        """Validate and normalize n, logit_bias and prompt_logprobs."""
+        if not _is_int(self.n) or self.n < 1:
+            raise _invalid("n", self.n, "must be an int >= 1")
+        setattr_("n", int(self.n))
+        if self.prompt_logprobs is not None:
+            k = self.prompt_logprobs
+            if not _is_int(k) or not 0 <= k <= MAX_LOGPROBS:
+                raise _invalid(
+                    "prompt_logprobs", k, f"must be None or an int in [0, {MAX_LOGPROBS}]"
+                )
+            setattr_("prompt_logprobs", int(k))
+        bias = self.logit_bias
+        if bias is None:
+            return
+        allowed = (
+            "must be a mapping {token id (int >= 0): bias (a number in "
+            f"[-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}])}}"
+        )
+        try:
+            items = list(bias.items()) if hasattr(bias, "items") else [tuple(e) for e in bias]
+        except TypeError:
+            raise _invalid("logit_bias", bias, allowed) from None
+        pairs = {}
+        for entry in items:
+            if len(entry) != 2:
+                raise _invalid("logit_bias", bias, allowed)
+            token, value = entry
+            v = _as_finite_float(value)
+            if not _is_int(token) or token < 0 or v is None or abs(v) > MAX_LOGIT_BIAS:
+                raise _invalid("logit_bias", bias, f"{allowed}; entry {token!r}: {value!r}")
+            pairs[int(token)] = v
+        setattr_("logit_bias", tuple(sorted(pairs.items())) or None)
+
+    def sample_seed(self, base_seed: int, index: int) -> int:
+        """The seed of sample `index` of `n` whose first sample has `base_seed` (the request's
+        seed, or one the engine drew): ``(base_seed + index) % 2**32``, the server's rule."""
+        return (base_seed + index) % 2**32
 
     @property
     def is_greedy(self) -> bool:
@@ -403,6 +457,31 @@ def apply_banned_ids(logits: jax.Array, banned_ids: jax.Array) -> jax.Array:
     return logits.at[rows, ids].set(-jnp.inf, mode="drop")
 
 
+def logit_bias_arrays(
+    params: Sequence[SamplingParams | None], pad_to: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """(ids i32[B, S], biases f32[B, S]) of each row's logit_bias, padded with id -1, or None
+    when no row has one. S is a power of two to bound the number of compiled shapes."""
+    rows = {i: p.logit_bias for i, p in enumerate(params) if p is not None and p.logit_bias}
+    if not rows:
+        return None
+    width = 1 << (max(len(v) for v in rows.values()) - 1).bit_length()
+    ids = np.full((pad_to, width), -1, np.int32)
+    vals = np.zeros((pad_to, width), np.float32)
+    for i, pairs in rows.items():
+        ids[i, : len(pairs)] = [t for t, _ in pairs]
+        vals[i, : len(pairs)] = [b for _, b in pairs]
+    return ids, vals
+
+
+def apply_logit_bias(logits: jax.Array, bias: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """``logits[b, ids[b, s]] += biases[b, s]`` (from `logit_bias_arrays`); ids < 0 ignored."""
+    ids, vals = bias
+    ids = jnp.where(ids < 0, logits.shape[-1], ids)  # i32[B, S]; padding dropped below
+    rows = jnp.arange(logits.shape[0])[:, None]  # i32[B, 1]
+    return logits.at[rows, ids].add(vals.astype(logits.dtype), mode="drop")
+
+
 def apply_penalties(
     logits: jax.Array,
     output_counts: jax.Array,
@@ -515,6 +594,7 @@ def sample(
     *,
     flags: SamplerFlags,
     banned_ids: jax.Array | None = None,
+    logit_bias: tuple[jax.Array, jax.Array] | None = None,
 ) -> SamplerOutput:
     """Pick one token per row.
 
@@ -538,6 +618,8 @@ def sample(
     x = logits
     if banned_ids is not None:
         x = apply_banned_ids(x, banned_ids)
+    if logit_bias is not None:
+        x = apply_logit_bias(x, logit_bias)
     if flags.use_penalties:
         x = apply_penalties(
             x,
@@ -583,3 +665,14 @@ def update_output_counts(
     """output_counts i32[B, V] += one-hot(token_ids i32[B]) for rows where active bool[B]."""
     rows = jnp.arange(output_counts.shape[0])  # i32[B]
     return output_counts.at[rows, token_ids].add(active.astype(output_counts.dtype), mode="drop")
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def token_logprobs(logits: jax.Array, token_ids: jax.Array, *, k: int):
+    """Raw logprobs of given tokens (prompt_logprobs): logits f32[M, V], token_ids i32[M] ->
+    (logprob f32[M], top_ids i32[M, k], top_logprobs f32[M, k]); top ids descending, ties
+    toward the lower id, as the sampler's top-n logprobs."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # f32[M, V]
+    picked = jnp.take_along_axis(logp, token_ids[:, None], axis=-1)[:, 0]  # f32[M]
+    top_vals, top_ids = jax.lax.top_k(logp, k)  # f32[M, k], i32[M, k]
+    return picked, top_ids.astype(jnp.int32), top_vals

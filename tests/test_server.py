@@ -50,11 +50,13 @@ def test_completion_request_maps_to_sampling_params():
         b'{"prompt": "hi", "max_tokens": 5, "temperature": 0.5, "top_p": 0.9, "top_k": 4,'
         b' "min_p": 0.1, "n": 3, "seed": 7, "stop": "x", "stop_token_ids": [2],'
         b' "presence_penalty": 0.5, "frequency_penalty": -0.5, "repetition_penalty": 1.1,'
-        b' "logprobs": 2, "ignore_eos": true, "min_tokens": 1, "user": "u"}',
+        b' "logprobs": 2, "ignore_eos": true, "min_tokens": 1, "user": "u",'
+        b' "logit_bias": {"5": -100, "12": 2.5}}',
     )
-    params = sampling_params(req, prompt_len=3, max_model_len=64)
-    assert [p.seed for p in params] == [7, 8, 9]
-    p = params[0]
+    p = sampling_params(req, prompt_len=3, max_model_len=64)
+    # n samples in one engine request; sample i is seeded seed + i.
+    assert (p.n, p.seed, [p.sample_seed(p.seed, i) for i in range(3)]) == (3, 7, [7, 8, 9])
+    assert p.logit_bias == ((5, -100.0), (12, 2.5)) and p.prompt_logprobs is None
     assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.min_p) == (5, 0.5, 0.9, 4, 0.1)
     assert (p.stop, p.stop_token_ids, p.logprobs, p.ignore_eos, p.min_tokens) == (
         ("x",),
@@ -65,27 +67,29 @@ def test_completion_request_maps_to_sampling_params():
     )
     assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.5, -0.5, 1.1)
     # Defaults: OpenAI's 16 tokens for completions, temperature 1, no seed.
-    (d,) = sampling_params(
+    d = sampling_params(
         parse(CompletionRequest, b'{"prompt": [1, 2]}'), prompt_len=2, max_model_len=64
     )
-    assert (d.max_tokens, d.temperature, d.seed) == (16, 1.0, None)
+    assert (d.max_tokens, d.temperature, d.seed, d.n) == (16, 1.0, None, 1)
+    echo = parse(CompletionRequest, b'{"prompt": "a", "echo": true, "logprobs": 3}')
+    assert sampling_params(echo, prompt_len=1, max_model_len=64).prompt_logprobs == 3
 
 
 def test_chat_request_maps_to_sampling_params():
     body = b'{"messages": [{"role": "user", "content": "hi"}], "logprobs": true, "top_logprobs": 3'
-    (p,) = sampling_params(
-        parse(ChatCompletionRequest, body + b"}"), prompt_len=10, max_model_len=64
-    )
+    p = sampling_params(parse(ChatCompletionRequest, body + b"}"), prompt_len=10, max_model_len=64)
     assert (p.logprobs, p.max_tokens) == (3, 54)  # chat fills the context by default
     req = parse(ChatCompletionRequest, body + b', "max_completion_tokens": 4, "max_tokens": 9}')
-    assert sampling_params(req, prompt_len=10, max_model_len=64)[0].max_tokens == 4
+    assert sampling_params(req, prompt_len=10, max_model_len=64).max_tokens == 4
 
 
 @pytest.mark.parametrize(
     "body, param",
     [
         (b'{"prompt": "a", "tools": []}', "tools"),
-        (b'{"prompt": "a", "logit_bias": {"1": 2}}', "logit_bias"),
+        (b'{"prompt": "a", "logit_bias": {"x1": 2}}', "logit_bias"),
+        (b'{"prompt": "a", "logit_bias": {"1": 101}}', "logit_bias"),
+        (b'{"prompt": "a", "logit_bias": {"1": "2"}}', "logit_bias"),
         (b'{"prompt": "a", "max_tokens": "ten"}', "max_tokens"),
         (b'{"prompt": "a", "temperature": true}', "temperature"),
         (b'{"prompt": "a", "n": 1000000}', "n"),
@@ -525,6 +529,45 @@ def test_completion_stream_n2_logprobs(client):
         for c in chunk.choices:
             texts[c.index] += c.text
     assert texts == [c.text for c in r.choices]
+
+
+@pytest.mark.real_model
+def test_logit_bias_and_echo_with_prompt_logprobs(client, hf_smollm2):
+    """logit_bias +100 forces a token under greedy decoding; echo with logprobs gives the
+    prompt's tokens first (the first logprob null) with HF transformers' logprobs."""
+    import torch
+
+    hf_model, hf_tok = hf_smollm2
+    forced = hf_tok.encode(" banana")[0]
+    r = client.completions.create(
+        model="smollm2", prompt="Hi", max_tokens=3, temperature=0, logit_bias={str(forced): 100}
+    )
+    assert r.choices[0].text == hf_tok.decode([forced] * 3)
+    prompt = "The capital of France is"
+    r = client.completions.create(
+        model="smollm2", prompt=prompt, max_tokens=2, temperature=0, echo=True, logprobs=2
+    )
+    ids = hf_tok.encode(prompt)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text.startswith(prompt)
+    assert len(lp.tokens) == len(ids) + 2 and "".join(lp.tokens) == r.choices[0].text
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    with torch.no_grad():
+        ref = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0].double(), -1).numpy()
+    want = [ref[p - 1, ids[p]] for p in range(1, len(ids))]
+    assert lp.token_logprobs[1 : len(ids)] == pytest.approx(want, abs=2e-3)
+    assert all(len(top) == 2 for top in lp.top_logprobs[1:])
+    stream = client.completions.create(
+        model="smollm2",
+        prompt=prompt,
+        max_tokens=2,
+        temperature=0,
+        echo=True,
+        logprobs=2,
+        stream=True,
+    )
+    streamed = [x for c in stream for ch in c.choices if ch.logprobs for x in ch.logprobs.tokens]
+    assert streamed == lp.tokens
 
 
 @pytest.mark.real_model

@@ -98,6 +98,12 @@ class Request:
     text: str = ""  # visible output text (a matched stop string cut off)
     num_emitted_chars: int = 0  # characters of `text` already streamed
     num_emitted_tokens: int = 0  # output tokens already streamed
+    # -- parallel sampling and prompt logprobs (SamplingParams.n / prompt_logprobs) --
+    group_id: str | None = None  # the id the caller gave, when this is one of n samples
+    sample_index: int = 0  # which of the n samples
+    skip_prefix_cache: bool = False  # compute every prompt position (prompt logprobs need it)
+    # Per prompt position {token id: logprob} (position 0: None), filled as chunks compute.
+    prompt_logprobs: list | None = None
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = list(self.prompt_token_ids)

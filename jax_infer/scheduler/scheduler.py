@@ -33,6 +33,17 @@ Why it is shaped this way:
   prefix-cache hit of k pages needs, in a windowed group, only the pages its window reaches
   from position k * L; the longest k for which every group has them cached is used (a
   window page evicted means a shorter hit, recomputed, never a wrong one).
+* Parallel sampling (n samples of one prompt) forks rather than recomputes: the first
+  sample (the leader) is queued and computes the prompt; the others (its followers) hold
+  no pages and wait beside it, with seats reserved. The step that reaches the end of the
+  prompt samples every one of them from the leader's last logits (ScheduledRequest.
+  followers), and update() forks: each follower shares the leader's prompt pages (one
+  more reference each) and starts decoding. A page shared this way may be the partially
+  filled last prompt page; the first write to a shared page copies it to a private one
+  (copy on write: SchedulerOutput.page_copies, executed by the engine before the step).
+  After the fork, samples are ordinary requests: preemption frees their references and
+  recomputes, as for any request. A leader that ends before its fork releases its
+  followers to the queue as ordinary requests.
 
 A request's life: WAITING -> RUNNING <-> PREEMPTED -> FINISHED_*. A finished
 request is forgotten by the scheduler: it owns no pages and is in no queue.
@@ -76,6 +87,8 @@ class ScheduledRequest:
     # Snapshots of every page group's table (block_tables[0] == block_table); a windowed
     # group's pages its window no longer reaches are the null page.
     block_tables: list[list[int]] = dataclasses.field(default_factory=list)
+    # Parallel sampling: followers to sample from this row's logits and fork in update().
+    followers: list[Request] = dataclasses.field(default_factory=list)
 
     @property
     def request_id(self) -> str:
@@ -101,6 +114,8 @@ class SchedulerOutput:
     preempted: list[str]  # request ids preempted in this step (their device state is void)
     finished_aborted: list[str]  # ids ended by abort() since the previous schedule()
     finished_error: list[str]  # ids failed in this step (see Request.error)
+    # (source page, destination page) copies to make before the step (copy on write).
+    page_copies: list[tuple[int, int]] = dataclasses.field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
@@ -182,14 +197,49 @@ class Scheduler:
         self._pending: SchedulerOutput | None = None  # scheduled, update() not yet called
         self._aborted_ids: list[str] = []  # for the next SchedulerOutput.finished_aborted
         self._finished_outside_update: list[Request] = []  # drained by pop_finished()
+        # Parallel sampling: followers waiting for their leader's prompt, by leader id.
+        self._followers: dict[str, list[Request]] = {}
+        self._leader_of: dict[str, str] = {}
+        self._copies: list[tuple[int, int]] = []  # page copies of the step being scheduled
 
     # ---- requests in and out -----------------------------------------------------------
 
-    def add_request(self, request: Request) -> None:
+    def add_request(self, request: Request, followers: Sequence[Request] = ()) -> None:
         """Queue a fresh request (WAITING, nothing computed, no output, no pages).
 
         Service order is the order of add_request() calls; arrival_time is for metrics.
+        `followers`: more samples of the same prompt, forked from `request` once its prompt
+        is computed (see the module docstring); they need seats beside it.
         """
+        group = [request, *followers]
+        ids = [r.request_id for r in group]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"request ids {ids} repeat")
+        if len(group) > self.max_num_seqs:
+            raise ValueError(
+                f"request {request.request_id!r}: n={len(group)} samples need {len(group)} "
+                f"seats but max_num_seqs={self.max_num_seqs}"
+            )
+        if followers and len(self.allocators) > 1:
+            raise ValueError(
+                f"request {request.request_id!r}: forked samples (followers) need one page "
+                f"group; this scheduler has {len(self.allocators)} (windows {self.windows}): "
+                "add the samples as separate requests"
+            )
+        for f in followers:
+            if f.prompt_token_ids != request.prompt_token_ids:
+                raise ValueError(f"follower {f.request_id!r} has another prompt than its leader")
+        for r in group:
+            self._check_fresh(r)
+        for r in group:
+            self._requests[r.request_id] = r
+        self._waiting.append(request)
+        if followers:
+            self._followers[request.request_id] = list(followers)
+            for f in followers:
+                self._leader_of[f.request_id] = request.request_id
+
+    def _check_fresh(self, request: Request) -> None:
         rid = request.request_id
         if rid in self._requests:
             raise ValueError(f"request_id {rid!r} is already queued or running")
@@ -217,8 +267,6 @@ class Scheduler:
                 f"request {rid!r} must be fresh (WAITING, no output, nothing computed, no pages), "
                 f"got status={request.status.name}, num_computed_tokens={request.num_computed_tokens}"
             )
-        self._requests[rid] = request
-        self._waiting.append(request)
 
     def abort(self, request_id: str) -> bool:
         """Finish a waiting, running or preempted request now and free its pages.
@@ -246,10 +294,16 @@ class Scheduler:
     def _finish(self, req: Request, status: RequestStatus, error: str | None = None) -> None:
         # The status may already say finished (set by outputs.commit_tokens): where the
         # request sits is told by its pages-or-queue state, not by its status.
-        if any(r is req for r in self._running):
+        leader = self._leader_of.pop(req.request_id, None)
+        if leader is not None:  # a follower not yet forked: it is in no queue
+            self._followers[leader].remove(req)
+            if not self._followers[leader]:
+                del self._followers[leader]
+        elif any(r is req for r in self._running):
             self._running.remove(req)
         else:
             self._waiting.remove(req)
+        self._release_followers(req)
         self._free_pages(req)
         req.status = status
         if error is not None:
@@ -280,8 +334,25 @@ class Scheduler:
                 j -= 1
             self.allocators[g].free(freed)
 
+    def _release_followers(self, req: Request) -> None:
+        """A leader ending before its fork: its followers queue as ordinary requests, next."""
+        followers = self._followers.pop(req.request_id, [])
+        for f in reversed(followers):
+            del self._leader_of[f.request_id]
+            self._waiting.appendleft(f)
+
+    def _seats_used(self) -> int:
+        """Running requests plus the seats reserved for the followers of running leaders."""
+        running = {r.request_id for r in self._running}
+        return len(self._running) + sum(
+            len(f) for rid, f in self._followers.items() if rid in running
+        )
+
     def _preempt(self, req: Request) -> None:
         """Free all of a running request's pages and put it at the front of the queue."""
+        # A copy into one of its pages is void (and the page may be reused in this step).
+        mine = set(req.block_table)
+        self._copies = [c for c in self._copies if c[1] not in mine]
         self._running.remove(req)
         self._free_pages(req)
         req.num_computed_tokens = 0  # its outputs stay: they are recomputed with the prompt
@@ -315,8 +386,20 @@ class Scheduler:
         return n
 
     def _grow(self, req: Request, num_tokens: int) -> bool:
-        """Append pages so every group's block table covers `num_tokens` positions; False
-        (allocating nothing) if some group has too few left."""
+        """Make the pages that positions [num_computed_tokens, num_tokens) write private (copy
+        on write of pages shared by forked samples: only a single-group scheduler forks) and
+        append pages so every group's block table covers `num_tokens` positions; False if
+        some group has too few left."""
+        first = req.num_computed_tokens // self.page_size
+        for j in range(first, min(len(req.block_table), _cdiv(num_tokens, self.page_size))):
+            page = req.block_table[j]
+            if self.allocator.refcount(page) > 1:  # shared by forked samples
+                new = self.allocator.allocate(1)
+                if new is None:
+                    return False
+                self._copies.append((page, new[0]))
+                req.block_table[j] = new[0]
+                self.allocator.free([page])
         need = _cdiv(num_tokens, self.page_size) - len(req.block_table)
         if need <= 0:
             return True
@@ -353,8 +436,11 @@ class Scheduler:
 
     def _admit(self, req: Request, budget: int) -> ScheduledRequest | None:
         """Give the head of the queue its cached prefix and pages for a first chunk, or None."""
+        followers = self._followers.get(req.request_id, ())
+        if followers and self._seats_used() + 1 + len(followers) > self.max_num_seqs:
+            return None  # its samples need seats beside it
         hit = 0
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and not req.skip_prefix_cache:
             # Only pages strictly before the last known token may come from cache: that
             # token must be computed so that the step samples the next one, and a page
             # is never written while shared.
@@ -413,6 +499,11 @@ class Scheduler:
             k -= 1
         return k
 
+    def _with_followers(self, sr: ScheduledRequest) -> ScheduledRequest:
+        if sr.sample:
+            sr.followers = list(self._followers.get(sr.request_id, ()))
+        return sr
+
     def _prefill_slots_full(self, chunks: list[ScheduledRequest]) -> bool:
         limit = self.max_num_partial_prefills
         return limit is not None and sum(len(c.token_ids) > 1 for c in chunks) >= limit
@@ -437,6 +528,7 @@ class Scheduler:
         if self._pending is not None:
             raise RuntimeError("schedule() called again before update() of the previous output")
         budget = self.max_num_batched_tokens
+        self._copies = []
         decodes: list[ScheduledRequest] = []
         chunks: list[ScheduledRequest] = []
         preempted: list[str] = []
@@ -459,7 +551,7 @@ class Scheduler:
                     break
             if req.status is not RequestStatus.RUNNING:
                 continue  # it preempted itself; it was the last running request
-            sr = self._scheduled(req, n, is_new=False)
+            sr = self._with_followers(self._scheduled(req, n, is_new=False))
             if n == 1 and lookahead and lookahead.get(req.request_id):
                 sr.num_lookahead = self._lookahead(req, lookahead[req.request_id], budget)
                 sr.block_tables = [list(t) for t in req.block_tables]
@@ -473,14 +565,14 @@ class Scheduler:
             while (
                 self._waiting
                 and budget > 0
-                and len(self._running) < self.max_num_seqs
+                and self._seats_used() < self.max_num_seqs
                 and not self._prefill_slots_full(chunks)
             ):
                 req = self._waiting[0]
                 sr = self._admit(req, budget)
                 if sr is not None:
                     self._waiting.popleft()
-                    chunks.append(sr)
+                    chunks.append(self._with_followers(sr))
                     budget -= len(sr.token_ids)
                 elif self._running:
                     break  # FCFS: wait for running requests to release pages
@@ -505,8 +597,10 @@ class Scheduler:
             preempted=preempted,
             finished_aborted=self._aborted_ids,
             finished_error=errors,
+            page_copies=self._copies,
         )
         self._aborted_ids = []
+        self._copies = []
         if scheduled:
             self._pending = out
         return out
@@ -528,13 +622,16 @@ class Scheduler:
         rule ends the request there and drops the tokens after it, reaching max_tokens or
         max_model_len finishes it with "length". `finished` maps request ids to "stop",
         "length", "abort" or "error" as decided by the engine outside the tokens (e.g. a
-        failure). Requests aborted since schedule() are skipped.
+        failure). Requests aborted since schedule() are skipped. A leader's followers
+        (ScheduledRequest.followers) take their first token(s) in `sampled` too, and are
+        forked from the leader here; one left out of `sampled` is queued on its own.
         """
         finished = dict(finished or {})
         logprobs = logprobs or {}
         if output.scheduled and output is not self._pending:
             raise ValueError("update() takes the output of the latest schedule(), once")
         by_id = {sr.request_id: sr for sr in output.scheduled}
+        forks = {f.request_id for sr in output.scheduled for f in sr.followers}
         # Validate everything before changing anything.
         for rid, reason in finished.items():
             if reason not in FINISH_REASONS:
@@ -544,6 +641,8 @@ class Scheduler:
             if rid not in self._requests and rid not in by_id:
                 raise ValueError(f"finished names unknown request {rid!r}")
         for rid in sampled:
+            if rid in forks:
+                continue
             if rid not in by_id or not by_id[rid].sample:
                 raise ValueError(
                     f"sampled has tokens for {rid!r}, which was not scheduled to sample this step"
@@ -584,6 +683,8 @@ class Scheduler:
                 end = min(sr.start + max(1, new), req.num_tokens - 1)
             req.num_computed_tokens = end
             self._register_full_pages(req, sr.start, end)
+            if sr.followers and new:
+                done += self._fork(req, sr, sampled, logprobs)
             if sr.num_lookahead:
                 # Pages reserved for rejected drafts that the known tokens no longer reach.
                 keep = _cdiv(req.num_tokens, self.page_size)
@@ -604,6 +705,36 @@ class Scheduler:
             if req is not None:
                 self._finish_with(req, reason)
                 done.append(req)
+        return done
+
+    def _fork(self, leader: Request, sr: ScheduledRequest, sampled, logprobs) -> list[Request]:
+        """Start the leader's waiting followers on its prompt pages, each with its sampled
+        token(s); returns those that finished at once. Followers without tokens (or
+        aborted since schedule()) are queued on their own or skipped."""
+        prompt_len = sr.end
+        pages = leader.block_table[: _cdiv(prompt_len, self.page_size)]
+        hashes = leader.block_hashes[: prompt_len // self.page_size]
+        done = []
+        for f in list(self._followers.get(leader.request_id, ())):
+            tokens = sampled.get(f.request_id)
+            if f not in sr.followers or not tokens:
+                continue
+            self._followers[leader.request_id].remove(f)
+            del self._leader_of[f.request_id]
+            self.allocator.share(pages)
+            f.block_table = list(pages)
+            f.block_hashes = list(hashes)
+            f.num_computed_tokens = prompt_len
+            f.num_cached_tokens = leader.num_cached_tokens
+            f.status = RequestStatus.RUNNING
+            self._running.append(f)
+            commit_tokens(f, tokens, self.max_model_len, logprobs.get(f.request_id))
+            if f.is_finished:
+                self._finish(f, f.status)
+                done.append(f)
+        if not self._followers.get(leader.request_id, True):
+            del self._followers[leader.request_id]
+        self._release_followers(leader)  # those the engine gave no token: on their own
         return done
 
     def _finish_with(self, req: Request, reason: str) -> None:
@@ -663,7 +794,9 @@ class Scheduler:
         assert len(set(running_ids)) == len(running_ids), "a request is running twice"
         assert len(set(waiting_ids)) == len(waiting_ids), "a request is waiting twice"
         assert not set(running_ids) & set(waiting_ids), "a request is running and waiting"
-        assert set(running_ids) | set(waiting_ids) == set(self._requests), "request lost"
+        assert set(running_ids) | set(waiting_ids) | set(self._leader_of) == set(self._requests), (
+            "request lost"
+        )
         assert len(self._running) <= self.max_num_seqs, "more running than max_num_seqs"
         refs = [collections.Counter() for _ in self.allocators]
         for req in self._running:
@@ -687,9 +820,13 @@ class Scheduler:
                 assert NULL_PAGE not in held, f"{rid}: null page in block table"
                 assert len(set(held)) == len(held), f"{rid}: page twice in block table"
                 refs[g].update(held)
-                # Pages still being written are private and not in the prefix cache.
-                for page in table[nc // size :]:
-                    assert alloc.refcount(page) == 1, f"{rid}: page {page} written while shared"
+                # Pages still being written are not in the prefix cache, and private except a
+                # partly computed page shared by forked samples (copied before its next write).
+                for j, page in enumerate(table[nc // size :], start=nc // size):
+                    shared_ok = j == nc // size and nc % size
+                    assert alloc.refcount(page) == 1 or shared_ok, (
+                        f"{rid}: page {page} written while shared"
+                    )
                     assert alloc.page_hash_of(page) is None, (
                         f"{rid}: page {page} written while cached"
                     )
@@ -701,6 +838,13 @@ class Scheduler:
         for req in self._running + list(self._waiting):
             assert len(req.output_token_ids) <= req.max_tokens, f"{req.request_id}: too long"
             assert req.num_tokens <= self.max_model_len, f"{req.request_id}: past max_model_len"
+        for leader, followers in self._followers.items():
+            assert leader in self._requests and followers, f"{leader}: stale followers"
+            for f in followers:
+                assert self._leader_of[f.request_id] == leader, f"{f.request_id}: leader"
+                assert f.status is RequestStatus.WAITING and not f.block_table, f.request_id
+        assert len(self._leader_of) == sum(len(f) for f in self._followers.values())
+        assert self._seats_used() <= self.max_num_seqs, "followers' seats overbooked"
         for req in self._waiting:
             assert req.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED), req.status
             assert not any(req.block_tables) and req.num_computed_tokens == 0, (

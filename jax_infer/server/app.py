@@ -187,10 +187,6 @@ def build_app(front: AsyncEngine, config: ServerConfig) -> FastAPI:
         req = parse(CompletionRequest, await read_body(request))
         check_model(req.model)
         eng = engine()
-        if req.echo and req.logprobs is not None:
-            raise APIError(
-                400, "echo with logprobs needs prompt logprobs, not implemented", param="echo"
-            )
         prompts = _prompt_list(req.prompt)
         jobs, prompt_texts = [], []
         for i, prompt in enumerate(prompts):
@@ -223,8 +219,9 @@ def build_app(front: AsyncEngine, config: ServerConfig) -> FastAPI:
         return await _generate(request, req, [(ids, params)], kind="chat")
 
     async def _generate(request: Request, req, jobs, *, kind: str, echo=None):
-        """Submit every (prompt, sample) as an engine request; answer in one body or as SSE."""
-        flat = [(ids, p) for ids, params in jobs for p in params]
+        """Submit every (prompt, params) as an engine request (params.n samples each); answer
+        in one body or as SSE. Choice i is sample i % n of prompt i // n."""
+        flat = jobs
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         response_id = f"{prefix}-{uuid.uuid4().hex}"
         stream = front.submit(flat, prefix=response_id)
@@ -266,7 +263,9 @@ def build_app(front: AsyncEngine, config: ServerConfig) -> FastAPI:
                     {
                         "index": i,
                         "text": prefix_text + out.text,
-                        "logprobs": _completion_logprobs(out.token_ids, out.logprobs, tok, req),
+                        "logprobs": _completion_logprobs(
+                            out.token_ids, out.logprobs, tok, req, _echoed(out, echo)
+                        ),
                         "finish_reason": out.finish_reason,
                     }
                 )
@@ -306,7 +305,9 @@ def build_app(front: AsyncEngine, config: ServerConfig) -> FastAPI:
                     choice = {
                         "index": i,
                         "text": text,
-                        "logprobs": _completion_logprobs(new_ids, lps, tok, req),
+                        "logprobs": _completion_logprobs(
+                            new_ids, lps, tok, req, _echoed(out, echo) if first else None
+                        ),
                         "finish_reason": out.finish_reason,
                     }
                 if out.finished:
@@ -350,7 +351,7 @@ def _check_prompt(eng, prompt, req, param: str) -> list[int]:
     before a stream's 200 is sent. Too long a request names max_tokens when the client set
     it, else the prompt."""
     ids = eng.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-    params = sampling_params(req, prompt_len=len(ids), max_model_len=eng.max_model_len)[0]
+    params = sampling_params(req, prompt_len=len(ids), max_model_len=eng.max_model_len)
     try:
         _, ids = prepare_prompt(
             ids, params, eng.tokenizer, eng.config.vocab_size, eng.max_model_len
@@ -386,9 +387,21 @@ def _top(entry: dict[int, float], token: int, n: int) -> list[tuple[int, float]]
     return ranked[:n]
 
 
-def _completion_logprobs(token_ids, logprobs, tok, req) -> dict | None:
-    if req.logprobs is None or logprobs is None:
+def _echoed(out: RequestOutput, echo) -> tuple[list[int], list] | None:
+    """(prompt token ids, their logprob entries) for echo with logprobs, else None."""
+    if not echo or out.prompt_logprobs is None:
         return None
+    return out.prompt_token_ids, out.prompt_logprobs
+
+
+def _completion_logprobs(token_ids, logprobs, tok, req, prompt=None) -> dict | None:
+    """OpenAI's legacy logprobs object; `prompt` (ids, entries) puts the echoed prompt's
+    tokens first (the first token's logprob is null: nothing precedes it)."""
+    if req.logprobs is None or (logprobs is None and prompt is None):
+        return None
+    if prompt is not None:
+        token_ids = list(prompt[0]) + list(token_ids)
+        logprobs = list(prompt[1]) + list(logprobs or [None] * (len(token_ids) - len(prompt[0])))
     tokens, token_lps, tops, offsets = [], [], [], []
     offset = 0
     for token, entry in zip(token_ids, logprobs):

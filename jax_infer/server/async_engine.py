@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from jax_infer.outputs import RequestOutput
+from jax_infer.outputs import RequestOutput, child_request_ids
 from jax_infer.sampling import SamplingParams
 from jax_infer.server.metrics import Metrics, num_compiles
 from jax_infer.server.protocol import APIError
@@ -51,11 +51,14 @@ class Failure:
 
 @dataclasses.dataclass(eq=False)
 class Stream:
-    """The engine requests of one HTTP request, and the asyncio queue their outputs reach."""
+    """The engine requests of one HTTP request, and the asyncio queue their outputs reach.
+    `request_ids`: one per sample, prompt by prompt (`child_request_ids` of each of
+    `group_ids`, the ids the prompts are added under)."""
 
     request_ids: list[str]
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+    group_ids: list[str] = dataclasses.field(default_factory=list)
 
     def put(self, item) -> None:
         """Thread-safe: deliver an output (or a Failure) to the handler."""
@@ -128,24 +131,32 @@ class AsyncEngine:
             raise APIError(503, f"the engine is not serving ({self.state}): {self.error}")
 
     def submit(self, prompts: list[tuple[list[int], SamplingParams]], prefix: str) -> Stream:
-        """Queue one engine request per (prompt ids, params); raises APIError 503 when the
-        engine is down or the waiting queue is full. Call on the event loop."""
+        """Queue one engine request per (prompt ids, params) (params.n samples each); raises
+        APIError 503 when the engine is down or the waiting queue is full. Call on the event
+        loop."""
+        group_ids = [f"{prefix}-{next(self._ids)}" for _ in prompts]
         stream = Stream(
-            request_ids=[f"{prefix}-{next(self._ids)}" for _ in prompts],
+            request_ids=[
+                rid
+                for gid, (_, p) in zip(group_ids, prompts)
+                for rid in child_request_ids(gid, p.n)
+            ],
             loop=asyncio.get_running_loop(),
             queue=asyncio.Queue(),
+            group_ids=group_ids,
         )
+        num = len(stream.request_ids)
         with self._lock:
             self.check_ready()
             limit = self.max_waiting_requests
             waiting = self._num_waiting + self._pending_adds
-            if limit is not None and waiting + len(prompts) > limit:
+            if limit is not None and waiting + num > limit:
                 raise APIError(
                     503,
                     f"the waiting queue is full ({waiting} requests waiting, "
                     f"max_waiting_requests={limit}); retry later",
                 )
-            self._pending_adds += len(prompts)
+            self._pending_adds += num
             self._commands.put(("add", stream, prompts, time.monotonic()))
         return stream
 
@@ -269,7 +280,7 @@ class AsyncEngine:
         if kind == "add":
             _, stream, prompts, arrival = command
             with self._lock:
-                self._pending_adds -= len(prompts)
+                self._pending_adds -= len(stream.request_ids)
             self._add(stream, prompts, arrival)
         elif kind == "abort":
             self._abort(command[1].request_ids)
@@ -301,16 +312,17 @@ class AsyncEngine:
 
     def _add(self, stream: Stream, prompts, arrival: float) -> None:
         added = []
-        for rid, (ids, params) in zip(stream.request_ids, prompts):
+        for gid, (ids, params) in zip(stream.group_ids, prompts):
             try:
-                self.engine.add_request(ids, params, request_id=rid)
+                self.engine.add_request(ids, params, request_id=gid)
             except ValueError as e:  # checked by the handler already; a race is still a 400
                 self._abort(added)
                 stream.put(Failure(400, str(e)))
                 return
-            added.append(rid)
-            self._streams[rid] = stream
-            self._timing[rid] = _Timing(arrival, RequestOutput(rid, None, list(ids)))
+            for rid in child_request_ids(gid, params.n):
+                added.append(rid)
+                self._streams[rid] = stream
+                self._timing[rid] = _Timing(arrival, RequestOutput(rid, None, list(ids)))
 
     def _abort(self, request_ids, reason: str | None = None) -> None:
         for rid in request_ids:

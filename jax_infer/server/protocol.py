@@ -1,6 +1,6 @@
 """The OpenAI request shapes the server accepts, their errors, and the mapping to SamplingParams.
 
-Every request model forbids unknown fields: a field we do not implement (tools, logit_bias,
+Every request model forbids unknown fields: a field we do not implement (tools,
 response_format, ...) would change the output if honoured, so it is refused with a 400 naming
 it rather than ignored. Models are strict (validated from the raw JSON body, so "5" is not an
 int and true is not a number); range checks beyond the shape are SamplingParams', whose
@@ -16,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from jax_infer.sampling import SamplingParams
 
-# Most samples of one prompt (`n`): each is an engine request, so this bounds the work one
-# HTTP request can queue.
+# Most samples of one prompt (`n`): each is an engine request (forked from one prompt
+# computation), so this bounds the work one HTTP request can queue.
 MAX_N = 16
 _U32 = 2**32
 
@@ -93,6 +93,7 @@ class _Sampling(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    logit_bias: dict[str, float] | None = None  # OpenAI: token id (a JSON key) -> bias
 
 
 class CompletionRequest(_Sampling):
@@ -200,8 +201,25 @@ def request_param(req: _Sampling, field: str) -> str:
     return field
 
 
-def sampling_params(req: _Sampling, *, prompt_len: int, max_model_len: int) -> list[SamplingParams]:
-    """One SamplingParams per sample (`n`), seeds `seed + i` so samples differ but reproduce.
+def _logit_bias(raw: dict[str, float]) -> dict[int, float]:
+    """OpenAI's logit_bias (JSON keys are strings) keyed by int token id; ranges are checked by
+    SamplingParams, the vocabulary by the engine's prompt check."""
+    out = {}
+    for key, value in raw.items():
+        if not key.isdigit():
+            raise APIError(
+                400,
+                f"logit_bias key {key!r} is invalid: must be a token id (a decimal integer >= 0)",
+                param="logit_bias",
+            )
+        out[int(key)] = value
+    return out
+
+
+def sampling_params(req: _Sampling, *, prompt_len: int, max_model_len: int) -> SamplingParams:
+    """The request's SamplingParams: `n` samples of each prompt sharing its KV pages, sample i
+    seeded `seed + i` (SamplingParams.sample_seed) so samples differ but reproduce; echo with
+    logprobs asks for the prompt's logprobs.
 
     max_tokens defaults to 16 for completions (OpenAI's default) and to what the context has
     room for in chat. Raises APIError 400 naming the request field for an invalid value."""
@@ -238,13 +256,13 @@ def sampling_params(req: _Sampling, *, prompt_len: int, max_model_len: int) -> l
     ):
         if value is not None:
             knobs[name] = value
-    out = []
-    for i in range(req.n):
-        seed = None if req.seed is None else (req.seed + i) % _U32
-        try:
-            out.append(SamplingParams(**knobs, seed=seed))
-        except ValueError as e:
-            match = _SAMPLING_FIELD.match(str(e))
-            param = request_param(req, match.group(1)) if match else None
-            raise APIError(400, str(e), param=param) from None
-    return out
+    if req.logit_bias is not None:
+        knobs["logit_bias"] = _logit_bias(req.logit_bias)
+    if isinstance(req, CompletionRequest) and req.echo and req.logprobs is not None:
+        knobs["prompt_logprobs"] = req.logprobs
+    try:
+        return SamplingParams(**knobs, n=req.n, seed=req.seed)
+    except ValueError as e:
+        match = _SAMPLING_FIELD.match(str(e))
+        param = request_param(req, match.group(1)) if match else None
+        raise APIError(400, str(e), param=param) from None

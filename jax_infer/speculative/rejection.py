@@ -44,12 +44,13 @@ def supports_speculation(params: SamplingParams, num_generated: int) -> bool:
     """Whether a request's next tokens may be verified speculatively: the target
     distribution of every draft position must not depend on the drafts before it beyond the
     model itself. Penalties (counts of output tokens), a min_tokens ban still in force and
-    per-token logprobs are not supported; such requests decode without drafts."""
+    per-token logprobs and logit_bias are not supported; such requests decode without drafts."""
     return (
         params.repetition_penalty == 1.0
         and params.presence_penalty == 0.0
         and params.frequency_penalty == 0.0
         and params.logprobs is None
+        and not params.logit_bias
         and num_generated >= params.min_tokens
     )
 
