@@ -54,10 +54,6 @@ GGUF_NAMES = {
     "blk.{i}.ffn_gate.weight": ("layers_{i}/w_gate", "T"),
     "blk.{i}.ffn_up.weight": ("layers_{i}/w_up", "T"),
     "blk.{i}.ffn_down.weight": ("layers_{i}/w_down", "T"),
-    "blk.{i}.attn_q_norm.weight": ("layers_{i}/q_norm", "copy"),
-    "blk.{i}.attn_k_norm.weight": ("layers_{i}/k_norm", "copy"),
-    "blk.{i}.post_attention_norm.weight": ("layers_{i}/post_attn_norm", "copy"),
-    "blk.{i}.post_ffw_norm.weight": ("layers_{i}/post_mlp_norm", "copy"),
 }
 
 # Gemma 2/3 (HF `Gemma2ForCausalLM`, `Gemma3ForCausalLM`): four norms per layer, QK-norm.
@@ -69,9 +65,16 @@ GEMMA_HF_NAMES = {
     "model.layers.{i}.self_attn.q_norm.weight": ("layers_{i}/q_norm", "copy"),
     "model.layers.{i}.self_attn.k_norm.weight": ("layers_{i}/k_norm", "copy"),
 }
-# Gemma GGUFs: the same tensor names, every norm stored as 1 + w.
+# Gemma GGUFs: Llama's tensor names plus the QK and post norms, every norm stored as 1 + w.
 GEMMA_GGUF_NAMES = {
-    k: (dst, "minus_one" if dst.endswith("norm") else tag) for k, (dst, tag) in GGUF_NAMES.items()
+    k: (dst, "minus_one" if dst.endswith("norm") else tag)
+    for k, (dst, tag) in {
+        **GGUF_NAMES,
+        "blk.{i}.attn_q_norm.weight": ("layers_{i}/q_norm", "copy"),
+        "blk.{i}.attn_k_norm.weight": ("layers_{i}/k_norm", "copy"),
+        "blk.{i}.post_attention_norm.weight": ("layers_{i}/post_attn_norm", "copy"),
+        "blk.{i}.post_ffw_norm.weight": ("layers_{i}/post_mlp_norm", "copy"),
+    }.items()
 }
 FAMILY_NAMES = {
     ("hf", "gemma2"): GEMMA_HF_NAMES,
