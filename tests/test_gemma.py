@@ -240,7 +240,9 @@ TOKENIZER_TEXTS = [
 @pytest.mark.slow
 @pytest.mark.real_model
 def test_270m_config_and_tokenizer_equal_hf(gemma, hf_gemma):
-    assert gemma.config == GEMMA3_270M
+    # The GGUF stores eps as f32 (9.99999997e-07), as transformers reads it too.
+    assert gemma.config.rms_norm_eps == pytest.approx(1e-6, rel=1e-6)
+    assert gemma.config.replace(rms_norm_eps=1e-6) == GEMMA3_270M
     hf_model, hf_tok = hf_gemma
     assert gemma.config.layer_types == tuple(hf_model.config.layer_types)
     tok = gemma.tokenizer
