@@ -321,3 +321,115 @@ def test_270m_greedy_equals_hf(gemma, hf_continuations, engine_kwargs):
         assert engine.scheduler.allocator.num_free() == engine.num_pages - 1
     for i, (g, w) in enumerate(zip(got, want)):
         assert g == w, f"prompt {i} ({len(prompts[i])} tokens) differs from HF"
+
+
+# == tiny Gemma GGUFs, laid out as llama.cpp's converter writes them ======================
+
+GGUF_TENSORS = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def write_gemma_gguf(path, model, arch: str, window: int):
+    """A Gemma GGUF of an HF model as llama.cpp writes one: q/k rows not permuted (NEOX
+    RoPE), every norm stored as 1 + w, the window but no layer pattern or query scale."""
+    import gguf
+
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_freq_base(float(cfg.rope_parameters.get("rope_theta", 0)) or 1e6)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_sliding_window(window)
+    w.add_vocab_size(cfg.vocab_size)
+    for name, p in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue  # tied
+        a = p.detach().float().numpy()
+        if name.startswith("model.layers."):
+            _, _, i, rest = name.split(".", 3)
+            target = f"blk.{i}.{GGUF_TENSORS[rest]}"
+        else:
+            target = GGUF_TENSORS[name]
+        w.add_tensor(target, a + 1 if "norm" in name else a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        # transformers' GGUF defaults: caps 50 / 30, query scale 256, every 2nd layer global.
+        (
+            "gemma2_softcap",
+            dict(
+                query_pre_attn_scalar=256,
+                attn_logit_softcapping=50.0,
+                final_logit_softcapping=30.0,
+                initializer_range=0.4,
+            ),
+        ),
+        # Gemma 3: every 6th layer global (here both sliding), local base 1e4.
+        (
+            "gemma3",
+            dict(
+                query_pre_attn_scalar=256,
+                layer_types=["sliding_attention", "sliding_attention"],
+                rope_parameters={
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                    "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                },
+            ),
+        ),
+    ],
+)
+def test_tiny_gemma_gguf_equals_hf(name, overrides, tmp_path):
+    import jax.numpy as jnp
+
+    from jax_infer.model.cache import init_cache
+    from jax_infer.model.step import forward
+    from jax_infer.weights import load_gguf
+
+    model = make_hf_model(name, tmp_path / "hf", vocab_size=TINY_VOCAB, **overrides)
+    arch = "gemma2" if name.startswith("gemma2") else "gemma3"
+    write_gemma_gguf(tmp_path / "m.gguf", model, arch, model.config.sliding_window)
+    config, params, _ = load_gguf(str(tmp_path / "m.gguf"), progress=False)
+    assert config.family == arch and config.layer_types == tuple(model.config.layer_types)
+    tokens = np.random.default_rng(5).integers(0, TINY_VOCAB, size=(1, 24)).tolist()
+    with torch.no_grad():
+        ref = model(torch.tensor(tokens)).logits.numpy()
+    ours, _ = forward(
+        params,
+        jnp.asarray(tokens, jnp.int32),
+        jnp.zeros(1, jnp.int32),
+        jnp.full(1, 24, jnp.int32),
+        init_cache(config, 1, 32),
+        config=config,
+        dtype=jnp.float32,
+        attn_len=32,
+        all_logits=True,
+    )
+    assert np.abs(np.asarray(ours) - ref).max() <= 1e-4
