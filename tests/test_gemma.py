@@ -297,30 +297,32 @@ def test_270m_last_position_logits_equal_hf(gemma, hf_gemma, hf_continuations):
 
 @pytest.mark.slow
 @pytest.mark.real_model
-@pytest.mark.parametrize(
-    "engine_kwargs",
-    [None, {"max_num_batched_tokens": 16}, {"num_pages": 130, "max_num_batched_tokens": 64}],
-    ids=["llm", "chunk16", "preempt"],
-)
-def test_270m_greedy_equals_hf(gemma, hf_continuations, engine_kwargs):
+@pytest.mark.parametrize("mode", ["llm", "chunk16", "preempt"])
+def test_270m_greedy_equals_hf(gemma, hf_continuations, mode):
     prompts, want = hf_continuations
     greedy = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
-    if engine_kwargs is None:
+    if mode == "llm":
         got = [o.token_ids for o in gemma.generate(prompts, greedy)]
     else:
+        page = 16
+        max_len = max(len(p) for p in prompts) + 32
+        kwargs = {"max_num_batched_tokens": 16}
+        if mode == "preempt":
+            # A pool that holds the longest request alone: the others force preemptions.
+            kwargs = {"max_num_batched_tokens": 64, "num_pages": -(-max_len // page) + 1}
         engine = LLMEngine(
             gemma.config,
             gemma.params,
             gemma.tokenizer,
-            max_model_len=2048,
-            engine_config=EngineConfig(max_num_seqs=8, **engine_kwargs),
+            max_model_len=max_len,
+            engine_config=EngineConfig(max_num_seqs=8, page_size=page, **kwargs),
         )
         got = run_engine(engine, prompts, greedy)
-        if "num_pages" in engine_kwargs:
-            assert engine.num_preemptions > 0, "the pool was meant to force preemptions"
         assert engine.scheduler.allocator.num_free() == engine.num_pages - 1
     for i, (g, w) in enumerate(zip(got, want)):
-        assert g == w, f"prompt {i} ({len(prompts[i])} tokens) differs from HF"
+        assert g == w, f"{mode}: prompt {i} ({len(prompts[i])} tokens) differs from HF"
+    if mode == "preempt":
+        assert engine.num_preemptions > 0, "the pool was meant to force preemptions"
 
 
 # == tiny Gemma GGUFs, laid out as llama.cpp's converter writes them ======================
