@@ -309,7 +309,7 @@ def test_270m_greedy_equals_hf(gemma, hf_continuations, mode):
         kwargs = {"max_num_batched_tokens": 16}
         if mode == "preempt":
             # A pool that holds the longest request alone: the others force preemptions.
-            kwargs = {"max_num_batched_tokens": 64, "num_pages": -(-max_len // page) + 1}
+            kwargs = {"max_num_batched_tokens": 256, "num_pages": -(-max_len // page) + 1}
         engine = LLMEngine(
             gemma.config,
             gemma.params,
