@@ -93,10 +93,9 @@ def test_tiny_config_reads_gemma_fields(tiny):
     "engine_kwargs",
     [
         {"max_num_batched_tokens": 16},
-        {"max_num_batched_tokens": 16, "attention_backend": "xla"},
         {"num_pages": 16, "page_size": 4, "max_num_batched_tokens": 16},
     ],
-    ids=["chunk16", "chunk16-xla", "preempt"],
+    ids=["chunk16", "preempt"],
 )
 def test_tiny_engine_greedy_equals_hf(tiny, tiny_prompts, engine_kwargs):
     """Our engine, chunked and preempting, continues exactly as HF's generate."""
