@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_infer import sharding
-from jax_infer.attention import build_metadata, flat_tokens
+from jax_infer.attention import AttentionMetadata, build_metadata, flat_tokens
 from jax_infer.attention.metadata import bucket, common_shape, step_shape
 from jax_infer.config import ModelConfig
 from jax_infer.cpu.layout import tile_f32_params, untile_f32_params
@@ -295,7 +295,8 @@ class ModelRunner:
                 )
                 metas.append(m)
             meta = tuple(metas)
-        first = meta[0] if isinstance(meta, tuple) else meta  # the one whose logits_index counts
+        grouped = not isinstance(meta, AttentionMetadata)
+        first = meta[0] if grouped else meta  # the one whose logits_index the model reads
         num_rows = len(first.logits_index)
         if batch.prompt_logits:
             # Logits at more positions: extra indices after the rows' own (a bucketed count).
@@ -306,7 +307,7 @@ class ModelRunner:
             index[:num_rows] = first.logits_index
             index[num_rows : num_rows + len(extra)] = extra
             first = first._replace(logits_index=index)
-            meta = (first, *meta[1:]) if isinstance(meta, tuple) else first
+            meta = (first, *meta[1:]) if grouped else first
         logits, self.pool = self._forward(
             self.params,
             tokens,  # numpy: the jitted call transfers it (cheaper than jnp.asarray each)

@@ -15,7 +15,8 @@ Layout (Megatron-style tensor parallelism over `model`, data parallelism over `d
     wo      [N*H, D]     ("q_heads", "embed")    row-parallel: partial sums, one all-reduce
     w_gate, w_up [D, F]  ("embed", "mlp")        column-parallel, split by channels
     w_down  [F, D]       ("mlp", "embed")        row-parallel: one all-reduce
-    norms   [D]          ("embed",)              replicated
+    norms   [D]          ("embed",)              replicated (Gemma's post norms too)
+    q_norm, k_norm [H]   ("head_dim",)           replicated (Gemma 3's QK-norm, per head)
     lm_head [D, V]       ("embed", "vocab")      split by vocabulary
     cache k, v [B, S, K, H]  ("batch", "seq", "kv_heads", "head_dim")
     page pool  [P, L, K, H]  ("pages", "page", "kv_heads", "head_dim")   (int8 scales [P, L, K])
@@ -122,6 +123,10 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
     "final_norm": ("embed",),
     "attn_norm": ("embed",),
     "mlp_norm": ("embed",),
+    "post_attn_norm": ("embed",),
+    "post_mlp_norm": ("embed",),
+    "q_norm": ("head_dim",),
+    "k_norm": ("head_dim",),
     "wq": ("embed", "q_heads"),
     "wk": ("embed", "kv_heads"),
     "wv": ("embed", "kv_heads"),

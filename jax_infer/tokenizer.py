@@ -38,7 +38,7 @@ import jinja2
 import jinja2.ext
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
 __all__ = ["IncrementalDetokenizer", "Tokenizer", "TokenizerError"]
 
@@ -117,6 +117,31 @@ _TRANSFORMERS_GPT2_FALLBACK = frozenset({"smollm", "starcoder", "refact", "codes
 
 SUPPORTED_GGUF_MODELS = ("gpt2", "llama")
 SUPPORTED_GGUF_PRE = tuple(sorted(_BYTE_LEVEL_PRE_TOKENIZERS))
+
+# Architectures whose sentencepiece GGUF vocabulary is Gemma's (see `_gemma_backend`).
+GEMMA_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
+
+# Gemma's chat format, built in because llama.cpp's Gemma GGUFs carry no template: BOS, then
+# turns "<start_of_turn>{user|model}\n{text}<end_of_turn>\n"; a system message has no turn
+# of its own and is put in front of the first user turn; roles must alternate from user.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- set ns = namespace(prefix='') -%}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set ns.prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- set turns = messages[1:] -%}"
+    "{%- else -%}{%- set turns = messages -%}{%- endif -%}"
+    "{%- for m in turns -%}"
+    "{%- if (m['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Gemma chat roles must alternate user/assistant/user/...') }}"
+    "{%- endif -%}"
+    "{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n' }}"
+    "{{ (ns.prefix if loop.first else '') + m['content'] | trim }}"
+    "{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+GEMMA_END_OF_TURN = "<end_of_turn>"
 
 # Named special token -> the GGUF key (under tokenizer.ggml.) holding its id.
 _GGUF_SPECIAL_ID_KEYS = {
@@ -402,6 +427,9 @@ class Tokenizer:
         if model == "gpt2":
             backend = _byte_level_backend(meta, tokens, token_types, source, pre)
             add_bos_default = False
+        elif model == "llama" and meta.get("general.architecture") in GEMMA_ARCHITECTURES:
+            backend = _gemma_backend(meta, tokens, token_types, special_tokens)
+            add_bos_default = True
         elif model == "llama":
             backend = _sentencepiece_backend(meta, tokens, token_types, special_tokens)
             # Older sentencepiece GGUFs have no flag; llama.cpp (and HF) then add BOS.
@@ -434,11 +462,19 @@ class Tokenizer:
             for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
             if meta.get(key) is not None
         ]
+        chat_template = meta.get("tokenizer.chat_template")
+        if meta.get("general.architecture") in GEMMA_ARCHITECTURES:
+            # Gemma's turns end with <end_of_turn>, which the files do not mark as EOT.
+            end_of_turn = backend.token_to_id(GEMMA_END_OF_TURN)
+            if end_of_turn is not None:
+                extra_eos.append(end_of_turn)
+            if chat_template is None:
+                chat_template = GEMMA_CHAT_TEMPLATE
         return cls(
             backend,
             special_tokens=special_tokens,
             special_token_ids=special_ids,
-            chat_template=meta.get("tokenizer.chat_template"),
+            chat_template=chat_template,
             extra_eos_token_ids=extra_eos,
             source=source,
         )
@@ -570,7 +606,7 @@ def _open_gguf(path_or_reader) -> tuple[Any, str]:
 def _gguf_tokenizer_metadata(reader) -> dict[str, Any]:
     meta = {}
     for key, field in reader.fields.items():
-        if key.startswith("tokenizer."):
+        if key.startswith("tokenizer.") or key == "general.architecture":
             try:
                 meta[key] = field.contents()
             except (ValueError, IndexError, UnicodeDecodeError) as e:
@@ -665,6 +701,39 @@ def _sentencepiece_backend(meta, tokens, token_types, special_tokens) -> tokeniz
     if add_prefix_space:
         steps.append(decoders.Strip(content=" ", left=1, right=0))
     backend.decoder = decoders.Sequence(steps)
+    _add_gguf_added_tokens(backend, tokens, token_types, alphabet=None)
+    return backend
+
+
+def _gemma_backend(meta, tokens, token_types, special_tokens) -> tokenizers.Tokenizer:
+    """Gemma's sentencepiece vocabulary as transformers' GGUF loader builds it (its
+    `GemmaTokenizer`): no pre-tokenizer split and no prefix space; a normalizer spells spaces
+    "▁"; BPE with byte fallback. Two quirks of llama.cpp's Gemma files are undone the same
+    way: tokens made only of spaces are stored as real spaces and are respelled "▁" * n,
+    and with no merges stored, the merges are derived from the vocabulary ranked by each
+    token's position in the file (Gemma's scores do not follow its merge order)."""
+    respelled = ["▁" * len(t) if " " in t and not t.strip() else t for t in tokens]
+    vocab = {token: index for index, token in enumerate(respelled)}
+    merges = _merges(meta)
+    if merges is None:
+        positions = {token: -index for index, token in enumerate(respelled)}
+        merges = _merges_from_scores(vocab, positions)
+    backend = tokenizers.Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=merges,
+            unk_token=special_tokens.get("unk_token"),
+            fuse_unk=True,
+            byte_fallback=True,
+            dropout=None,
+        )
+    )
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    # Added tokens by the file's own spelling (as HF): "\n" is matched whole, "  " is not.
     _add_gguf_added_tokens(backend, tokens, token_types, alphabet=None)
     return backend
 

@@ -1,4 +1,5 @@
-"""Logits of tiny random Llama / Mistral / Qwen2 models against HF transformers (torch, CPU, f32).
+"""Logits of tiny random Llama / Mistral / Qwen2 / Gemma 2 / Gemma 3 models against HF
+transformers (torch, CPU, f32).
 
 Each model is built by transformers, saved with `save_pretrained` (safetensors) and loaded by
 our HF loader, so the loader's name map and transposes are checked along with the math.
@@ -45,7 +46,10 @@ def test_logits_match_transformers(name, tmp_path):
     assert err <= 1e-4, f"{name}: max abs logit error {err}"
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral_sliding", "qwen2_bias", "qwen2_hybrid_window"])
+@pytest.mark.parametrize(
+    "name",
+    ["llama", "mistral_sliding", "qwen2_bias", "qwen2_hybrid_window", "gemma2_softcap", "gemma3"],
+)
 def test_incremental_decode_matches_full_forward(name, tmp_path):
     """Prefill a prefix then feed tokens one at a time through the cache: same logits as HF's
     full forward, including rows of different lengths in one batch and the sliding window."""

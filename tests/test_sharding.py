@@ -42,6 +42,8 @@ TINY = {
     "llama": ("llama", {"vocab_size": 128}),  # N=4, K=2: kv replicated at model=4
     "qwen2_bias": ("qwen2_bias", {"vocab_size": 128}),  # K=1: kv replicated at model>1; tied
     "mistral_sliding": ("mistral_sliding", {}),
+    # Gemma 3: QK-norm [H] and post norms [D] replicated; tied embedding split by vocabulary.
+    "gemma3": ("gemma3", {"vocab_size": 128}),
     "heads_9_3": (
         "llama",
         {
@@ -354,6 +356,10 @@ def expected_specs(case: str, data: int, model: int) -> dict:
         "final_norm": [None],
         "attn_norm": [None],
         "mlp_norm": [None],
+        "post_attn_norm": [None],
+        "post_mlp_norm": [None],
+        "q_norm": [None],
+        "k_norm": [None],
         "wq": [None, q],
         "wk": [None, kv],
         "wv": [None, kv],

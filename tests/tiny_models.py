@@ -1,4 +1,5 @@
-"""Tiny random HF models saved with save_pretrained, shared by the loader and model tests."""
+"""Tiny random HF models saved with save_pretrained, shared by the loader and model tests
+(Llama, Mistral, Qwen2, Gemma 2 and Gemma 3)."""
 
 from __future__ import annotations
 
@@ -45,8 +46,42 @@ CASES = {
         transformers.Qwen2Config,
         dict(use_sliding_window=True, sliding_window=8, max_window_layers=1),
     ),
+    # Gemma 2: (1 + w) norms, post norms, GeGLU, sqrt(D) embeddings, a query scale of its
+    # own, attention and final-logit soft-capping (wider init so the caps bite), alternate
+    # sliding layers.
+    "gemma2_softcap": (
+        transformers.Gemma2Config,
+        dict(
+            head_dim=16,
+            sliding_window=8,
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=3.0,
+            initializer_range=0.15,
+            rms_norm_eps=1e-6,
+        ),
+    ),
+    # Gemma 3: QK-norm, a local RoPE base for the sliding layer and a linearly scaled global
+    # one, no soft-capping.
+    "gemma3": (
+        transformers.Gemma3TextConfig,
+        dict(
+            head_dim=16,
+            sliding_window=8,
+            query_pre_attn_scalar=24,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0},
+            },
+            initializer_range=0.1,
+            rms_norm_eps=1e-6,
+        ),
+    ),
 }
 ARCH = {
+    transformers.Gemma2Config: transformers.Gemma2ForCausalLM,
+    transformers.Gemma3TextConfig: transformers.Gemma3ForCausalLM,
     transformers.LlamaConfig: transformers.LlamaForCausalLM,
     transformers.MistralConfig: transformers.MistralForCausalLM,
     transformers.Qwen2Config: transformers.Qwen2ForCausalLM,

@@ -53,7 +53,10 @@ def write_pages(pages, new, slot_mapping):
     return pages.at[page, offset].set(new.astype(pages.dtype))
 
 
-def _softmax_attend(scores, mask, v_dtype):
+def _softmax_attend(scores, mask, v_dtype, softcap=None):
+    if softcap is not None:
+        # Gemma 2's soft-capping of the scaled scores, before the mask (as HF).
+        scores = softcap * jnp.tanh(scores / softcap)
     scores = jnp.where(mask, scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1)
     # A row with no visible key (padding) has NaN probabilities: zero them, its output is unused.
@@ -79,7 +82,9 @@ def _page_size(pages) -> int:
     return (pages.values if isinstance(pages, QuantizedPages) else pages).shape[1]
 
 
-def reference_attention(q, k_pages, v_pages, meta: AttentionMetadata, sliding_window=None):
+def reference_attention(
+    q, k_pages, v_pages, meta: AttentionMetadata, sliding_window=None, softcap=None
+):
     """q [T, N, H] -> [T, N, H]: each flat token gathers its own row's pages."""
     t, n, h = q.shape
     kh = _kv_heads(k_pages)
@@ -98,11 +103,13 @@ def reference_attention(q, k_pages, v_pages, meta: AttentionMetadata, sliding_wi
     mask = (kv_pos[None, :] <= pos[:, None]) & (kv_pos[None, :] < meta.kv_lens[row][:, None])
     if sliding_window is not None:
         mask &= pos[:, None] - kv_pos[None, :] < sliding_window
-    probs = _softmax_attend(scores, mask[:, None, None, :], v.dtype)
+    probs = _softmax_attend(scores, mask[:, None, None, :], v.dtype, softcap)
     return jnp.einsum("tkgs,tskh->tkgh", probs, v).reshape(t, n, h)
 
 
-def _xla_decode(q, k_pages, v_pages, meta: AttentionMetadata, d_pad: int, sliding_window):
+def _xla_decode(
+    q, k_pages, v_pages, meta: AttentionMetadata, d_pad: int, sliding_window, softcap=None
+):
     """Decode rows 0..d_pad-1 (one query each, at the end of its sequence) -> [D, N, H]: the
     rows' pages gathered, one batched einsum. Causality is implied by kv_len."""
     n, h = q.shape[1:]
@@ -118,7 +125,7 @@ def _xla_decode(q, k_pages, v_pages, meta: AttentionMetadata, d_pad: int, slidin
     mask = kv_pos[None, :] < meta.kv_lens[:d_pad, None]  # bool[D, S]
     if sliding_window is not None:
         mask &= meta.positions[:d_pad, None] - kv_pos[None, :] < sliding_window
-    probs = _softmax_attend(scores / np.sqrt(h), mask[:, None, None, :], v.dtype)
+    probs = _softmax_attend(scores / np.sqrt(h), mask[:, None, None, :], v.dtype, softcap)
     return jnp.einsum("dkgs,dskh->dkgh", probs, v).reshape(d_pad, n, h)
 
 
@@ -150,11 +157,14 @@ def xla_attention(
     v_pages,
     meta: AttentionMetadata,
     sliding_window=None,
+    softcap=None,
     *,
     native: bool = False,
 ):
     """q [T, N, H] -> [T, N, H], decode rows and prefill chunks each in one batched einsum
-    (native: both by the C++ kernels instead, on the CPU)."""
+    (native: both by the C++ kernels instead, on the CPU; never with softcap, which the
+    kernels lack)."""
+    native = native and softcap is None
     t, n, h = q.shape
     p_pad, q_pad = meta.prefill_token_index.shape
     d_pad = meta.block_tables.shape[0] - p_pad
@@ -171,10 +181,12 @@ def xla_attention(
                 default=functools.partial(_xla_decode, **static),
             )
         else:
-            od = _xla_decode(q, k_pages, v_pages, meta, **static)
+            od = _xla_decode(q, k_pages, v_pages, meta, softcap=softcap, **static)
         out = out.at[:d_pad].set(od)
     if p_pad:
-        xla = functools.partial(_xla_chunks, d_pad=d_pad, sliding_window=sliding_window)
+        xla = functools.partial(
+            _xla_chunks, d_pad=d_pad, sliding_window=sliding_window, softcap=softcap
+        )
         if native and use_native_decode(k_pages, n):
             native = functools.partial(_native_chunks, d_pad=d_pad, sliding_window=sliding_window)
             op = jax.lax.platform_dependent(q, k_pages, v_pages, meta, cpu=native, default=xla)
@@ -184,7 +196,9 @@ def xla_attention(
     return out
 
 
-def _xla_chunks(q, k_pages, v_pages, meta: AttentionMetadata, d_pad: int, sliding_window):
+def _xla_chunks(
+    q, k_pages, v_pages, meta: AttentionMetadata, d_pad: int, sliding_window, softcap=None
+):
     """The prefill rows' queries -> [P, Q, N, H]: each row's pages gathered, causal masks,
     batched einsums."""
     t, n, h = q.shape
@@ -210,7 +224,7 @@ def _xla_chunks(q, k_pages, v_pages, meta: AttentionMetadata, d_pad: int, slidin
     mask &= kv_pos[None, None, :] < meta.kv_lens[d_pad:, None, None]
     if sliding_window is not None:
         mask &= qpos[:, :, None] - kv_pos[None, None, :] < sliding_window
-    probs = _softmax_attend(scores * scale, mask[:, None, None], v.dtype)
+    probs = _softmax_attend(scores * scale, mask[:, None, None], v.dtype, softcap)
     return jnp.einsum("pkgqs,pskh->pqkgh", probs, v).reshape(p_pad, q_pad, n, h)
 
 
@@ -283,7 +297,8 @@ def default_backend(sharded: bool = False) -> str:
 
 def paged_attend_fn(meta, backend: str, groups: tuple = (None,)):
     """attend_fn for the model over a paged cache: (k_pages, v_pages) per layer; `window` is
-    the layer's sliding window (`ModelConfig.layer_windows`), None for full attention.
+    the layer's sliding window (`ModelConfig.layer_windows`), None for full attention;
+    `softcap` the layer's attention logit soft-capping (Gemma 2), None for none.
 
     With page groups (`model.cache.page_group_windows`: sliding-window layers in pools of
     their own), `meta` is one AttentionMetadata per group, identical but for block tables
@@ -295,12 +310,18 @@ def paged_attend_fn(meta, backend: str, groups: tuple = (None,)):
     if len(metas) != len(groups):
         raise ValueError(f"{len(metas)} attention metadata for page groups {groups}")
 
-    def attend_fn(q, k, v, layer_cache, window=None):
+    def attend_fn(q, k, v, layer_cache, window=None, softcap=None):
         m = metas[groups.index(window)] if len(groups) > 1 else metas[0]
         # The model runs the flat tokens as a batch of one: [1, T, heads, H].
         k_pages = write_pages(layer_cache[0], k[0], m.slot_mapping)
         v_pages = write_pages(layer_cache[1], v[0], m.slot_mapping)
-        out = attention(q[0], k_pages, v_pages, m, window)
+        if softcap is None:
+            out = attention(q[0], k_pages, v_pages, m, window)
+        else:
+            # Soft-capped scores (Gemma 2) exist in the jnp backends only: the C++ and Pallas
+            # kernels' layers take the xla path.
+            capped = reference_attention if backend == "reference" else xla_attention
+            out = capped(q[0], k_pages, v_pages, m, window, softcap)
         return out.reshape(1, q.shape[1], -1), (k_pages, v_pages)
 
     return attend_fn

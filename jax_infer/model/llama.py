@@ -1,13 +1,16 @@
-"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2) as pure-functional Flax linen.
+"""The decoder of the Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2) and of Gemma 2/3, as
+pure-functional Flax linen: one decoder whose family-specific pieces are switched by
+`ModelConfig` fields whose defaults are Llama's.
 
 `Llama.apply({"params": params}, ...)` is a pure function of (params, tokens, positions,
 cache, attend_fn) -> (logits, cache): nothing mutable crosses `jit`, the KV cache goes in and
 comes back out (and is donated by the jitted callers in `model/step.py`). The model does not
-know the cache layout: `attend_fn(q, k, v, layer_cache)` stores the new keys/values and
-attends. This file holds the one for a contiguous cache (`contiguous_attention`: one (k, v)
-pair per layer, each [B, S, K, H], `init_cache`); the paged one is
-`attention.paged_attend_fn`; calibration's cache-free one is
-`prune.calibration.full_causal_attention`.
+know the cache layout: `attend_fn(q, k, v, layer_cache, window=...)` stores the new
+keys/values and attends. This file holds the one for a contiguous cache
+(`contiguous_attention`: one (k, v) pair per layer, each [B, S, K, H], `init_cache`); the
+paged one is `attention.paged_attend_fn`; calibration's cache-free one is
+`prune.calibration.full_causal_attention`. A layer with attention logit soft-capping (Gemma
+2) also passes `softcap=c`; only then, so an attend_fn without it fails loudly there.
 
 Layers are an unrolled Python loop over per-layer parameter dicts (`layers_0`, `layers_1`,
 ...). On the 2-core CPU this reads the weights at memory bandwidth, while a `lax.scan` over
@@ -18,10 +21,20 @@ at 32 rows than contracting against an [out, in] matrix):
 
     embed       [V, D]
     layers_i    attn_norm [D], wq [D, N*H], wk [D, K*H], wv [D, K*H], (bq, bk, bv if
-                attention_bias), wo [N*H, D], mlp_norm [D], w_gate [D, F], w_up [D, F],
-                w_down [F, D]
+                attention_bias), (q_norm [H], k_norm [H] if qk_norm), wo [N*H, D],
+                (post_attn_norm [D] if post_norms), mlp_norm [D], w_gate [D, F],
+                w_up [D, F], w_down [F, D], (post_mlp_norm [D] if post_norms)
     final_norm  [D]
     lm_head     [D, V]      (a tied model has none, or the copy `untie_lm_head` adds)
+
+What the Gemma fields change (HF's Gemma2/Gemma3 modeling, checked against it in
+tests/test_gemma.py): every RMSNorm scales by (1 + w) (`norm_offset`), computed in f32 and
+cast after the product; the attention and MLP outputs are normed before the residual add
+(`post_norms`); the MLP gate is tanh-GELU (`hidden_act`); queries and keys are RMS-normed per
+head before RoPE (`qk_norm`, Gemma 3); embeddings are multiplied by sqrt(D) (`embed_scale`);
+scores scale by query_pre_attn_scalar**-0.5, folded into q (`ModelConfig.query_scale`) so
+that every attention kernel keeps its 1/sqrt(H); sliding layers take their own RoPE base
+(`rope_local_theta`, Gemma 3); Gemma 2 soft-caps attention scores and final logits.
 
 Every matrix goes through the seams of `model/layers.py`, so quantized params (jax_infer.quant)
 take the same code. Each `DecoderLayer` also `sow`s the input of its projections into the
@@ -45,12 +58,25 @@ from jax_infer.model.cache import init_cache
 from jax_infer.model.layers import embed_lookup, linear, linear_transposed
 
 
-def rms_norm(x, scale, eps: float):
-    """RMSNorm computed in f32 and cast back, as HF does, so bf16 matches HF's rounding."""
+def rms_norm(x, scale, eps: float, offset: float = 0.0):
+    """RMSNorm computed in f32 and cast back, as HF does, so bf16 matches HF's rounding:
+    Llama casts before the scale, Gemma (offset 1: scale by 1 + w) after it."""
     dtype = x.dtype
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if offset:
+        return (xf * (offset + scale.astype(jnp.float32))).astype(dtype)
     return scale.astype(dtype) * xf.astype(dtype)
+
+
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
+
+
+def softcap(x, cap: float | None):
+    """cap * tanh(x / cap): Gemma's soft-capping of attention scores and logits."""
+    if cap is None:
+        return x
+    return cap * jnp.tanh(x / cap)
 
 
 def apply_rope(x, positions, inv_freq):
@@ -65,19 +91,20 @@ def apply_rope(x, positions, inv_freq):
     return out.astype(x.dtype)
 
 
-def attend(q, k, v, q_positions, kv_valid_len, sliding_window: int | None):
+def attend(q, k, v, q_positions, kv_valid_len, sliding_window: int | None, softcap_to=None):
     """Grouped-query attention of new queries over a contiguous cache.
 
     q [B, T, N, H]; k, v [B, S, K, H]; q_positions i32[B, T]; kv_valid_len i32[B] bounds the
     cache slots that hold real tokens. Query i may read slot j when j <= position(i) (causal)
-    and j < kv_valid_len, and, with a sliding window W, position(i) - j < W.
+    and j < kv_valid_len, and, with a sliding window W, position(i) - j < W. softcap_to: the
+    scaled scores are soft-capped (`softcap`) before the mask.
     """
     b, t, n, h = q.shape
     kh = k.shape[2]
     g = n // kh
     qg = q.reshape(b, t, kh, g, h)
     scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * (1.0 / np.sqrt(h))
+    scores = softcap(scores * (1.0 / np.sqrt(h)), softcap_to)
     kv_pos = jnp.arange(k.shape[1], dtype=jnp.int32)
     mask = kv_pos[None, None, :] <= q_positions[:, :, None]  # bool[B, T, S]
     mask &= kv_pos[None, None, :] < kv_valid_len[:, None, None]
@@ -120,15 +147,18 @@ def contiguous_attention(
     same program takes `attend`.
     """
 
-    def attend_fn(q, k, v, layer_cache, window=None):
+    def attend_fn(q, k, v, layer_cache, window=None, softcap=None):
         b, t = q.shape[:2]
         if kv_transform is not None:
             k, v = kv_transform(k), kv_transform(v)
         positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         cache_k = write_cache(layer_cache[0], k, start)
         cache_v = write_cache(layer_cache[1], v, start)
-        xla = functools.partial(_attend_window, attn_len=attn_len, sliding_window=window)
-        if native:
+        xla = functools.partial(
+            _attend_window, attn_len=attn_len, sliding_window=window, softcap_to=softcap
+        )
+        # The C++ kernel has no soft-capping: capped layers take the jnp path.
+        if native and softcap is None:
             cpu = functools.partial(native_contiguous_attend, sliding_window=window)
             out = jax.lax.platform_dependent(
                 q, cache_k, cache_v, positions, kv_valid_len, cpu=cpu, default=xla
@@ -140,9 +170,17 @@ def contiguous_attention(
     return attend_fn
 
 
-def _attend_window(q, cache_k, cache_v, positions, kv_valid_len, *, attn_len, sliding_window):
+def _attend_window(
+    q, cache_k, cache_v, positions, kv_valid_len, *, attn_len, sliding_window, softcap_to
+):
     return attend(
-        q, cache_k[:, :attn_len], cache_v[:, :attn_len], positions, kv_valid_len, sliding_window
+        q,
+        cache_k[:, :attn_len],
+        cache_v[:, :attn_len],
+        positions,
+        kv_valid_len,
+        sliding_window,
+        softcap_to,
     )
 
 
@@ -173,13 +211,15 @@ class DecoderLayer(nn.Module):
         c = self.config
         d, n, kh, h, f = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
         init = nn.initializers.normal(0.02)
+        # A norm scales by (norm_offset + w): w starts where the product is 1.
+        norm_init = nn.initializers.zeros if c.norm_offset else nn.initializers.ones
         p = {
-            "attn_norm": self.param("attn_norm", nn.initializers.ones, (d,)),
+            "attn_norm": self.param("attn_norm", norm_init, (d,)),
             "wq": self.param("wq", init, (d, n * h)),
             "wk": self.param("wk", init, (d, kh * h)),
             "wv": self.param("wv", init, (d, kh * h)),
             "wo": self.param("wo", init, (n * h, d)),
-            "mlp_norm": self.param("mlp_norm", nn.initializers.ones, (d,)),
+            "mlp_norm": self.param("mlp_norm", norm_init, (d,)),
             "w_gate": self.param("w_gate", init, (d, f)),
             "w_up": self.param("w_up", init, (d, f)),
             "w_down": self.param("w_down", init, (f, d)),
@@ -187,26 +227,45 @@ class DecoderLayer(nn.Module):
         if c.attention_bias:
             for name, width in (("bq", n * h), ("bk", kh * h), ("bv", kh * h)):
                 p[name] = self.param(name, nn.initializers.zeros, (width,))
+        if c.qk_norm:
+            p["q_norm"] = self.param("q_norm", norm_init, (h,))
+            p["k_norm"] = self.param("k_norm", norm_init, (h,))
+        if c.post_norms:
+            p["post_attn_norm"] = self.param("post_attn_norm", norm_init, (d,))
+            p["post_mlp_norm"] = self.param("post_mlp_norm", norm_init, (d,))
         b, t, _ = x.shape
 
-        y = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
+        def norm(value, name):
+            return rms_norm(value, p[name], c.rms_norm_eps, c.norm_offset)
+
+        y = norm(x, "attn_norm")
         q, k, v = linear(y, p["wq"]), linear(y, p["wk"]), linear(y, p["wv"])
         if c.attention_bias:
             q = q + p["bq"].astype(q.dtype)
             k = k + p["bk"].astype(k.dtype)
             v = v + p["bv"].astype(v.dtype)
-        q = apply_rope(q.reshape(b, t, n, h), positions, inv_freq)
-        k = apply_rope(k.reshape(b, t, kh, h), positions, inv_freq)
-        v = v.reshape(b, t, kh, h)
+        q, k, v = q.reshape(b, t, n, h), k.reshape(b, t, kh, h), v.reshape(b, t, kh, h)
+        if c.qk_norm:
+            q, k = norm(q, "q_norm"), norm(k, "k_norm")
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        if c.query_scale != 1.0:
+            q = q * jnp.asarray(c.query_scale, q.dtype)
         # The cache layout (contiguous rows or a page pool) is the attend_fn's business: it
         # stores k, v for these positions and attends q over everything cached so far.
-        attn, layer_cache = attend_fn(q, k, v, layer_cache, window=window)
+        extra = {}
+        if c.attn_logit_softcapping is not None:
+            extra["softcap"] = c.attn_logit_softcapping
+        attn, layer_cache = attend_fn(q, k, v, layer_cache, window=window, **extra)
         attn = attn.astype(self.dtype)  # [B, T, N*H]
-        x = x + linear(attn, p["wo"])
+        out = linear(attn, p["wo"])
+        x = x + (norm(out, "post_attn_norm") if c.post_norms else out)
 
-        y2 = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
-        act = jax.nn.silu(linear(y2, p["w_gate"])) * linear(y2, p["w_up"])  # [B, T, F]
-        x = x + linear(act, p["w_down"])
+        y2 = norm(x, "mlp_norm")
+        gate = ACTIVATIONS[c.hidden_act](linear(y2, p["w_gate"]))
+        act = gate * linear(y2, p["w_up"])  # [B, T, F]
+        out = linear(act, p["w_down"])
+        x = x + (norm(out, "post_mlp_norm") if c.post_norms else out)
 
         # The input of each projection, for calibration (prune/calibration.py). `sow` stores
         # only when the caller applies with mutable=["intermediates"]; otherwise it is a no-op
@@ -235,17 +294,22 @@ class Llama(nn.Module):
         c = self.config
         embed = self.param("embed", nn.initializers.normal(1.0), (c.vocab_size, c.hidden_size))
         x = embed_lookup(embed, tokens, self.dtype)
+        if c.embed_scale != 1.0:
+            # HF multiplies by the scale cast to the weights' dtype (bf16 rounds it).
+            x = x * jnp.asarray(c.embed_scale, self.dtype)
         inv_freq = jnp.asarray(rope_frequencies(c))
+        local_freq = jnp.asarray(rope_frequencies(c, local=True)) if c.rope_local_theta else None
         new_cache = []
-        for i, window in enumerate(c.layer_windows):
+        for i, (window, local) in enumerate(zip(c.layer_windows, c.layer_rope_local)):
             x, layer_cache = DecoderLayer(c, self.dtype, name=f"layers_{i}")(
-                x, positions, inv_freq, cache[i], attend_fn, window
+                x, positions, local_freq if local else inv_freq, cache[i], attend_fn, window
             )
             new_cache.append(layer_cache)
-        final_norm = self.param("final_norm", nn.initializers.ones, (c.hidden_size,))
+        norm_init = nn.initializers.zeros if c.norm_offset else nn.initializers.ones
+        final_norm = self.param("final_norm", norm_init, (c.hidden_size,))
         if logits_index is not None:
             x = jnp.take_along_axis(x, logits_index[:, :, None], axis=1)
-        x = rms_norm(x, final_norm, c.rms_norm_eps)
+        x = rms_norm(x, final_norm, c.rms_norm_eps, c.norm_offset)
         # A tied model may still carry an [D, V] copy of the embedding as "lm_head"
         # (`untie_lm_head`): x @ W reads it faster on CPU than x against the [V, D] table.
         if c.tie_word_embeddings and not self.has_variable("params", "lm_head"):
@@ -255,7 +319,7 @@ class Llama(nn.Module):
                 "lm_head", nn.initializers.normal(0.02), (c.hidden_size, c.vocab_size)
             )
             logits = linear(x, head)
-        return logits.astype(jnp.float32), new_cache
+        return softcap(logits.astype(jnp.float32), c.final_logit_softcapping), new_cache
 
 
 def untie_lm_head(params: dict, config: ModelConfig) -> dict:

@@ -63,25 +63,28 @@ def full_causal_attention(t: int) -> Callable:
     0..T-1 attend causally to each other (within the layer's window). The layer cache passes
     through untouched (None)."""
 
-    def attend_fn(q, k, v, layer_cache, window=None):
+    def attend_fn(q, k, v, layer_cache, window=None, softcap=None):
         b = q.shape[0]
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        out = attend(q, k, v, positions, jnp.full((b,), t, jnp.int32), window)
+        out = attend(q, k, v, positions, jnp.full((b,), t, jnp.int32), window, softcap)
         return out, layer_cache
 
     return attend_fn
 
 
-def layer_forward(p: dict, x, config: ModelConfig, dtype=jnp.float32, window=None):
+def layer_forward(
+    p: dict, x, config: ModelConfig, dtype=jnp.float32, window=None, local: bool = False
+):
     """One decoder layer over x [B, T, D] (positions 0..T-1, causal, within `window`, the
-    layer's entry of `config.layer_windows`): the model's own `DecoderLayer`, applied with its
+    layer's entry of `config.layer_windows`; `local`, its entry of `config.layer_rope_local`,
+    picks the sliding layers' RoPE): the model's own `DecoderLayer`, applied with its
     "intermediates" (the input of each projection) kept.
     Returns (x_out [B, T, D], stats: dict of per-feature sums over the B*T tokens)."""
     c = config
     b, t, _ = x.shape
     n, h = c.num_heads, c.head_dim
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    inv_freq = jnp.asarray(rope_frequencies(c))
+    inv_freq = jnp.asarray(rope_frequencies(c, local=local))
     (x, _), state = DecoderLayer(c, dtype).apply(
         {"params": p},
         x,
@@ -114,14 +117,16 @@ def layer_forward(p: dict, x, config: ModelConfig, dtype=jnp.float32, window=Non
     return x, stats
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "window"))
-def _layer_step(p, x, *, config: ModelConfig, dtype, window):
-    return layer_forward(p, x, config, dtype, window)
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "window", "local"))
+def _layer_step(p, x, *, config: ModelConfig, dtype, window, local):
+    return layer_forward(p, x, config, dtype, window, local)
 
 
-@functools.partial(jax.jit, static_argnames=("dtype",))
-def _embed(table, tokens, *, dtype):
-    return embed_lookup(table, tokens, dtype)
+@functools.partial(jax.jit, static_argnames=("dtype", "scale"))
+def _embed(table, tokens, *, dtype, scale: float):
+    x = embed_lookup(table, tokens, dtype)
+    # As the model does (`ModelConfig.embed_scale`, Gemma's sqrt(D)).
+    return x * jnp.asarray(scale, dtype) if scale != 1.0 else x
 
 
 class LayerwiseRunner:
@@ -158,7 +163,12 @@ class LayerwiseRunner:
         self.num_tokens = int(tokens.size)
         self.layer = 0  # index of the layer the held hidden states enter next
         self.hidden = [
-            _embed(params["embed"], jnp.asarray(tokens[i : i + batch_size]), dtype=self.dtype)
+            _embed(
+                params["embed"],
+                jnp.asarray(tokens[i : i + batch_size]),
+                dtype=self.dtype,
+                scale=config.embed_scale,
+            )
             for i in range(0, len(tokens), batch_size)
         ]
 
@@ -174,19 +184,25 @@ class LayerwiseRunner:
     def _window(self):
         return self.config.layer_windows[self.layer]
 
+    def _local(self):
+        return self.config.layer_rope_local[self.layer]
+
     def stats(self, p: dict) -> dict[str, np.ndarray]:
         """Statistics of layer p over the current inputs, as means over tokens."""
         cfg = self._config_for(p)
         total = None
         for x in self.hidden:
-            _, s = _layer_step(p, x, config=cfg, dtype=self.dtype, window=self._window())
+            _, s = _layer_step(
+                p, x, config=cfg, dtype=self.dtype, window=self._window(), local=self._local()
+            )
             total = s if total is None else jax.tree.map(jnp.add, total, s)
         return {k: np.asarray(v) / self.num_tokens for k, v in total.items()}
 
     def advance(self, p: dict) -> None:
         """Replace the held hidden states by layer p's outputs."""
-        cfg, window = self._config_for(p), self._window()
+        cfg, window, local = self._config_for(p), self._window(), self._local()
         self.hidden = [
-            _layer_step(p, x, config=cfg, dtype=self.dtype, window=window)[0] for x in self.hidden
+            _layer_step(p, x, config=cfg, dtype=self.dtype, window=window, local=local)[0]
+            for x in self.hidden
         ]
         self.layer += 1

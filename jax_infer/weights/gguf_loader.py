@@ -13,7 +13,7 @@ import numpy as np
 
 from jax_infer.config import ModelConfig
 from jax_infer.weights.common import ParamsBuilder, WeightsError
-from jax_infer.weights.names import GGUF_NAMES, IGNORED_SUFFIXES, expand
+from jax_infer.weights.names import IGNORED_SUFFIXES, name_map
 
 # Architectures whose GGUF q/k rows were permuted by the converter (NEOX-style ones were not).
 PERMUTED_QK = ("llama", "mistral")
@@ -54,7 +54,7 @@ def load_gguf(path: str, dtype="float32", progress: bool = True, *, mesh=None, r
     meta = read_metadata(reader)
     tensor_names = {t.name for t in reader.tensors}
     config = ModelConfig.from_gguf(meta, tensor_names)
-    names = expand(GGUF_NAMES, config.num_layers)
+    names = name_map("gguf", config)
     builder = ParamsBuilder(config, dtype, os.path.basename(path), progress, mesh=mesh, rules=rules)
     permuted = meta.get("general.architecture") in PERMUTED_QK
     file_size = os.path.getsize(path)

@@ -13,7 +13,7 @@ from safetensors import SafetensorError, safe_open
 
 from jax_infer.config import ModelConfig
 from jax_infer.weights.common import ParamsBuilder, WeightsError
-from jax_infer.weights.names import HF_NAMES, IGNORED_SUFFIXES, expand
+from jax_infer.weights.names import IGNORED_SUFFIXES, name_map
 
 
 def safetensors_files(path: str) -> list[str]:
@@ -42,7 +42,7 @@ def load_hf(
     if not os.path.isdir(path):
         raise FileNotFoundError(f"HF model directory not found: {path!r}")
     config = ModelConfig.from_hf_config(path)
-    names = expand(HF_NAMES, config.num_layers)
+    names = name_map("hf", config)
     builder = ParamsBuilder(
         config,
         dtype,

@@ -7,6 +7,13 @@ pytree and a transform tag:
   "T_q", "T_k"  transpose after undoing llama.cpp's interleaved-RoPE row permutation of
               the query / key projection (GGUF, llama and mistral only)
   "unperm_q", "unperm_k"  the same permutation undone for a bias vector
+  "minus_one" subtract 1: llama.cpp stores Gemma's RMSNorm weights as the factor 1 + w,
+              HF (and we, `ModelConfig.norm_offset`) as w; transformers' GGUF loader
+              subtracts 1 the same way
+
+`name_map(fmt, config)` picks the map for a model: Gemma's HF names differ from Llama's (its
+`post_attention_layernorm` norms the attention output, its `pre_feedforward_layernorm` is
+Llama's post-attention norm), so each family with its own names has its own map.
 """
 
 from __future__ import annotations
@@ -49,8 +56,41 @@ GGUF_NAMES = {
     "blk.{i}.ffn_down.weight": ("layers_{i}/w_down", "T"),
 }
 
+# Gemma 2/3 (HF `Gemma2ForCausalLM`, `Gemma3ForCausalLM`): four norms per layer, QK-norm.
+GEMMA_HF_NAMES = {
+    **{k: v for k, v in HF_NAMES.items() if "post_attention_layernorm" not in k},
+    "model.layers.{i}.post_attention_layernorm.weight": ("layers_{i}/post_attn_norm", "copy"),
+    "model.layers.{i}.pre_feedforward_layernorm.weight": ("layers_{i}/mlp_norm", "copy"),
+    "model.layers.{i}.post_feedforward_layernorm.weight": ("layers_{i}/post_mlp_norm", "copy"),
+    "model.layers.{i}.self_attn.q_norm.weight": ("layers_{i}/q_norm", "copy"),
+    "model.layers.{i}.self_attn.k_norm.weight": ("layers_{i}/k_norm", "copy"),
+}
+# Gemma GGUFs: Llama's tensor names plus the QK and post norms, every norm stored as 1 + w.
+GEMMA_GGUF_NAMES = {
+    k: (dst, "minus_one" if dst.endswith("norm") else tag)
+    for k, (dst, tag) in {
+        **GGUF_NAMES,
+        "blk.{i}.attn_q_norm.weight": ("layers_{i}/q_norm", "copy"),
+        "blk.{i}.attn_k_norm.weight": ("layers_{i}/k_norm", "copy"),
+        "blk.{i}.post_attention_norm.weight": ("layers_{i}/post_attn_norm", "copy"),
+        "blk.{i}.post_ffw_norm.weight": ("layers_{i}/post_mlp_norm", "copy"),
+    }.items()
+}
+FAMILY_NAMES = {
+    ("hf", "gemma2"): GEMMA_HF_NAMES,
+    ("hf", "gemma3"): GEMMA_HF_NAMES,
+    ("gguf", "gemma2"): GEMMA_GGUF_NAMES,
+    ("gguf", "gemma3"): GEMMA_GGUF_NAMES,
+}
+
 # Source tensors we know and deliberately drop (buffers some exporters write).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rope_freqs.weight")
+
+
+def name_map(fmt: str, config: ModelConfig) -> dict[str, tuple[str, str]]:
+    """The concrete name map (every layer) of format "hf" or "gguf" for this config's family."""
+    default = {"hf": HF_NAMES, "gguf": GGUF_NAMES}[fmt]
+    return expand(FAMILY_NAMES.get((fmt, config.family), default), config.num_layers)
 
 
 def expand(name_map: dict, num_layers: int) -> dict[str, tuple[str, str]]:
@@ -90,4 +130,8 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         )
         if c.attention_bias:
             shapes.update({p + "bq": (nh,), p + "bk": (kh,), p + "bv": (kh,)})
+        if c.qk_norm:
+            shapes.update({p + "q_norm": (h,), p + "k_norm": (h,)})
+        if c.post_norms:
+            shapes.update({p + "post_attn_norm": (d,), p + "post_mlp_norm": (d,)})
     return shapes
