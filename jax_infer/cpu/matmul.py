@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -34,16 +35,29 @@ _FAMILY = {
     16: build.BF16_TILES_MATMUL,
 }
 
-# Most rows a bf16 product sends to the C++ kernel; more go to XLA's bf16 dot. The kernel
-# widens bf16 weights to f32 in registers and multiplies with f32 FMAs: at few rows it is
-# bound by reading the weights (half of f32's bytes), where XLA's bf16 dot is far slower;
-# at many rows the product is compute-bound and XLA's dot uses AVX512-BF16 / AMX where the
-# CPU has them (scripts/bench_bf16_matmul.py measures both sides of this line).
-BF16_KERNEL_MAX_ROWS = 64
+# Which bf16 products go to the C++ kernel, by rows. The kernel widens bf16 weights to f32 in
+# registers and multiplies with f32 FMAs: at few rows it is bound by reading the weights (half
+# of f32's bytes), where XLA's bf16 dot is several times slower (7 against 67 GFLOP/s at one
+# row of SmolLM2's [576, 1536] on an AMD EPYC with AVX512-BF16). With AMX, XLA's bf16 dot is
+# far faster at many rows (1,260 GFLOP/s at 512 rows on a Xeon): there the kernel takes up to
+# AMX_KERNEL_MAX_ROWS rows. Without AMX the kernel ran level with or ahead of XLA's bf16 dot
+# at every row count we measured (scripts/bench_bf16_matmul.py), so it takes them all.
+# BF16_KERNEL_MAX_ROWS (None: by the CPU's features) overrides the choice.
+AMX_KERNEL_MAX_ROWS = 64
+BF16_KERNEL_MAX_ROWS: int | None = None
+
+
+def bf16_kernel_max_rows() -> int:
+    """Most rows of a bf16 product that the kernel takes here (see above)."""
+    if BF16_KERNEL_MAX_ROWS is not None:
+        return BF16_KERNEL_MAX_ROWS
+    return AMX_KERNEL_MAX_ROWS if build.cpu_features().amx else sys.maxsize
+
 
 __all__ = [
     "BF16_KERNEL_MAX_ROWS",
     "available",
+    "bf16_kernel_max_rows",
     "bf16_tiles_matmul",
     "f32_tiles_matmul",
     "features",
@@ -118,15 +132,15 @@ def _xla_tiled_matmul(x, t: TiledF32Array):
 
 def _tiled_bf16_matmul(x2, t: TiledF32Array, force_xla: bool):
     """x2 [M, K] (any float dtype) @ bf16 tiles -> [M, N] in x2's dtype: the C++ kernel up to
-    BF16_KERNEL_MAX_ROWS rows, XLA's dot in x2's dtype on the untiled matrix above (and off
-    the CPU), as `linear` computes an untiled bf16 projection."""
+    `bf16_kernel_max_rows()` rows, XLA's dot in x2's dtype on the untiled matrix above (and
+    off the CPU), as `linear` computes an untiled bf16 projection."""
     k, n = t.stored_shape
     rows = x2.shape[0]
 
     def xla(x):
         return jnp.matmul(x, untile(t).astype(x.dtype))
 
-    if 0 < rows <= BF16_KERNEL_MAX_ROWS and not force_xla and supports(k, n, 1, 16):
+    if 0 < rows <= bf16_kernel_max_rows() and not force_xla and supports(k, n, 1, 16):
         if available(16):
 
             def kernel(x):
@@ -139,8 +153,8 @@ def _tiled_bf16_matmul(x2, t: TiledF32Array, force_xla: bool):
 def tiled_matmul(x, t: TiledF32Array, *, force_xla: bool = False):
     """x [..., K] @ the [K, N] matrix of t -> [..., N] in x's dtype. f32 tiles: f32 inside,
     the C++ kernel on the CPU where it is built, XLA's dot on the untiled matrix elsewhere.
-    bf16 tiles: the bf16 kernel (f32 accumulation) up to BF16_KERNEL_MAX_ROWS rows, XLA's dot
-    in x's dtype above."""
+    bf16 tiles: the bf16 kernel (f32 accumulation) up to `bf16_kernel_max_rows()` rows,
+    XLA's dot in x's dtype above."""
     k, n = t.stored_shape
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features but the tiled matrix expects K={k}")

@@ -10,10 +10,11 @@ feature flags (AVX2, AVX512-BF16, AMX, VNNI) and load change from run to run; a 
 in the same process, minutes before or after the result, is the fair yardstick.
 
 Read bandwidth is a jitted f32 sum over an array far larger than the caches (what batch-1
-decode does to the weights). The matmul ceiling is XLA's dot, [M, K] @ [K, N] with
-K = N = 2048, at M in `rows` (the best over them; each M is kept too, since small-M dots
-reach a smaller share of peak): float32, bfloat16 (f32 accumulation, as the model does)
-and int8 (int32 accumulation, counted in GOP/s). Each figure is the fastest of `repeats`
+decode does to the weights). The matmul ceiling is the faster of XLA's dot and this
+project's C++ kernel for the dtype (where built), [M, K] @ [K, N] with K = N = 2048, at M in
+`rows` (the best over them; each M is kept too, since small-M dots reach a smaller share of
+peak): float32, bfloat16 (f32 accumulation, as the model does) and int8 (XLA's dot with
+int32 accumulation, counted in GOP/s). Each figure is the fastest of `repeats`
 runs: a ceiling, not a typical time.
 """
 
@@ -26,6 +27,8 @@ import jax
 import jax.numpy as jnp
 
 from jax_infer.config import ModelConfig
+from jax_infer.cpu import matmul as cpu_matmul
+from jax_infer.cpu.layout import tile_f32
 from jax_infer.eval.speed import read_bandwidth_gbs
 
 DTYPES = ("float32", "bfloat16", "int8")
@@ -61,7 +64,9 @@ class Ceiling:
 
 
 def matmul_gflops(dtype: str, m: int, k: int = 2048, n: int = 2048, repeats: int = 5) -> float:
-    """Best GFLOP/s (GOP/s for int8) of XLA's [m, k] @ [k, n] dot in `dtype`."""
+    """Best GFLOP/s (GOP/s for int8) of [m, k] @ [k, n] in `dtype`: the faster of XLA's dot and,
+    for float32 and bfloat16 where built, the C++ kernel on the column-tiled matrix (the path
+    the model's projections take on the CPU)."""
     key = jax.random.key(0)
     if dtype == "int8":
         a = jax.random.randint(key, (m, k), -127, 128, jnp.int8)
@@ -73,13 +78,19 @@ def matmul_gflops(dtype: str, m: int, k: int = 2048, n: int = 2048, repeats: int
         acc = jnp.float32
     else:
         raise ValueError(f"dtype={dtype!r}: allowed are {list(DTYPES)}")
-    dot = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=acc))
-    dot(a, b).block_until_ready()
+    candidates = [(jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=acc)), (a, b))]
+    bits = {"float32": 32, "bfloat16": 16}.get(dtype)
+    if bits and cpu_matmul.available(bits) and cpu_matmul.supports(k, n, 1, bits):
+        tiles = tile_f32(b).values
+        kernel = cpu_matmul.f32_tiles_matmul if bits == 32 else cpu_matmul.bf16_tiles_matmul
+        candidates.append((jax.jit(lambda x, t: kernel(x.astype(jnp.float32), t)), (a, tiles)))
     best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dot(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
+    for fn, args in candidates:
+        fn(*args).block_until_ready()
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn(*args).block_until_ready()
+            best = min(best, time.perf_counter() - t0)
     return 2.0 * m * k * n / best / 1e9
 
 
