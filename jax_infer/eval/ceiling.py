@@ -101,7 +101,7 @@ def probe(dtypes=DTYPES, rows=(32, 512), k: int = 2048, n: int = 2048, repeats: 
         raise ValueError(f"dtypes={unknown}: allowed are {list(DTYPES)}")
     by_rows = {d: {m: matmul_gflops(d, m, k, n, repeats) for m in rows} for d in dtypes}
     return Ceiling(
-        read_gb_per_s=read_bandwidth_gbs(repeats=repeats),
+        read_gb_per_s=read_bandwidth_gbs(read_bytes, repeats=repeats),
         matmul_gflops={d: max(by.values()) for d, by in by_rows.items()},
         matmul_by_rows=by_rows,
         shape_kn=(k, n),
