@@ -94,8 +94,16 @@ def matmul_gflops(dtype: str, m: int, k: int = 2048, n: int = 2048, repeats: int
     return 2.0 * m * k * n / best / 1e9
 
 
-def probe(dtypes=DTYPES, rows=(32, 512), k: int = 2048, n: int = 2048, repeats: int = 5) -> Ceiling:
-    """Measure this machine's ceilings now (see the module docstring)."""
+def probe(
+    dtypes=DTYPES,
+    rows=(32, 512),
+    k: int = 2048,
+    n: int = 2048,
+    repeats: int = 5,
+    read_bytes: int = 512 * 2**20,
+) -> Ceiling:
+    """Measure this machine's ceilings now (see the module docstring). read_bytes: the array
+    the read bandwidth streams (far larger than the caches for a true figure)."""
     unknown = sorted(set(dtypes) - set(DTYPES))
     if unknown:
         raise ValueError(f"dtypes={unknown}: allowed are {list(DTYPES)}")
