@@ -133,3 +133,35 @@ def test_bf16_smollm2_perplexity_stays_close(gguf_path, monkeypatch):
     assert 5 < f32 < 50, results
     for name in ("bfloat16 xla", "bfloat16 kernel"):
         assert abs(results[name] / f32 - 1) <= BF16_BOUND - 1, results
+
+
+def test_auto_kv_pages_are_f32_for_bf16_under_the_cpu_backend():
+    from jax_infer.quant.kv import resolve_kv_cache_dtype
+
+    assert resolve_kv_cache_dtype("auto", jnp.bfloat16, "cpu") == jnp.float32
+    assert resolve_kv_cache_dtype("auto", jnp.bfloat16, "xla") == jnp.bfloat16
+    assert resolve_kv_cache_dtype("auto", jnp.float32, "cpu") == jnp.float32
+    assert resolve_kv_cache_dtype("bfloat16", jnp.bfloat16, "cpu") == jnp.bfloat16  # asked for
+
+
+@needs_kernel
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_bf16_smollm2_engine_decodes_like_f32(gguf_path):
+    """The continuous engine in bf16 on the CPU (bf16 kernel at decode, f32 KV pages, the C++
+    attention): each greedy token is, under the f32 model, within a bf16 margin of that
+    position's best logit (bf16 may pick another near-tie, never a clearly worse token)."""
+    from jax_infer import LLM, SamplingParams
+
+    prompt = "The GNU General Public License is a free, copyleft license for"
+    bf16 = LLM(model=gguf_path, dtype="bfloat16", progress=False, max_model_len=256)
+    assert bf16.engine.cache_dtype == jnp.float32
+    out = bf16.generate([prompt], SamplingParams(max_tokens=16, temperature=0.0))[0]
+    del bf16
+    f32 = LLM(model=gguf_path, progress=False, max_model_len=256)
+    ids = f32.tokenizer.encode(prompt)
+    params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=5)
+    for i, token in enumerate(out.token_ids):
+        top = f32.generate([ids], params)[0].logprobs[0]  # {token id: logprob}, top 5
+        assert token in top and top[token] >= max(top.values()) - 0.5, (i, token, top)
+        ids = ids + [token]
