@@ -436,7 +436,12 @@ def scenario_poisson(results):
             serve_arrivals(llm, warm, outs, arrivals(n, rate, FLAGS.seed))
         for rate in sorted(rates):
             rec = serve_arrivals(llm, prompts, outs, arrivals(n, rate, FLAGS.seed))
-            out["rates"].setdefault(str(rate), {})[kind] = goodput_summary(rec, *targets)
+            r = out["rates"].setdefault(str(rate), {})[kind] = goodput_summary(rec, *targets)
+            print(  # progress: a loaded machine can take minutes per rate
+                f"poisson {kind} at {rate:g}/s: {r['good_fraction']:.2f} met the targets, "
+                f"goodput {r['goodput_rps']:.3f}/s",
+                flush=True,
+            )
         del llm
         gc.collect()
     ok = [r for r in sorted(rates) if out["rates"][str(r)]["continuous"]["good_fraction"] >= 0.9]
