@@ -246,8 +246,10 @@ class LLMEngine:
         self.max_model_len = max_model_len
         ec = engine_config or EngineConfig()
         self.engine_config = ec
-        self.cache_dtype = cache_dtype or resolve_kv_cache_dtype(ec.kv_cache_dtype, dtype)
         self.backend = ec.attention_backend or default_backend(sharded=mesh is not None)
+        self.cache_dtype = cache_dtype or resolve_kv_cache_dtype(
+            ec.kv_cache_dtype, dtype, self.backend
+        )
         if self.cache_dtype == jnp.int8 and self.backend == "pallas":
             raise ValueError(
                 "kv_cache_dtype='int8' needs attention_backend 'cpu', 'xla' or 'reference': the "

@@ -12,9 +12,15 @@ fixed here) and its speculative section is used by the prefill/decode run.
 Prefill: tokens/s for one `--prompt_len`-token prompt (time to the first token, sampling
 included). Decode: tokens/s over `--decode_tokens` generated tokens through the same loop
 `LLM.generate` runs (host round trip and sampling included). Decode at batch 1 reads every
-weight once per token, so weight bytes x tokens/s is the bandwidth it achieves; it is printed
-next to this machine's read bandwidth measured the same way (a jitted reduction over a large
-array).
+weight once per token, so weight bytes x tokens/s is the bandwidth it achieves. Every run also
+measures the machine's ceilings (jax_infer/eval/ceiling.py: read bandwidth, and XLA's best
+matmul rate per dtype) and prints each result beside them as a share: decode's weight reads
+against the read bandwidth, prefill's FLOPs (jax_infer.eval.ceiling.forward_flops) against the
+matmul ceiling of the compute dtype (--dtype).
+
+On a quiet machine, the f32 / bf16 comparison is re-taken with:
+    python scripts/benchmark.py --dtype float32 --json results/benchmark_f32.json
+    python scripts/benchmark.py --dtype bfloat16 --json results/benchmark_bf16.json
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ import shared_flags
 from absl import app, flags
 
 from jax_infer import LLM
-from jax_infer.eval.speed import decode_read_bytes, read_bandwidth_gbs, run_once, tree_bytes
+from jax_infer.eval.ceiling import forward_flops
+from jax_infer.eval.speed import decode_read_bytes, run_once, tree_bytes
 
 FLAGS = flags.FLAGS
 shared_flags.define_model_flags()
@@ -145,7 +152,10 @@ def main(argv):
     ttft = float(np.median([r[0] for r in runs]))
     decode = float(np.median([r[1] for r in runs]))
     wbytes = decode_read_bytes(llm.params)
-    machine_bw = read_bandwidth_gbs()
+    ceiling = report.ceiling()
+    machine_bw = ceiling.read_gb_per_s
+    prefill_gflops = forward_flops(llm.config, FLAGS.prompt_len) / ttft / 1e9
+    matmul_ceiling = ceiling.matmul_gflops[FLAGS.dtype]
     result = {
         "model": FLAGS.model,
         "dtype": FLAGS.dtype,
@@ -166,27 +176,41 @@ def main(argv):
         "stored_weight_bytes": tree_bytes(llm.params),
         "decode_weight_read_gb_per_s": wbytes * decode / 1e9,
         "machine_read_gb_per_s": machine_bw,
+        "prefill_gflops": prefill_gflops,
+        "machine_matmul_gflops": matmul_ceiling,
+        "prefill_share_of_matmul_ceiling": prefill_gflops / matmul_ceiling,
+        "decode_share_of_read_ceiling": wbytes * decode / 1e9 / machine_bw,
     }
+    read_share = report.share(result["decode_weight_read_gb_per_s"], machine_bw)
     rows = [
         (
             "prefill tokens/s",
             f"{result['prefill_tokens_per_s']:.1f}",
+            "",
             f"{FLAGS.prompt_len}-token prompt",
         ),
-        ("decode tokens/s", f"{decode:.1f}", f"{FLAGS.decode_tokens} tokens, batch 1"),
+        (
+            "prefill GFLOP/s",
+            f"{prefill_gflops:.1f}",
+            report.share(prefill_gflops, matmul_ceiling),
+            f"of the best {FLAGS.dtype} matmul here, {matmul_ceiling:.0f} GFLOP/s",
+        ),
+        ("decode tokens/s", f"{decode:.1f}", "", f"{FLAGS.decode_tokens} tokens, batch 1"),
         (
             "weights read per token (MB)",
             f"{wbytes / 1e6:.0f}",
+            "",
             f"{FLAGS.dtype}, quantization {FLAGS.quantization}",
         ),
         (
             "decode weight read (GB/s)",
             f"{result['decode_weight_read_gb_per_s']:.1f}",
-            "weights x tokens/s",
+            read_share,
+            f"of the machine's read, {machine_bw:.1f} GB/s (jitted sum over 512 MiB)",
         ),
-        ("machine read (GB/s)", f"{machine_bw:.1f}", "jitted sum over 512 MiB"),
     ]
-    report.print_table(["metric", "value", "note"], rows)
+    report.print_table(["metric", "value", "share of ceiling", "note"], rows)
+    print(f"load average {os.getloadavg()} (shared machine: shares are of ceilings taken now)")
     report.write_json(FLAGS.json, result)
 
 

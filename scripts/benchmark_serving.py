@@ -21,6 +21,16 @@ Scenarios (--scenarios, comma-separated):
             pages, against a contiguous max_model_len reservation per sequence.
   prefix    TTFT of a request with a --prefix_len-token prefix, then of a second request
             sharing it (prefix cache on).
+  poisson   goodput under load: for each rate in --poisson_rates, --poisson_requests requests
+            (prompt lengths uniform in --poisson_prompt_len, outputs in --poisson_output_len,
+            ignore_eos) arrive as a Poisson process; the continuous and the static engine
+            serve the same seeded arrivals and prompts. Static policy: whenever the engine is
+            free it takes every request that has arrived (FIFO, at most --max_num_seqs) as one
+            batch and runs it to completion; if none has arrived it waits for the next. Per
+            rate and engine: TTFT/TPOT/e2e p50/p90/p99, the share of requests meeting both
+            --ttft_target_ms and --tpot_target_ms, and goodput (such requests per second of
+            wall time); then, at the highest rate where continuous batching meets the targets
+            for >= 90% of requests, continuous goodput / static goodput.
 
 --compare_http (with decode32): then serve the same workload (same prompts and output lengths,
 ignore_eos, temperature 0, after the same warm-up) through scripts/serve.py, started here as a
@@ -80,6 +90,12 @@ flags.DEFINE_bool(
     "mode: send the whole workload once (other token ids) before timing it; without it, "
     "one short request.",
 )
+flags.DEFINE_list("poisson_rates", ["0.5", "1", "2", "4"], "poisson: arrival rates (req/s).")
+flags.DEFINE_integer("poisson_requests", 24, "poisson: requests per rate.", lower_bound=1)
+flags.DEFINE_list("poisson_prompt_len", ["32", "256"], "poisson: prompt length range LO,HI.")
+flags.DEFINE_list("poisson_output_len", ["16", "64"], "poisson: output length range LO,HI.")
+flags.DEFINE_float("ttft_target_ms", 2000.0, "poisson: TTFT target (ms) for goodput.")
+flags.DEFINE_float("tpot_target_ms", 200.0, "poisson: TPOT target (ms) for goodput.")
 flags.DEFINE_bool(
     "compare_http",
     False,
@@ -298,6 +314,184 @@ def scenario_prefix(results):
     }
 
 
+# -- poisson: goodput of continuous against static batching under Poisson arrivals --------
+
+
+def length_range(name: str) -> tuple[int, int]:
+    """A LO,HI flag of two positive integers, LO <= HI."""
+    value = FLAGS[name].value
+    try:
+        lo, hi = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise app.UsageError(f"--{name}={','.join(value)}: give LO,HI (integers)") from None
+    if not 1 <= lo <= hi:
+        raise app.UsageError(f"--{name}={lo},{hi}: need 1 <= LO <= HI")
+    return lo, hi
+
+
+def poisson_workload(n: int, seed: int, prompt_len, output_len, vocab=(100, 20000)):
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(prompt_len[0], prompt_len[1] + 1, size=n)
+    prompts = [rng.integers(vocab[0], vocab[1], size=int(k)).tolist() for k in lens]
+    outputs = rng.integers(output_len[0], output_len[1] + 1, size=n).tolist()
+    return prompts, [int(o) for o in outputs]
+
+
+def serve_arrivals(llm: LLM, prompts, max_tokens, arrive) -> list[dict]:
+    """Serve request i from time arrive[i] (seconds after the start); per request: arrival,
+    first-token and finish times (seconds) and output tokens. TTFT counts from the arrival,
+    so time spent waiting for the engine counts against it.
+
+    continuous: each request joins the engine at the first step boundary after it arrives.
+    static: whenever the engine is free it takes every request that has arrived (FIFO, at
+    most max_num_seqs) as one padded batch and runs it to completion; when none has arrived
+    it sleeps until the next one does."""
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in max_tokens]
+    n = len(prompts)
+    rec = [
+        {"arrival": float(arrive[i]), "first": None, "finish": None, "tokens": 0} for i in range(n)
+    ]
+
+    def record(i, chunk, t):
+        if chunk.token_ids and rec[i]["first"] is None:
+            rec[i]["first"] = t
+        rec[i]["tokens"] = len(chunk.token_ids)
+        if chunk.finished:
+            rec[i]["finish"] = t
+
+    start = time.perf_counter()
+    next_req = 0
+    if llm.engine_kind == "static":
+        size = llm.engine_config.max_num_seqs
+        while next_req < n:
+            now = time.perf_counter() - start
+            if arrive[next_req] > now:
+                time.sleep(arrive[next_req] - now)
+                continue
+            batch = [i for i in range(next_req, n) if arrive[i] <= now][:size]
+            next_req += len(batch)
+            # The stream's request ids are new to this call; rows first appear in batch order.
+            index: dict[str, int] = {}
+            for chunk in llm.stream([prompts[i] for i in batch], [params[i] for i in batch]):
+                if chunk.request_id not in index:
+                    index[chunk.request_id] = batch[len(index)]
+                i = index[chunk.request_id]
+                record(i, chunk, time.perf_counter() - start)
+        return rec
+    engine = llm.engine
+    index = {}
+    while next_req < n or engine.has_unfinished_requests():
+        now = time.perf_counter() - start
+        while next_req < n and arrive[next_req] <= now:
+            index[engine.add_request(prompts[next_req], params[next_req])] = next_req
+            next_req += 1
+        if not engine.has_unfinished_requests():
+            time.sleep(max(0.0, arrive[next_req] - now))
+            continue
+        for chunk in engine.step():
+            record(index[chunk.request_id], chunk, time.perf_counter() - start)
+    return rec
+
+
+def goodput_summary(rec: list[dict], ttft_ms: float, tpot_ms: float) -> dict:
+    """Latency percentiles (ms) and goodput: requests meeting both targets per second, over
+    the wall time from the first arrival's start (t=0) to the last finish."""
+    ttft = np.array([r["first"] - r["arrival"] for r in rec])
+    e2e = np.array([r["finish"] - r["arrival"] for r in rec])
+    tokens = np.array([r["tokens"] for r in rec])
+    # Time per output token after the first (0 for one-token answers, as vLLM).
+    tpot = np.where(tokens > 1, (e2e - ttft) / np.maximum(tokens - 1, 1), 0.0)
+    good = (ttft * 1e3 <= ttft_ms) & (tpot * 1e3 <= tpot_ms)
+    wall = max(r["finish"] for r in rec)
+
+    def pct(v):
+        return {f"p{q}": float(np.percentile(v * 1e3, q)) for q in (50, 90, 99)}
+
+    return {
+        "requests": len(rec),
+        "output_tokens": int(tokens.sum()),
+        "wall_s": float(wall),
+        "output_tokens_per_s": float(tokens.sum() / wall),
+        "ttft_ms": pct(ttft),
+        "tpot_ms": pct(tpot),
+        "e2e_ms": pct(e2e),
+        "good_requests": int(good.sum()),
+        "good_fraction": float(good.mean()),
+        "goodput_rps": float(good.sum() / wall),
+    }
+
+
+def scenario_poisson(results):
+    try:
+        rates = [float(r) for r in FLAGS.poisson_rates]
+    except ValueError:
+        raise app.UsageError(f"--poisson_rates={FLAGS.poisson_rates}: not numbers") from None
+    if not rates or any(not (0 < r < float("inf")) for r in rates):
+        raise app.UsageError(f"--poisson_rates={FLAGS.poisson_rates}: need finite rates > 0")
+    lens = length_range("poisson_prompt_len"), length_range("poisson_output_len")
+    n, targets = FLAGS.poisson_requests, (FLAGS.ttft_target_ms, FLAGS.tpot_target_ms)
+    prompts, outs = poisson_workload(n, FLAGS.seed, *lens)
+    # Warm-up prompts: same lengths, other token ids (no prefix-cache hits carry over).
+    warm, _ = poisson_workload(n, FLAGS.seed, *lens, vocab=(20000, 40000))
+    out = {"targets_ms": {"ttft": targets[0], "tpot": targets[1]}, "rates": {}}
+    for kind in ("continuous", "static"):
+        llm = make_llm(kind)
+        # Every rate's schedule once with other ids first, so the timed runs compile (almost)
+        # nothing: the step shapes a schedule meets depend on how arrivals fall between steps.
+        for rate in sorted(rates):
+            serve_arrivals(llm, warm, outs, arrivals(n, rate, FLAGS.seed))
+        for rate in sorted(rates):
+            rec = serve_arrivals(llm, prompts, outs, arrivals(n, rate, FLAGS.seed))
+            r = out["rates"].setdefault(str(rate), {})[kind] = goodput_summary(rec, *targets)
+            print(  # progress: a loaded machine can take minutes per rate
+                f"poisson {kind} at {rate:g}/s: {r['good_fraction']:.2f} met the targets, "
+                f"goodput {r['goodput_rps']:.3f}/s",
+                flush=True,
+            )
+        del llm
+        gc.collect()
+    ok = [r for r in sorted(rates) if out["rates"][str(r)]["continuous"]["good_fraction"] >= 0.9]
+    out["highest_rate_continuous_90pct"] = ok[-1] if ok else None
+    if ok:
+        at = out["rates"][str(ok[-1])]
+        static = at["static"]["goodput_rps"]
+        out["goodput_ratio_at_that_rate"] = (
+            at["continuous"]["goodput_rps"] / static if static > 0 else float("inf")
+        )
+    results["poisson"] = out
+
+
+def print_poisson(p: dict) -> None:
+    rows = []
+    for rate, by_kind in p["rates"].items():
+        for kind, r in by_kind.items():
+            rows.append(
+                (
+                    rate,
+                    kind,
+                    f"{r['good_fraction']:.2f}",
+                    f"{r['goodput_rps']:.3f}",
+                    f"{r['output_tokens_per_s']:.1f}",
+                    "/".join(f"{r['ttft_ms'][q]:.0f}" for q in ("p50", "p90", "p99")),
+                    "/".join(f"{r['tpot_ms'][q]:.0f}" for q in ("p50", "p90", "p99")),
+                    "/".join(f"{r['e2e_ms'][q]:.0f}" for q in ("p50", "p90", "p99")),
+                )
+            )
+    t = p["targets_ms"]
+    print(f"poisson: targets TTFT <= {t['ttft']:g} ms and TPOT <= {t['tpot']:g} ms")
+    headers = ["rate/s", "engine", "met", "goodput/s", "out tok/s"]
+    headers += ["TTFT p50/90/99 ms", "TPOT p50/90/99 ms", "e2e p50/90/99 ms"]
+    report.print_table(headers, rows)
+    top = p["highest_rate_continuous_90pct"]
+    if top is None:
+        print("continuous batching met the targets for >= 90% of requests at no rate measured")
+    else:
+        print(
+            f"highest rate with continuous >= 90% meeting targets: {top:g}/s; goodput "
+            f"continuous / static there: {p['goodput_ratio_at_that_rate']:.2f}x"
+        )
+
+
 # -- HTTP: a server subprocess, and the client --------------------------------------------
 
 
@@ -454,6 +648,7 @@ SCENARIOS = {
     "decode32": scenario_decode32,
     "capacity": scenario_capacity,
     "prefix": scenario_prefix,
+    "poisson": scenario_poisson,
 }
 
 
@@ -488,6 +683,8 @@ def print_table(results):
             f"shared {p['prefix_len']}-token prefix: TTFT {p['ttft_first_s']:.2f} s then "
             f"{p['ttft_second_s']:.3f} s ({p['speedup']:.1f}x)"
         )
+    if "poisson" in results:
+        print_poisson(results["poisson"])
     if "http_decode32" in results:
         d, h = results["decode32"], results["http_decode32"]
         rows = [
@@ -545,6 +742,9 @@ def main(argv):
     names = ["model", "dtype", "quantization", "scenarios", "num_requests", "request_rate"]
     names += [*shared_flags.ENGINE_FLAGS, "max_model_len", "seed", "mesh_data", "mesh_model"]
     names += ["compare_http"]
+    if "poisson" in FLAGS.scenarios.split(","):
+        names += ["poisson_rates", "poisson_requests", "poisson_prompt_len", "poisson_output_len"]
+        names += ["ttft_target_ms", "tpot_target_ms"]
     results = {"flags": {k: FLAGS[k].value for k in names}}
     if FLAGS.compare_http:
         if "decode32" not in FLAGS.scenarios.split(","):

@@ -5,8 +5,10 @@ which machine produced it.
     report.write_json(FLAGS.json, result)   # adds result["machine"] = machine_info()
 
 Results quoted in notes name the command; the machine block names where it ran (backend,
-device kind, CPU, cores, jax version, load average), since speeds on a shared machine
-depend on all of these.
+device kind, CPU, cores, CPU features, jax version, load average), since speeds on a shared
+machine depend on all of these. A benchmark that calls `ceiling()` (the machine's read
+bandwidth and best matmul rate per dtype, measured once per process, see
+jax_infer/eval/ceiling.py) prints results as a share of it, and the machine block carries it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ from collections.abc import Sequence
 
 import jax
 
+from jax_infer.cpu import build as cpu_build
+from jax_infer.eval import ceiling as ceiling_probe
+
+_CEILING: list = []  # the probe, once measured in this process
+
 
 def machine_info() -> dict:
     """Where a result was measured."""
@@ -30,10 +37,23 @@ def machine_info() -> dict:
         "device_count": len(devices),
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
+        "cpu_features": cpu_build.cpu_features().names(),
         "jax": jax.__version__,
         "load_average": os.getloadavg(),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+
+
+def ceiling() -> ceiling_probe.Ceiling:
+    """This machine's ceilings, measured on the first call in this process (a few seconds)."""
+    if not _CEILING:
+        _CEILING.append(ceiling_probe.probe())
+    return _CEILING[0]
+
+
+def share(value: float, of: float) -> str:
+    """A result as a percentage of its ceiling, as the tables print it."""
+    return f"{100.0 * value / of:.0f}%"
 
 
 # A number as the tables print one: 12, -3.5, 1.2e-05, 2.02x, 0.25/0.99.
@@ -75,10 +95,12 @@ def write_json(path: str | None, result: dict, *, machine: bool = True) -> None:
         return
     if machine and "machine" not in result:
         result = {**result, "machine": machine_info()}
+        if _CEILING:
+            result["machine"]["ceiling"] = _CEILING[0].as_dict()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(result, f, indent=2, default=str)
     print(f"wrote {path}")
 
 
-__all__ = ["format_table", "machine_info", "print_table", "write_json"]
+__all__ = ["ceiling", "format_table", "machine_info", "print_table", "share", "write_json"]

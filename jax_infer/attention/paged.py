@@ -126,7 +126,8 @@ def _xla_decode(
     if sliding_window is not None:
         mask &= meta.positions[:d_pad, None] - kv_pos[None, :] < sliding_window
     probs = _softmax_attend(scores / np.sqrt(h), mask[:, None, None, :], v.dtype, softcap)
-    return jnp.einsum("dkgs,dskh->dkgh", probs, v).reshape(d_pad, n, h)
+    # In q's dtype, as the native branch returns (f32 pages under bf16 activations).
+    return jnp.einsum("dkgs,dskh->dkgh", probs, v).reshape(d_pad, n, h).astype(q.dtype)
 
 
 def _native_decode(q, k_pages, v_pages, meta: AttentionMetadata, d_pad: int, sliding_window):
@@ -225,7 +226,8 @@ def _xla_chunks(
     if sliding_window is not None:
         mask &= qpos[:, :, None] - kv_pos[None, None, :] < sliding_window
     probs = _softmax_attend(scores * scale, mask[:, None, None], v.dtype, softcap)
-    return jnp.einsum("pkgqs,pskh->pqkgh", probs, v).reshape(p_pad, q_pad, n, h)
+    out = jnp.einsum("pkgqs,pskh->pqkgh", probs, v).reshape(p_pad, q_pad, n, h)
+    return out.astype(q.dtype)  # as the native branch (f32 pages under bf16 activations)
 
 
 def _native_chunks(q, k_pages, v_pages, meta: AttentionMetadata, d_pad: int, sliding_window):

@@ -1,6 +1,7 @@
 """Builds the CPU kernels on first use, registers them with XLA's FFI, and says which exist.
 
-The sources, by concern: `matmul_f32.cc` (f32 matrices in column tiles), `matmul_quant.cc`
+The sources, by concern: `matmul_f32.cc` (f32 matrices in column tiles), `matmul_bf16.cc`
+(bf16 matrices in the same tiles, widened to f32 in registers), `matmul_quant.cc`
 (int8/int4 weight products), `attention.cc` (paged decode and prefill attention), and
 `common.h` (vector types, the worker pool, feature macros). They are compiled into ONE shared
 library, not one per concern: the kernels share one worker pool (`Workers` in common.h), which
@@ -39,7 +40,12 @@ import jax
 
 HERE = Path(__file__).parent
 HEADER = HERE / "common.h"
-SOURCES = (HERE / "matmul_f32.cc", HERE / "matmul_quant.cc", HERE / "attention.cc")
+SOURCES = (
+    HERE / "matmul_f32.cc",
+    HERE / "matmul_bf16.cc",
+    HERE / "matmul_quant.cc",
+    HERE / "attention.cc",
+)
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 ENV_SWITCH = "JAX_INFER_CPU_KERNELS"
 
@@ -48,6 +54,7 @@ INT8_MATMUL = 1
 INT4_MATMUL = 2
 F32_TILES_MATMUL = 4
 PAGED_ATTENTION = 8
+BF16_TILES_MATMUL = 16
 
 # (library symbol, FFI target name, the family bit it needs); the names are the FFI targets
 # the bindings (matmul.py, attention.py) call.
@@ -56,15 +63,18 @@ INT4_TARGET = "jax_infer_int4_matvec"
 F32_TARGET = "jax_infer_f32_tiles_matmul"
 DECODE_TARGET = "jax_infer_paged_decode_attention"
 PREFILL_TARGET = "jax_infer_paged_prefill_attention"
+BF16_TARGET = "jax_infer_bf16_tiles_matmul"
 _TARGETS = (
     ("JaxInferInt8Matvec", INT8_TARGET, INT8_MATMUL),
     ("JaxInferInt4Matvec", INT4_TARGET, INT4_MATMUL),
     ("JaxInferF32TilesMatmul", F32_TARGET, F32_TILES_MATMUL),
+    ("JaxInferBf16TilesMatmul", BF16_TARGET, BF16_TILES_MATMUL),
     ("JaxInferPagedDecodeAttention", DECODE_TARGET, PAGED_ATTENTION),
     ("JaxInferPagedPrefillAttention", PREFILL_TARGET, PAGED_ATTENTION),
 )
 _FEATURE_FUNCTIONS = (
     "JaxInferF32MatmulFeatures",
+    "JaxInferBf16MatmulFeatures",
     "JaxInferQuantMatmulFeatures",
     "JaxInferAttentionFeatures",
 )
@@ -172,7 +182,7 @@ def build(cache_dir: Path) -> Path:
 @functools.cache
 def features() -> int:
     """Bits of the kernel families built and registered here (done once per process):
-    INT8_MATMUL | INT4_MATMUL | F32_TILES_MATMUL | PAGED_ATTENTION; 0 when none are (switched
+    INT8_MATMUL | INT4_MATMUL | F32_TILES_MATMUL | PAGED_ATTENTION | BF16_TILES_MATMUL; 0 when none are (switched
     off, no AVX2+FMA, or the build failed)."""
     if not enabled():
         return 0

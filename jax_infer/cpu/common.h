@@ -2,7 +2,7 @@
 // width of the stored matrices, the worker pool that runs a kernel's tasks, the feature macros
 // and the feature bits each kernel family reports to Python (jax_infer/cpu/build.py).
 //
-// The sources (matmul_f32.cc, matmul_quant.cc, attention.cc) are compiled into one shared
+// The sources (matmul_f32.cc, matmul_bf16.cc, matmul_quant.cc, attention.cc) are compiled into one shared
 // library, so `Workers::get()` is one pool for all of them: XLA may call a projection and an
 // attention kernel from two threads at once, and they must queue on one pool rather than run
 // two pools' spinning threads on the same cores (see `Workers::run`).
@@ -42,6 +42,7 @@ constexpr int kInt8MatmulBit = 1;
 constexpr int kInt4MatmulBit = 2;      // needs JAX_INFER_VNNI
 constexpr int kF32TilesMatmulBit = 4;  // needs JAX_INFER_F32_TILES
 constexpr int kPagedAttentionBit = 8;
+constexpr int kBf16TilesMatmulBit = 16;  // AVX2 + FMA or AVX-512 (matmul_bf16.cc)
 
 // One vector of floats, and loads that widen 8-bit integers into it. Written with intrinsics:
 // GCC 12 scalarizes __builtin_convertvector from 8-bit to float lanes.

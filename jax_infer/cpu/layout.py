@@ -9,7 +9,9 @@ bytes in these tiles too, and import the helpers from here.
 
 `TiledF32Array` is an f32 matrix, unchanged, in this layout: not a quantization (nothing is
 lost), the layout the CPU's f32 kernel (matmul_f32.cc) reads, which runs the model's
-projections faster than XLA's dot does. `tile_f32_params` puts a model's projections in it
+projections faster than XLA's dot does. A bf16 matrix (dtype="bfloat16") is kept the same way,
+values bf16, for the bf16 kernel (matmul_bf16.cc); the name stays for the f32 case it began
+with, and `values.dtype` says which. `tile_f32_params` puts a model's projections in it
 on the CPU; `untile_f32_params` undoes it (before saving a checkpoint, or for another
 backend). Like the quantized formats it is a pytree (its tiles pass through `jit`) and a flax
 metadata box: flax checks a stored param's shape against the module's, so `unbox()` hands the
@@ -59,7 +61,7 @@ class TiledF32Array(meta.AxisMetadata):
     """An f32 [K, N] matrix in column tiles: w[k, n] = values[n // T, k, n % T]. `shape` is
     the logical [K, N] (static); the matrix is never stored transposed."""
 
-    values: jax.Array  # f32[N/T, K, T]
+    values: jax.Array  # f32[N/T, K, T] (or bf16[N/T, K, T])
     shape: tuple[int, ...] = dataclasses.field(metadata={"static": True})
     transposed: ClassVar[bool] = False  # as the quantized formats' field (sharding reads it)
 
@@ -110,17 +112,18 @@ def as_tiled(w) -> TiledF32Array | None:
 
 
 def tile_f32(w) -> TiledF32Array:
-    """An f32 [K, N] matrix (N a multiple of 64) in the tiled layout of `TiledF32Array`."""
-    if w.ndim != 2 or w.dtype != jnp.float32 or w.shape[1] % TILE:
+    """An f32 or bf16 [K, N] matrix (N a multiple of 64) in the tiled layout of
+    `TiledF32Array`, dtype kept."""
+    if w.ndim != 2 or w.dtype not in (jnp.float32, jnp.bfloat16) or w.shape[1] % TILE:
         raise ValueError(
-            f"tile_f32 needs an f32 [K, N] matrix with N a multiple of {TILE}; "
+            f"tile_f32 needs an f32 or bf16 [K, N] matrix with N a multiple of {TILE}; "
             f"got {w.dtype}{list(w.shape)}"
         )
     return TiledF32Array(jnp.asarray(to_tiles(w)), tuple(int(d) for d in w.shape))
 
 
 def untile(t: TiledF32Array):
-    """The f32 [K, N] matrix of t (inverse of `tile_f32`)."""
+    """The [K, N] matrix of t in its dtype (inverse of `tile_f32`)."""
     return from_tiles(t.values)
 
 
@@ -133,9 +136,15 @@ def tile_f32_params(params):
     """Params for the CPU's f32 kernel: every f32 projection [K, N] with N a multiple of 64
     (the untied LM head included) as a TiledF32Array, the same values in column tiles; the
     embedding table, quantized matrices and everything else as they are. Unchanged where the
-    kernel is not built (`build.has(build.F32_TILES_MATMUL)`). Call it for a CPU without a
-    mesh: elsewhere the XLA dot on [K, N] is the fast path."""
-    if not build.has(build.F32_TILES_MATMUL):
+    kernel is not built (`build.has(build.F32_TILES_MATMUL)`). bf16 projections likewise,
+    for the bf16 kernel (`build.BF16_TILES_MATMUL`), whose small-row path they take. Call it
+    for a CPU without a mesh: elsewhere the XLA dot on [K, N] is the fast path."""
+    kinds = set()
+    if build.has(build.F32_TILES_MATMUL):
+        kinds.add(jnp.dtype(jnp.float32))
+    if build.has(build.BF16_TILES_MATMUL):
+        kinds.add(jnp.dtype(jnp.bfloat16))
+    if not kinds:
         return params
 
     def convert(path, leaf):
@@ -143,7 +152,7 @@ def tile_f32_params(params):
             return leaf
         last = path[-1] if path else None
         name = str(getattr(last, "key", getattr(last, "name", last)))
-        if name == "embed" or leaf.ndim != 2 or leaf.dtype != jnp.float32 or leaf.shape[1] % TILE:
+        if name == "embed" or leaf.ndim != 2 or leaf.dtype not in kinds or leaf.shape[1] % TILE:
             return leaf
         return tile_f32(leaf)
 

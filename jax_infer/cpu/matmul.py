@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -27,10 +28,37 @@ from jax_infer.cpu import build
 from jax_infer.cpu.build import features
 from jax_infer.cpu.layout import TILE, TiledF32Array, untile
 
-_FAMILY = {8: build.INT8_MATMUL, 4: build.INT4_MATMUL, 32: build.F32_TILES_MATMUL}
+_FAMILY = {
+    8: build.INT8_MATMUL,
+    4: build.INT4_MATMUL,
+    32: build.F32_TILES_MATMUL,
+    16: build.BF16_TILES_MATMUL,
+}
+
+# Which bf16 products go to the C++ kernel, by rows. The kernel widens bf16 weights to f32 in
+# registers and multiplies with f32 FMAs: at few rows it is bound by reading the weights (half
+# of f32's bytes), where XLA's bf16 dot is several times slower (7 against 67 GFLOP/s at one
+# row of SmolLM2's [576, 1536] on an AMD EPYC with AVX512-BF16). With AMX, XLA's bf16 dot is
+# far faster at many rows (1,260 GFLOP/s at 512 rows on a Xeon): there the kernel takes up to
+# AMX_KERNEL_MAX_ROWS rows. Without AMX the kernel ran level with or ahead of XLA's bf16 dot
+# at every row count we measured (scripts/bench_bf16_matmul.py), so it takes them all.
+# BF16_KERNEL_MAX_ROWS (None: by the CPU's features) overrides the choice.
+AMX_KERNEL_MAX_ROWS = 64
+BF16_KERNEL_MAX_ROWS: int | None = None
+
+
+def bf16_kernel_max_rows() -> int:
+    """Most rows of a bf16 product that the kernel takes here (see above)."""
+    if BF16_KERNEL_MAX_ROWS is not None:
+        return BF16_KERNEL_MAX_ROWS
+    return AMX_KERNEL_MAX_ROWS if build.cpu_features().amx else sys.maxsize
+
 
 __all__ = [
+    "BF16_KERNEL_MAX_ROWS",
     "available",
+    "bf16_kernel_max_rows",
+    "bf16_tiles_matmul",
     "f32_tiles_matmul",
     "features",
     "int4_matvec",
@@ -41,7 +69,8 @@ __all__ = [
 
 
 def available(bits: int = 8) -> bool:
-    """Whether the kernel for `bits`-bit weights (32: f32 in column tiles) can run here."""
+    """Whether the kernel for `bits`-bit weights (32: f32, 16: bf16, in column tiles) can run
+    here."""
     family = _FAMILY.get(bits)
     return family is not None and build.has(family)
 
@@ -50,14 +79,14 @@ def supports(k: int, n: int, group: int, bits: int) -> bool:
     """Whether a [K, N] matrix with this group size fits the kernels: stored in 64-column
     tiles, groups a multiple of the rows a kernel step consumes (4 for int8, 8 for int4; f32,
     bits=32, has no groups)."""
-    if bits == 32:
+    if bits in (32, 16):
         return n % TILE == 0
     return n % TILE == 0 and k % group == 0 and group % (4 if bits == 8 else 8) == 0
 
 
 def _require(bits: int) -> None:
     if not available(bits):
-        name = "f32" if bits == 32 else f"int{bits}"
+        name = {32: "f32", 16: "bf16"}.get(bits, f"int{bits}")
         raise RuntimeError(
             f"the {name} CPU kernel is not available here (features={features()}); "
             "call jax_infer.quant.quantized_matmul or jax_infer.cpu.matmul.tiled_matmul, "
@@ -89,18 +118,50 @@ def f32_tiles_matmul(x, tiles):
     return jax.ffi.ffi_call(build.F32_TARGET, out, vmap_method="broadcast_all")(x, tiles)
 
 
+def bf16_tiles_matmul(x, tiles):
+    """x f32[M, K] @ a bf16 matrix stored in column tiles (tiles bf16[N/64, K, 64]) ->
+    f32[M, N], f32 accumulation (matmul_bf16.cc)."""
+    _require(16)
+    out = jax.ShapeDtypeStruct((x.shape[0], tiles.shape[0] * TILE), jnp.float32)
+    return jax.ffi.ffi_call(build.BF16_TARGET, out, vmap_method="broadcast_all")(x, tiles)
+
+
 def _xla_tiled_matmul(x, t: TiledF32Array):
     return x @ untile(t)
 
 
+def _tiled_bf16_matmul(x2, t: TiledF32Array, force_xla: bool):
+    """x2 [M, K] (any float dtype) @ bf16 tiles -> [M, N] in x2's dtype: the C++ kernel up to
+    `bf16_kernel_max_rows()` rows, XLA's dot in x2's dtype on the untiled matrix above (and
+    off the CPU), as `linear` computes an untiled bf16 projection."""
+    k, n = t.stored_shape
+    rows = x2.shape[0]
+
+    def xla(x):
+        return jnp.matmul(x, untile(t).astype(x.dtype))
+
+    if 0 < rows <= bf16_kernel_max_rows() and not force_xla and supports(k, n, 1, 16):
+        if available(16):
+
+            def kernel(x):
+                return bf16_tiles_matmul(x.astype(jnp.float32), t.values).astype(x.dtype)
+
+            return jax.lax.platform_dependent(x2, cpu=kernel, default=xla)
+    return xla(x2)
+
+
 def tiled_matmul(x, t: TiledF32Array, *, force_xla: bool = False):
-    """x [..., K] @ the f32 [K, N] matrix of t -> [..., N] in x's dtype (f32 inside): the C++
-    kernel on the CPU where it is built, XLA's dot on the untiled matrix elsewhere."""
+    """x [..., K] @ the [K, N] matrix of t -> [..., N] in x's dtype. f32 tiles: f32 inside,
+    the C++ kernel on the CPU where it is built, XLA's dot on the untiled matrix elsewhere.
+    bf16 tiles: the bf16 kernel (f32 accumulation) up to `bf16_kernel_max_rows()` rows,
+    XLA's dot in x's dtype above."""
     k, n = t.stored_shape
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features but the tiled matrix expects K={k}")
     lead = x.shape[:-1]
     rows = math.prod(lead)
+    if t.values.dtype == jnp.bfloat16:
+        return _tiled_bf16_matmul(x.reshape(rows, k), t, force_xla).reshape(*lead, n)
     x2 = x.reshape(rows, k).astype(jnp.float32)
     if rows > 0 and not force_xla and supports(k, n, 1, 32) and available(32):
         y = jax.lax.platform_dependent(
