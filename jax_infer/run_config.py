@@ -67,12 +67,14 @@ def _field(hint, default) -> Field:
     raise TypeError(f"unsupported type {hint!r}")
 
 
-def _from_dataclass(cls, names=None) -> dict[str, Field]:
+def _from_dataclass(cls, names=None, per_request=()) -> dict[str, Field]:
+    """Fields of a dataclass as config keys; `per_request` names fields left out (values a
+    config file cannot spell, such as a token-id mapping or a grammar: set per request)."""
     hints = typing.get_type_hints(cls)
     return {
         f.name: _field(hints[f.name], f.default)
         for f in dataclasses.fields(cls)
-        if names is None or f.name in names
+        if (names is None or f.name in names) and f.name not in per_request
     }
 
 
@@ -98,7 +100,9 @@ def _schema() -> dict[str, dict[str, Field]]:
             key: Field(None, int_or_none if key in _SPEC_INTS else str_or_none)
             for key in spec_config.KEYS
         },
-        "sampling": _from_dataclass(SamplingParams),
+        "sampling": _from_dataclass(
+            SamplingParams, per_request=("logit_bias", "structured_outputs")
+        ),
         "mesh": {"data": Field(1, (int,)), "model": Field(1, (int,))},
         "device": _from_dataclass(plan_lib.DeviceSpec),
     }

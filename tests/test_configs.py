@@ -67,7 +67,10 @@ def test_defaults_are_the_dataclasses():
     engine = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
     assert cfg["engine"] == {k: engine[k] for k in cfg["engine"]}
     assert set(cfg["engine"]) == set(shared_flags.ENGINE_FLAGS)
-    assert cfg["sampling"] == dataclasses.asdict(SamplingParams())
+    sampling = dataclasses.asdict(SamplingParams())
+    per_request = set(sampling) - set(cfg["sampling"])  # values a config cannot spell
+    assert per_request <= {"logit_bias", "structured_outputs"}, per_request
+    assert cfg["sampling"] == {k: sampling[k] for k in cfg["sampling"]}
     assert cfg["device"] == dataclasses.asdict(plan.DeviceSpec())
     assert cfg["model"]["name"] == weights.DEFAULT_MODEL
     assert cfg["speculative"]["method"] is None
