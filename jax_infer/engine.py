@@ -25,6 +25,7 @@ trusted, and the server treats it as fatal.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import time
@@ -158,6 +159,36 @@ class EngineConfig:
             )
 
 
+class _MaskFuture:
+    """The structured-output masks of one step, being computed: rows by request id."""
+
+    def __init__(self, future, first_row: dict[str, int]):
+        self.future = future
+        self.first_row = first_row
+
+    def for_rows(self, scheduled):
+        """A callable for StepBatch.token_bitmask: {input row: i32[W]} of constrained rows."""
+
+        def get():
+            bitmask = self.future.result()
+            return {
+                i: bitmask[self.first_row[s.request_id]]
+                for i, s in enumerate(scheduled)
+                if s.request_id in self.first_row
+            }
+
+        return get
+
+    def for_drafts(self, drafts):
+        """{request id: i32[n + 1, W]} for the constrained rows that verify n drafts."""
+        bitmask = self.future.result()
+        return {
+            rid: bitmask[self.first_row[rid] : self.first_row[rid] + len(d.token_ids) + 1]
+            for rid, d in drafts.items()
+            if rid in self.first_row
+        }
+
+
 def make_request(
     request_id: str, text: str | None, ids: list[int], params: SamplingParams, tokenizer, rng
 ) -> Request:
@@ -266,6 +297,8 @@ class LLMEngine:
         # the device work; an exception it raises is handled like a failed step (see step()).
         # The server sets it from JAX_INFER_TEST_FAULT_SEED (server/cli.py). None in service.
         self.fault_hook = None
+        # Structured outputs (structured_outputs.py): built at the first constrained request.
+        self._structured = None
         # Speculative decoding (speculative/decoder.py), or None.
         self.spec = make_speculative_decoder(
             ec,
@@ -311,9 +344,26 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request_id={request_id!r} is already in use")
         req = make_request(request_id, text, ids, params, self.tokenizer, self._rng)
+        if params.structured_outputs is not None:
+            req.grammar = self.structured_outputs.new_matcher(params.structured_outputs)
         self.scheduler.add_request(req)
         self.requests[request_id] = req
         return request_id
+
+    @property
+    def structured_outputs(self):
+        """The llguidance tokenizer, grammar cache and mask worker (built on first use)."""
+        if self._structured is None:
+            from jax_infer.structured_outputs import StructuredOutputs
+
+            self._structured = StructuredOutputs(self.tokenizer, self.config.vocab_size)
+        return self._structured
+
+    def check_structured_outputs(self, params: SamplingParams) -> None:
+        """Compile (and cache) a request's grammar now: ValueError naming the field and the
+        reason for an invalid schema, regex or grammar. The server calls it before a 200."""
+        if params.structured_outputs is not None:
+            self.structured_outputs.compile(params.structured_outputs)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now; its pages are freed at once. False if it is unknown/finished."""
@@ -371,6 +421,47 @@ class LLMEngine:
         drafts = {}
         if self.spec is not None:
             drafts, self.runner.pool = self.spec.propose(out, self.runner.pool)
+        masks = self._submit_masks(scheduled, drafts)
+        try:
+            return self._run_step(scheduled, drafts, masks)
+        finally:
+            if masks is not None:
+                # The worker touches the matchers: it is done before anything commits.
+                concurrent.futures.wait([masks.future])
+
+    def _submit_masks(self, scheduled, drafts):
+        """Structured outputs: cut each constrained request's drafts at the first token its
+        grammar refuses, then start computing the step's masks on the worker (they are ready
+        when the sampler needs them, after the forward). Returns a Future of
+        (bitmask i32[R, W], {request id: first row}), or None when no row is constrained."""
+        rows = []
+        for s in scheduled:
+            g = s.request.grammar
+            if g is None or not s.sample:
+                continue
+            d = drafts.get(s.request_id)
+            if d is not None:
+                n = g.valid_prefix(d.token_ids)
+                if n == 0:
+                    del drafts[s.request_id]
+                    d = None
+                elif n < len(d.token_ids):
+                    d = drafts[s.request_id] = dataclasses.replace(
+                        d,
+                        token_ids=d.token_ids[:n],
+                        probs=None if d.probs is None else d.probs[:n],
+                    )
+            rows.append((s.request_id, g, d.token_ids if d is not None else []))
+        if not rows:
+            return None
+        first, offset = {}, 0
+        for rid, _, toks in rows:
+            first[rid] = offset
+            offset += len(toks) + 1
+        future = self.structured_outputs.submit_masks([(g, toks) for _, g, toks in rows])
+        return _MaskFuture(future, first)
+
+    def _run_step(self, scheduled, drafts, masks):
         rows = [
             s.token_ids + (drafts[s.request_id].token_ids if s.request_id in drafts else [])
             for s in scheduled
@@ -391,6 +482,7 @@ class LLMEngine:
             ],
             logits_per_row=per_row,
             min_chunk=per_row or 32,
+            token_bitmask=None if masks is None else masks.for_rows(scheduled),
         )
         result = self.runner.execute(batch)
         sampled: dict[str, list[int]] = {}
@@ -400,7 +492,13 @@ class LLMEngine:
                 sampled[s.request_id], logprobs[s.request_id] = [token], [entry]
         before = {}
         if drafts:
-            verified = self.spec.verify(result.logits, result.order, scheduled, drafts)
+            verified = self.spec.verify(
+                result.logits,
+                result.order,
+                scheduled,
+                drafts,
+                bitmasks=None if masks is None else masks.for_drafts(drafts),
+            )
             sampled.update(verified)
             before = {rid: self.requests[rid].num_output_tokens for rid in verified}
         return sampled, logprobs, drafts, before

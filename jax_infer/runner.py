@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -106,6 +106,10 @@ class StepBatch:
     # chunk bucket (draft rows are padded to W, not to a 32-token chunk).
     logits_per_row: int | None = None
     min_chunk: int = 32
+    # Structured outputs: a callable returning {input row: i32[ceil(V/32)] allowed-token
+    # bitmask} for the constrained rows, called only after the forward is dispatched (the
+    # engine computes the masks on a worker meanwhile); None: no row is constrained.
+    token_bitmask: Callable[[], dict[int, np.ndarray]] | None = None
 
 
 @dataclasses.dataclass
@@ -201,11 +205,12 @@ class ModelRunner:
             backend=self.backend,
         )
         last = logits[:, -1] if batch.logits_per_row else logits
-        sampled, entries = self._sample(last, order, batch.sample)
+        sampled, entries = self._sample(last, order, batch.sample, batch.token_bitmask)
         return StepResult(logits, order, sampled, entries)
 
-    def _sample(self, logits, order, requests):
-        """Sample the sequence rows whose input row names a request (logits f32[S, V])."""
+    def _sample(self, logits, order, requests, token_bitmask=None):
+        """Sample the sequence rows whose input row names a request (logits f32[S, V]);
+        token_bitmask as StepBatch's."""
         n = len(requests)
         tokens: list[int | None] = [None] * n
         entries: list[dict | None] = [None] * n
@@ -232,6 +237,14 @@ class ModelRunner:
         generated = [req.num_output_tokens if req is not None else 0 for req in by_row]
         seeds = [req.seed if req is not None else 0 for req in by_row]
         banned = min_tokens_banned_ids(params, generated, self.eos_token_ids, rows)
+        bitmask = None
+        if token_bitmask is not None:
+            masks = token_bitmask()
+            if any(i >= 0 and by_row[r] is not None and i in masks for r, i in enumerate(order)):
+                bitmask = np.full((rows, (vocab + 31) // 32), -1, np.int32)
+                for r, i in enumerate(order):
+                    if by_row[r] is not None and i in masks:
+                        bitmask[r] = masks[i]
         res = sample(
             logits,
             SamplingMetadata.build(params, seeds, generated, rows),
@@ -239,6 +252,7 @@ class ModelRunner:
             jnp.asarray(prompt_mask),
             flags=flags,
             banned_ids=None if banned is None else jnp.asarray(banned),
+            bitmask=None if bitmask is None else jnp.asarray(bitmask),
         )
         token_ids = np.asarray(res.token_ids)
         lp_rows = host_logprob_rows(res, flags.num_logprobs)
