@@ -28,6 +28,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
+import threading
 import time
 
 import jax.numpy as jnp
@@ -47,6 +48,7 @@ from jax_infer.speculative.decoder import make_speculative_decoder
 from jax_infer.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
+_STRUCTURED_LOCK = threading.Lock()
 
 
 def prepare_prompt(prompt, params, tokenizer, vocab_size: int, max_model_len: int):
@@ -353,10 +355,11 @@ class LLMEngine:
     @property
     def structured_outputs(self):
         """The llguidance tokenizer, grammar cache and mask worker (built on first use)."""
-        if self._structured is None:
-            from jax_infer.structured_outputs import StructuredOutputs
+        with _STRUCTURED_LOCK:  # the server's request threads check grammars too
+            if self._structured is None:
+                from jax_infer.structured_outputs import StructuredOutputs
 
-            self._structured = StructuredOutputs(self.tokenizer, self.config.vocab_size)
+                self._structured = StructuredOutputs(self.tokenizer, self.config.vocab_size)
         return self._structured
 
     def check_structured_outputs(self, params: SamplingParams) -> None:
