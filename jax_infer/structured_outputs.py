@@ -13,10 +13,10 @@ Why it is shaped this way:
   calls `accept(token)` for every token it appends, so plain decoding, speculative
   verification and the stop rules advance the matcher exactly by the committed tokens.
   Preemption keeps a request's output tokens (they are recomputed, not resampled), so the
-  matcher state stays valid across it; rejected drafts were never committed, and the masks
-  computed for them are rolled back inside llguidance (`..._with_draft_tokens`).
+  matcher state stays valid across it; rejected drafts were never committed, and the matcher
+  steps taken to compute their masks are rolled back at once.
 * Masks for step n are computed on a worker thread while step n's forward runs (the jitted
-  step is dispatched asynchronously; llguidance computes masks in Rust without the GIL),
+  step is dispatched asynchronously; llguidance computes a mask in Rust without the GIL),
   packed as llguidance's `i32[R, ceil(V/32)]` bitmask and applied inside the jitted sampler
   (`sampling.apply_token_bitmask`, a pure function of logits and bitmask).
 * Compiling a grammar (schema -> llguidance grammar -> a matcher with its lexer) is done once
@@ -50,7 +50,6 @@ CACHE_SIZE = 256
 def _llguidance():
     try:
         import llguidance
-        import llguidance.numpy  # noqa: F401 (the bitmask helpers)
     except ImportError as e:  # pragma: no cover - a dependency of the package
         raise ValueError(
             f"structured_outputs needs the llguidance package (pip install llguidance): {e}"
@@ -107,7 +106,7 @@ class StructuredOutputs:
 
     Thread-safe for `new_matcher` (the server checks grammars on its request threads)."""
 
-    def __init__(self, tokenizer, vocab_size: int, num_threads: int | None = None):
+    def __init__(self, tokenizer, vocab_size: int):
         llg = _llguidance()
         self.vocab_size = vocab_size
         self.words = (vocab_size + 31) // 32
@@ -117,10 +116,9 @@ class StructuredOutputs:
             n_vocab=vocab_size,
             eos_token=sorted(self.eos_token_ids),
         )
-        self._executor = llg.LLExecutor(num_threads=num_threads)
         self._cache: collections.OrderedDict = collections.OrderedDict()
         self._lock = threading.Lock()
-        # One worker: masks of a step are computed together (llguidance parallelizes inside).
+        # One worker: the masks of a step are computed together, in order.
         self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llg-mask")
         # Host time spent computing masks, and how many were computed (the benchmark reads it).
         self.mask_seconds = 0.0
@@ -165,22 +163,26 @@ class StructuredOutputs:
         return self._worker.submit(self._masks, list(rows))
 
     def _masks(self, rows) -> np.ndarray:
-        import llguidance.numpy as lln
-
         start = time.perf_counter()
         total = sum(len(d) + 1 for _, d in rows)
         bitmask = np.full((total, self.words), -1, np.int32)
-        plain, with_drafts, offset = [], [], 0
+        nbytes = self.words * 4
+        offset = 0
         for state, drafts in rows:
-            if drafts:
-                with_drafts.append((state.matcher, offset, [int(t) for t in drafts]))
-            else:
-                plain.append((state.matcher, offset))
+            m = state.matcher
+            # One matcher at a time on this thread (llguidance drops the GIL while it
+            # computes). Not llguidance's LLExecutor: its worker threads spin while idle,
+            # which on a small, busy CPU starved the model's own threads (32x slower steps).
+            m.unsafe_compute_mask_ptr(bitmask[offset].ctypes.data, nbytes)
+            consumed = 0
+            for j, token in enumerate(drafts):
+                if not m.consume_token(int(token)):
+                    break  # drafts were cut to the valid prefix; a guard all the same
+                consumed += 1
+                m.unsafe_compute_mask_ptr(bitmask[offset + j + 1].ctypes.data, nbytes)
+            if consumed:
+                m.rollback(consumed)
             offset += len(drafts) + 1
-        if plain:
-            lln.fill_next_token_bitmask_par(self._executor, plain, bitmask)
-        if with_drafts:
-            lln.fill_next_token_bitmask_par_with_draft_tokens(self._executor, with_drafts, bitmask)
         self.mask_seconds += time.perf_counter() - start
         self.num_masks += total
         return bitmask

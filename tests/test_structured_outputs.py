@@ -315,7 +315,7 @@ def test_preemption_keeps_the_grammar_in_step(smollm2, greedy_cases, greedy_outp
     """A pool too small for the batch: requests are preempted mid-output and recomputed; the
     matcher keeps the committed tokens, so the outputs equal the unpreempted ones."""
     picks = list(range(0, len(greedy_cases), 3))
-    engine = _engine(smollm2, num_pages=48, page_size=8, max_num_batched_tokens=128)
+    engine = _engine(smollm2, num_pages=65, page_size=8, max_num_batched_tokens=128)
     outs = _run(engine, [greedy_cases[i] for i in picks])
     assert engine.num_preemptions > 0, "the pool was meant to force preemptions"
     for i, out in zip(picks, outs):
