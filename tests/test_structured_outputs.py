@@ -315,12 +315,21 @@ def test_preemption_keeps_the_grammar_in_step(smollm2, greedy_cases, greedy_outp
     """A pool too small for the batch: requests are preempted mid-output and recomputed; the
     matcher keeps the committed tokens, so the outputs equal the unpreempted ones."""
     picks = list(range(0, len(greedy_cases), 3))
-    engine = _engine(smollm2, num_pages=65, page_size=8, max_num_batched_tokens=128)
-    outs = _run(engine, [greedy_cases[i] for i in picks])
-    assert engine.num_preemptions > 0, "the pool was meant to force preemptions"
-    for i, out in zip(picks, outs):
-        _check(out, greedy_cases[i][2])
-        assert out.token_ids == greedy_outputs[i].token_ids, i
+    engine = _engine(smollm2)
+    ids = [engine.add_request(p, sp) for p, sp, _ in (greedy_cases[i] for i in picks)]
+    final, preempted = {}, []
+    while engine.has_unfinished_requests():
+        mid_output = [r for r in engine.requests.values() if 0 < r.num_output_tokens]
+        if not preempted and len(mid_output) >= len(picks) // 2:
+            # Every running request loses its pages mid-output and recomputes them.
+            preempted = engine.scheduler.preempt_all()
+        for chunk in engine.step():
+            if chunk.finished:
+                final[chunk.request_id] = chunk
+    assert preempted, "the run was meant to preempt requests mid-output"
+    for i, rid in zip(picks, ids):
+        _check(final[rid], greedy_cases[i][2])
+        assert final[rid].token_ids == greedy_outputs[i].token_ids, i
 
 
 class _AdversarialProposer:
@@ -342,7 +351,7 @@ class _AdversarialProposer:
             g = self.engine.requests[row.request_id].grammar
             m = g.matcher.deep_copy()
             toks = []
-            for _ in range(self.rng.integers(1, row.num_lookahead)):
+            for _ in range(self.rng.integers(0, row.num_drafts)):
                 allowed = self._allowed(m)
                 if m.is_stopped() or not allowed.any():
                     break
