@@ -25,8 +25,10 @@ trusted, and the server treats it as fatal.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
+import threading
 import time
 
 import jax.numpy as jnp
@@ -49,6 +51,7 @@ from jax_infer.speculative.decoder import make_speculative_decoder
 from jax_infer.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
+_STRUCTURED_LOCK = threading.Lock()
 
 
 def prepare_prompt(prompt, params, tokenizer, vocab_size: int, max_model_len: int):
@@ -190,6 +193,36 @@ def make_requests(
         req.group_id, req.sample_index = request_id, i
         out.append(req)
     return out
+
+
+class _MaskFuture:
+    """The structured-output masks of one step, being computed: rows by request id."""
+
+    def __init__(self, future, first_row: dict[str, int]):
+        self.future = future
+        self.first_row = first_row
+
+    def for_rows(self, scheduled):
+        """A callable for StepBatch.token_bitmask: {input row: i32[W]} of constrained rows."""
+
+        def get():
+            bitmask = self.future.result()
+            return {
+                i: bitmask[self.first_row[s.request_id]]
+                for i, s in enumerate(scheduled)
+                if s.request_id in self.first_row
+            }
+
+        return get
+
+    def for_drafts(self, drafts):
+        """{request id: i32[n + 1, W]} for the constrained rows that verify n drafts."""
+        bitmask = self.future.result()
+        return {
+            rid: bitmask[self.first_row[rid] : self.first_row[rid] + len(d.token_ids) + 1]
+            for rid, d in drafts.items()
+            if rid in self.first_row
+        }
 
 
 def make_request(
@@ -350,6 +383,8 @@ class LLMEngine:
         # the device work; an exception it raises is handled like a failed step (see step()).
         # The server sets it from JAX_INFER_TEST_FAULT_SEED (server/cli.py). None in service.
         self.fault_hook = None
+        # Structured outputs (structured_outputs.py): built at the first constrained request.
+        self._structured = None
         # Speculative decoding (speculative/decoder.py), or None.
         self.spec = make_speculative_decoder(
             ec,
@@ -398,13 +433,23 @@ class LLMEngine:
                 f"{self.num_replicas} data replicas: use a mesh with data=1"
             )
         reqs = make_requests(request_id, text, ids, params, self.tokenizer, self._rng)
+        if params.structured_outputs is not None:
+            for req in reqs:  # each sample its own matcher
+                req.grammar = self.structured_outputs.new_matcher(params.structured_outputs)
         for rid in {request_id, *(r.request_id for r in reqs)}:
             if rid in self.requests or rid in self.groups:
                 raise ValueError(f"request_id={rid!r} is already in use")
-        if len(reqs) == 1 or self.num_replicas > 1 or len(self.page_groups) > 1:
-            # Forking the prompt's pages needs one page group on one replica; otherwise the
-            # samples are separate requests (the same seeds, so the same tokens; the prefix
-            # cache still shares the prompt's full pages).
+        fork = (
+            len(reqs) > 1
+            and self.num_replicas == 1
+            and len(self.page_groups) == 1
+            and params.structured_outputs is None
+        )
+        if not fork:
+            # Forking the prompt's pages needs one page group on one replica, and samples
+            # whose first token needs no grammar mask (a fork samples from its leader's row);
+            # otherwise the samples are separate requests (the same seeds, so the same
+            # tokens; the prefix cache still shares the prompt's full pages).
             for req in reqs:
                 self.scheduler.add_request(req)
         else:
@@ -418,6 +463,22 @@ class LLMEngine:
     def sample_ids(self, request_id: str) -> list[str]:
         """The engine request ids of the samples of `request_id` (itself when n=1)."""
         return list(self.groups.get(request_id, [request_id]))
+
+    @property
+    def structured_outputs(self):
+        """The llguidance tokenizer, grammar cache and mask worker (built on first use)."""
+        with _STRUCTURED_LOCK:  # the server's request threads check grammars too
+            if self._structured is None:
+                from jax_infer.structured_outputs import StructuredOutputs
+
+                self._structured = StructuredOutputs(self.tokenizer, self.config.vocab_size)
+        return self._structured
+
+    def check_structured_outputs(self, params: SamplingParams) -> None:
+        """Compile (and cache) a request's grammar now: ValueError naming the field and the
+        reason for an invalid schema, regex or grammar. The server calls it before a 200."""
+        if params.structured_outputs is not None:
+            self.structured_outputs.compile(params.structured_outputs)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request (all n samples, or one sample by its id) now; its pages are freed at
@@ -515,6 +576,48 @@ class LLMEngine:
         prompt_logits = self._prompt_logits(scheduled)
         if prompt_logits:
             drafts = {}  # logits at every prompt position: this step verifies no drafts
+        masks = self._submit_masks(scheduled, drafts)
+        try:
+            return self._run_step(out, drafts, masks, prompt_logits)
+        finally:
+            if masks is not None:
+                # The worker touches the matchers: it is done before anything commits.
+                concurrent.futures.wait([masks.future])
+
+    def _submit_masks(self, scheduled, drafts):
+        """Structured outputs: cut each constrained request's drafts at the first token its
+        grammar refuses, then start computing the step's masks on the worker (they are ready
+        when the sampler needs them, after the forward). Returns a Future of
+        (bitmask i32[R, W], {request id: first row}), or None when no row is constrained."""
+        rows = []
+        for s in scheduled:
+            g = s.request.grammar
+            if g is None or not s.sample:
+                continue
+            d = drafts.get(s.request_id)
+            if d is not None:
+                n = g.valid_prefix(d.token_ids)
+                if n == 0:
+                    del drafts[s.request_id]
+                    d = None
+                elif n < len(d.token_ids):
+                    d = drafts[s.request_id] = dataclasses.replace(
+                        d,
+                        token_ids=d.token_ids[:n],
+                        probs=None if d.probs is None else d.probs[:n],
+                    )
+            rows.append((s.request_id, g, d.token_ids if d is not None else []))
+        if not rows:
+            return None
+        first, offset = {}, 0
+        for rid, _, toks in rows:
+            first[rid] = offset
+            offset += len(toks) + 1
+        future = self.structured_outputs.submit_masks([(g, toks) for _, g, toks in rows])
+        return _MaskFuture(future, first)
+
+    def _run_step(self, out, drafts, masks, prompt_logits):
+        scheduled = out.scheduled
         rows = [
             s.token_ids + (drafts[s.request_id].token_ids if s.request_id in drafts else [])
             for s in scheduled
@@ -541,6 +644,7 @@ class LLMEngine:
             ),
             forks=[(i, f) for i, s in enumerate(scheduled) if s.sample for f in s.followers],
             prompt_logits=prompt_logits,
+            token_bitmask=None if masks is None else masks.for_rows(scheduled),
         )
         result = self.runner.execute(batch)
         sampled: dict[str, list[int]] = {}
@@ -559,7 +663,13 @@ class LLMEngine:
                     f.prompt_logprobs = list(s.request.prompt_logprobs)
         before = {}
         if drafts:
-            verified = self.spec.verify(result.logits, result.order, scheduled, drafts)
+            verified = self.spec.verify(
+                result.logits,
+                result.order,
+                scheduled,
+                drafts,
+                bitmasks=None if masks is None else masks.for_drafts(drafts),
+            )
             sampled.update(verified)
             before = {rid: self.requests[rid].num_output_tokens for rid in verified}
         return sampled, logprobs, drafts, before

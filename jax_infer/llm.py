@@ -287,6 +287,13 @@ class LLM:
                 text, ids = prepare_prompt(
                     prompt, params, self.tokenizer, self.config.vocab_size, self.max_model_len
                 )
+                if params.structured_outputs is not None:
+                    if self.engine_kind != "continuous":
+                        raise ValueError(
+                            "SamplingParams.structured_outputs needs engine='continuous'; "
+                            f"engine={self.engine_kind!r}"
+                        )
+                    self.engine.check_structured_outputs(params)
             except ValueError as e:
                 raise ValueError(f"prompts[{i}]: {e}") from e
             out.append((text, ids, params))

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -161,6 +161,10 @@ class StepBatch:
     # after each (rows[i][1:m + 1], or the next row token), with the top k. Needs
     # logits_per_row None.
     prompt_logits: Sequence[tuple[int, Sequence[int], int]] = ()
+    # Structured outputs: a callable returning {input row: i32[ceil(V/32)] allowed-token
+    # bitmask} for the constrained rows, called only after the forward is dispatched (the
+    # engine computes the masks on a worker meanwhile); None: no row is constrained.
+    token_bitmask: Callable[[], dict[int, np.ndarray]] | None = None
 
 
 @dataclasses.dataclass
@@ -322,7 +326,7 @@ class ModelRunner:
             prompt_lps = self._prompt_logprobs(logits[num_rows:], batch.prompt_logits)
             logits = logits[:num_rows]
         last = logits[:, -1] if batch.logits_per_row else logits
-        sampled, entries = self._sample(last, order, batch.sample)
+        sampled, entries = self._sample(last, order, batch.sample, batch.token_bitmask)
         result = StepResult(logits, order, sampled, entries, prompt_logprobs=prompt_lps)
         if batch.forks:
             # Each fork samples from its leader's row: gather those rows, padded to a power of
@@ -412,11 +416,12 @@ class ModelRunner:
         logits = logits.reshape(-1, *logits.shape[2:])  # [D * S, ...]: replica-major rows
         order = np.concatenate(orders)
         last = logits[:, -1] if batch.logits_per_row else logits
-        sampled, entries = self._sample(last, order, batch.sample)
+        sampled, entries = self._sample(last, order, batch.sample, batch.token_bitmask)
         return StepResult(logits, order, sampled, entries)
 
-    def _sample(self, logits, order, requests):
-        """Sample the sequence rows whose input row names a request (logits f32[S, V])."""
+    def _sample(self, logits, order, requests, token_bitmask=None):
+        """Sample the sequence rows whose input row names a request (logits f32[S, V]);
+        token_bitmask as StepBatch's."""
         n = len(requests)
         tokens: list[int | None] = [None] * n
         entries: list[dict | None] = [None] * n
@@ -444,6 +449,14 @@ class ModelRunner:
         seeds = [req.seed if req is not None else 0 for req in by_row]
         banned = min_tokens_banned_ids(params, generated, self.eos_token_ids, rows)
         bias = logit_bias_arrays(params, rows)
+        bitmask = None
+        if token_bitmask is not None:
+            masks = token_bitmask()
+            if any(i >= 0 and by_row[r] is not None and i in masks for r, i in enumerate(order)):
+                bitmask = np.full((rows, (vocab + 31) // 32), -1, np.int32)
+                for r, i in enumerate(order):
+                    if by_row[r] is not None and i in masks:
+                        bitmask[r] = masks[i]
         res = sample(
             logits,
             SamplingMetadata.build(params, seeds, generated, rows),
@@ -452,6 +465,7 @@ class ModelRunner:
             flags=flags,
             banned_ids=None if banned is None else jnp.asarray(banned),
             logit_bias=None if bias is None else tuple(map(jnp.asarray, bias)),
+            bitmask=None if bitmask is None else jnp.asarray(bitmask),
         )
         token_ids = np.asarray(res.token_ids)
         lp_rows = host_logprob_rows(res, flags.num_logprobs)

@@ -47,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import json
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -89,6 +90,79 @@ def _as_finite_float(value: Any) -> float | None:
     return out if math.isfinite(out) else None
 
 
+_STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclasses.dataclass(frozen=True)
+class StructuredOutputsParams:
+    """Constrain a request's output to a language (vLLM's names); give exactly one field.
+
+    json: a JSON schema (dict, or its JSON text); regex: a regular expression the whole output
+    matches; choice: one of these strings, verbatim; grammar: a Lark grammar (llguidance's
+    dialect: https://github.com/guidance-ai/llguidance/blob/main/docs/syntax.md); json_object:
+    any JSON object. Checked here for shape only; the engine compiles the grammar when the
+    request is added (`structured_outputs.py`) and refuses an invalid schema, regex or grammar
+    with a ValueError naming the field and the compiler's reason: never accepted and ignored.
+
+    Normalized so that equal constraints compare and hash equal: a json schema is stored as
+    its JSON text (key order kept: it orders the output), choice as a tuple. Output ends with finish_reason
+    "stop" as soon as the grammar accepts and can go no further (or at eos where it may go on,
+    e.g. a regex `[a-z]+`); when max_tokens runs out first it ends with "length" and the text
+    may be an incomplete prefix of a valid output (vLLM does the same): give max_tokens room,
+    or bound the schema (maxLength, maxItems).
+    """
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+
+    def __post_init__(self) -> None:
+        setattr_ = functools.partial(object.__setattr__, self)
+        field = "StructuredOutputsParams"
+        given = [k for k in _STRUCTURED_KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(
+                f"{field}: give exactly one of {_STRUCTURED_KINDS}; got {given or 'none'}"
+            )
+        if not _is_bool(self.json_object):
+            raise ValueError(f"{field}.json_object={self.json_object!r} is invalid: a bool")
+        if self.json is not None:
+            schema = self.json
+            if isinstance(schema, str):
+                try:
+                    schema = json.loads(schema)
+                except ValueError as e:
+                    raise ValueError(f"{field}.json is not valid JSON text: {e}") from None
+            if not isinstance(schema, (dict, bool)):
+                raise ValueError(
+                    f"{field}.json={self.json!r:.80} is invalid: a JSON schema is an object "
+                    "(dict) or a bool"
+                )
+            setattr_("json", json.dumps(schema))
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{field}.{name}={value!r} is invalid: a non-empty str")
+        if self.choice is not None:
+            if (
+                isinstance(self.choice, str)
+                or not isinstance(self.choice, (list, tuple))
+                or not self.choice
+                or not all(isinstance(c, str) and c for c in self.choice)
+            ):
+                raise ValueError(
+                    f"{field}.choice={self.choice!r} is invalid: a non-empty list of non-empty str"
+                )
+            setattr_("choice", tuple(self.choice))
+
+    @property
+    def kind(self) -> str:
+        """Which field is set: "json", "regex", "choice", "grammar" or "json_object"."""
+        return next(k for k in _STRUCTURED_KINDS if getattr(self, k) not in (None, False))
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """Per-request sampling knobs with vLLM semantics, validated on construction.
@@ -129,6 +203,7 @@ class SamplingParams:
     n: int = 1
     logit_bias: Any = None  # {token id: bias}; stored as tuple[tuple[int, float], ...]
     prompt_logprobs: int | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         setattr_ = functools.partial(object.__setattr__, self)
@@ -250,6 +325,10 @@ class SamplingParams:
         """The seed of sample `index` of `n` whose first sample has `base_seed` (the request's
         seed, or one the engine drew): ``(base_seed + index) % 2**32``, the server's rule."""
         return (base_seed + index) % 2**32
+
+        so = self.structured_outputs
+        if so is not None and not isinstance(so, StructuredOutputsParams):
+            raise _invalid("structured_outputs", so, "must be None or a StructuredOutputsParams")
 
     @property
     def is_greedy(self) -> bool:
@@ -482,6 +561,22 @@ def apply_logit_bias(logits: jax.Array, bias: tuple[jax.Array, jax.Array]) -> ja
     return logits.at[rows, ids].add(vals.astype(logits.dtype), mode="drop")
 
 
+def apply_token_bitmask(logits: jax.Array, bitmask: jax.Array) -> jax.Array:
+    """Set the logits of tokens a packed bitmask forbids to -inf (structured outputs).
+
+    logits f32[B, V]; bitmask i32[B, ceil(V/32)] in llguidance's layout: bit j (least
+    significant first) of word w allows token 32 * w + j. A row of all ones (-1) allows every
+    token, so unconstrained and padding rows pass through unchanged. A pure function of
+    (logits, bitmask), applied inside the jitted sampler and verifier.
+    """
+    batch, vocab = logits.shape
+    shifts = jnp.arange(32, dtype=jnp.uint32)
+    words = bitmask.astype(jnp.uint32)[:, :, None]  # u32[B, W, 1]
+    bits = jax.lax.shift_right_logical(words, shifts[None, None, :]) & 1  # u32[B, W, 32]
+    allowed = bits.reshape(batch, -1)[:, :vocab] != 0  # bool[B, V]
+    return jnp.where(allowed, logits, -jnp.inf)
+
+
 def apply_penalties(
     logits: jax.Array,
     output_counts: jax.Array,
@@ -595,14 +690,16 @@ def sample(
     flags: SamplerFlags,
     banned_ids: jax.Array | None = None,
     logit_bias: tuple[jax.Array, jax.Array] | None = None,
+    bitmask: jax.Array | None = None,
 ) -> SamplerOutput:
     """Pick one token per row.
 
     logits f32[B, V] (raw model output); output_counts i32[B, V] (how often each
     token was generated so far); prompt_mask bool[B, V] (token occurs in the
-    prompt); banned_ids i32[B, S] or None (from ``min_tokens_banned_ids``).
+    prompt); banned_ids i32[B, S] or None (from ``min_tokens_banned_ids``); bitmask
+    i32[B, ceil(V/32)] or None: the tokens structured outputs allow (``apply_token_bitmask``).
 
-    Order (vLLM): raw logprobs -> banned ids -> penalties -> greedy rows: argmax;
+    Order (vLLM): raw logprobs -> grammar bitmask -> banned ids -> penalties -> greedy: argmax;
     other rows: temperature -> top-k -> top-p -> min-p -> categorical with the
     row's key ``request_key(seed, step)``. Every step is row-local, so a row's
     output does not depend on the other rows or on padding.
@@ -616,6 +713,8 @@ def sample(
     log_norm = jnp.log(jnp.sum(jnp.exp(logits - row_max), axis=-1, keepdims=True))  # f32[B, 1]
 
     x = logits
+    if bitmask is not None:
+        x = apply_token_bitmask(x, bitmask)
     if banned_ids is not None:
         x = apply_banned_ids(x, banned_ids)
     if logit_bias is not None:

@@ -31,6 +31,12 @@ Scenarios (--scenarios, comma-separated):
             --ttft_target_ms and --tpot_target_ms, and goodput (such requests per second of
             wall time); then, at the highest rate where continuous batching meets the targets
             for >= 90% of requests, continuous goodput / static goodput.
+  structured  decode32's shape (32 x 128-token prompts, 128 tokens each) with
+            --structured_fraction of the requests constrained to a JSON schema (llguidance)
+            that cannot finish within 128 tokens (so every request runs its full length),
+            against the same shape unconstrained (fresh prompts each, after a warm-up of
+            both): output tokens/s of each, their ratio, and the host's mask time per
+            constrained token (computed on a worker while the forward runs).
 
 --compare_http (with decode32): then serve the same workload (same prompts and output lengths,
 ignore_eos, temperature 0, after the same warm-up) through scripts/serve.py, started here as a
@@ -68,6 +74,7 @@ import shared_flags
 from absl import app, flags
 
 from jax_infer import LLM, SamplingParams
+from jax_infer.sampling import StructuredOutputsParams
 
 FLAGS = flags.FLAGS
 shared_flags.define_model_flags()
@@ -96,6 +103,9 @@ flags.DEFINE_list("poisson_prompt_len", ["32", "256"], "poisson: prompt length r
 flags.DEFINE_list("poisson_output_len", ["16", "64"], "poisson: output length range LO,HI.")
 flags.DEFINE_float("ttft_target_ms", 2000.0, "poisson: TTFT target (ms) for goodput.")
 flags.DEFINE_float("tpot_target_ms", 200.0, "poisson: TPOT target (ms) for goodput.")
+flags.DEFINE_float(
+    "structured_fraction", 0.5, "structured scenario: the share of requests constrained."
+)
 flags.DEFINE_bool(
     "compare_http",
     False,
@@ -146,9 +156,14 @@ def percentiles(values) -> dict:
     return {"p50": float(np.percentile(v, 50)), "p99": float(np.percentile(v, 99))}
 
 
-def serve(llm: LLM, prompts, max_tokens, arrive) -> dict:
-    """Feed requests at their arrival times; time every token of every request."""
-    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in max_tokens]
+def serve(llm: LLM, prompts, max_tokens, arrive, structured=None) -> dict:
+    """Feed requests at their arrival times; time every token of every request. structured:
+    a StructuredOutputsParams or None per request (default: none constrained)."""
+    structured = structured or [None] * len(prompts)
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True, structured_outputs=so)
+        for m, so in zip(max_tokens, structured)
+    ]
     n = len(prompts)
     first, last, counts = {}, {}, {}
     start = time.perf_counter()
@@ -264,6 +279,50 @@ def scenario_decode32(results):
         del llm  # its weights, page pool and threads go before the server loads its own
         gc.collect()
         compare_http_decode32(results, prompts, warm)
+
+
+# Objects of a few fields (strings, bounded integers, enum arrays), at least 64 of them: no
+# valid output is shorter than 128 tokens, so constrained requests run their full length.
+STRUCTURED_SCHEMA = {
+    "type": "array",
+    "minItems": 64,
+    "items": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 16},
+            "age": {"type": "integer", "minimum": 0, "maximum": 150},
+            "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "maxItems": 3},
+        },
+        "required": ["name", "age", "tags"],
+        "additionalProperties": False,
+    },
+}
+
+
+def scenario_structured(results):
+    n = 32
+    fraction = FLAGS.structured_fraction
+    if not 0 < fraction <= 1:
+        raise app.UsageError(f"--structured_fraction={fraction} must be in (0, 1]")
+    so = StructuredOutputsParams(json=STRUCTURED_SCHEMA)
+    # Constrained requests spread evenly over the batch.
+    constrained = [so if int((i + 1) * fraction) > int(i * fraction) else None for i in range(n)]
+    plain_prompts, warm = decode32_workload(FLAGS.seed)
+    so_prompts, warm2 = decode32_workload(FLAGS.seed + 1)
+    llm = make_llm("continuous")
+    arrive = np.zeros(n)
+    serve(llm, warm, [128] * n, arrive)
+    serve(llm, warm2, [128] * n, arrive, constrained)
+    masks = llm.engine.structured_outputs
+    plain = serve(llm, plain_prompts, [128] * n, arrive)
+    seconds, count = masks.mask_seconds, masks.num_masks
+    run = serve(llm, so_prompts, [128] * n, arrive, constrained)
+    run["num_constrained"] = sum(c is not None for c in constrained)
+    run["mask_ms_per_token"] = 1e3 * (masks.mask_seconds - seconds) / (masks.num_masks - count)
+    run["masks"] = masks.num_masks - count
+    results["structured_plain"] = plain
+    results["structured"] = run
+    results["structured_ratio"] = run["output_tokens_per_s"] / plain["output_tokens_per_s"]
 
 
 def scenario_capacity(results):
@@ -649,12 +708,13 @@ SCENARIOS = {
     "capacity": scenario_capacity,
     "prefix": scenario_prefix,
     "poisson": scenario_poisson,
+    "structured": scenario_structured,
 }
 
 
 def print_table(results):
     rows = []
-    for key in ("mixed_continuous", "mixed_static", "decode32"):
+    for key in ("mixed_continuous", "mixed_static", "decode32", "structured_plain", "structured"):
         if key in results:
             r = results[key]
             rows.append(
@@ -669,6 +729,13 @@ def print_table(results):
     if rows:
         headers = ["run", "out tok/s", "TTFT p50/p99 s", "TPOT p50/p99 ms", "peak KV"]
         report.print_table(headers, rows)
+    if "structured_ratio" in results:
+        r = results["structured"]
+        print(
+            f"{r['num_constrained']} of {r['requests']} requests constrained: "
+            f"{results['structured_ratio']:.3f}x the unconstrained output tokens/s; mask "
+            f"{r['mask_ms_per_token']:.3f} ms per constrained token (host, on a worker)"
+        )
     if "mixed_speedup" in results:
         print(f"continuous / static output tokens/s: {results['mixed_speedup']:.2f}x")
     if "capacity" in results:
@@ -741,7 +808,7 @@ def main(argv):
         return
     names = ["model", "dtype", "quantization", "scenarios", "num_requests", "request_rate"]
     names += [*shared_flags.ENGINE_FLAGS, "max_model_len", "seed", "mesh_data", "mesh_model"]
-    names += ["compare_http"]
+    names += ["compare_http", "structured_fraction"]
     if "poisson" in FLAGS.scenarios.split(","):
         names += ["poisson_rates", "poisson_requests", "poisson_prompt_len", "poisson_output_len"]
         names += ["ttft_target_ms", "tpot_target_ms"]

@@ -93,6 +93,10 @@ class Request:
     prompt: str | None = None  # the prompt text, when it came as text
     detokenizer: Any = None  # tokenizer.IncrementalDetokenizer, or None: no text, no stop strings
     eos_token_ids: frozenset = frozenset()
+    # Structured outputs: the engine's matcher (structured_outputs.GrammarState), or None.
+    # Opaque here: `accept(token)` -> None (go on), "stop" (the grammar is complete) or an
+    # error message; commit_tokens calls it for each token it appends.
+    grammar: Any = None
     logprobs: list | None = None  # per output token {token id: logprob}, when asked for
     stop_reason: int | str | None = None  # the stop token id or stop string that matched
     text: str = ""  # visible output text (a matched stop string cut off)
@@ -196,8 +200,9 @@ def commit_tokens(
 
     The one commit path: plain decoding, speculative verification (accepted drafts plus one)
     and the static engine all append through here (the paged engine through
-    `Scheduler.update`), so what counts as a stop (eos, stop token ids, stop strings,
-    max_tokens, the model's length limit) is decided once. A stop sets the request's finished
+    `Scheduler.update`), so what counts as a stop (eos, stop token ids, stop strings, a
+    structured-output grammar that is complete, max_tokens, the model's length limit) is
+    decided once. A stop sets the request's finished
     status.
     """
     p = req.sampling_params
@@ -237,6 +242,13 @@ def _stop(req: Request, p, token: int, max_model_len: int):
                 )
                 return "stop", stop
             req.text = full
+    if req.grammar is not None:
+        verdict = req.grammar.accept(token)
+        if verdict == "stop":
+            return "stop", None
+        if verdict is not None:
+            req.error = verdict
+            return "error", None
     if req.room(max_model_len) <= 0:
         return "length", None
     return None, None

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import hmac
 import json
+import re
 import time
 import uuid
 
@@ -35,6 +36,7 @@ from jax_infer.server.protocol import (
     max_tokens_field,
     parse,
     sampling_params,
+    structured_param,
 )
 
 
@@ -362,6 +364,14 @@ def _check_prompt(eng, prompt, req, param: str) -> list[int]:
         if "exceeds max_model_len" in message and set_max is not None:
             param = max_tokens_field(req)
         raise APIError(400, message, param=param) from None
+    try:
+        eng.check_structured_outputs(params)
+    except ValueError as e:
+        where = structured_param(req)
+        message = str(e)
+        if where != "structured_outputs":  # name the field the client wrote
+            message = re.sub(r"^structured_outputs\.\w+", where, message)
+        raise APIError(400, message, param=where) from None
     return ids
 
 

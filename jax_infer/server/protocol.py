@@ -1,8 +1,11 @@
 """The OpenAI request shapes the server accepts, their errors, and the mapping to SamplingParams.
 
-Every request model forbids unknown fields: a field we do not implement (tools,
-response_format, ...) would change the output if honoured, so it is refused with a 400 naming
-it rather than ignored. Models are strict (validated from the raw JSON body, so "5" is not an
+Every request model forbids unknown fields: a field we do not implement (tools, ...) would
+change the output if honoured, so it is refused with a 400 naming it rather than ignored. Structured outputs come as OpenAI's `response_format` ({"type": "json_object"} or
+{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}) or vLLM's
+`structured_outputs` ({"json" | "regex" | "choice" | "grammar" | "json_object"}); the schema
+is always enforced (strict or not), and one the grammar compiler refuses is a 400 naming the
+field. Models are strict (validated from the raw JSON body, so "5" is not an
 int and true is not a number); range checks beyond the shape are SamplingParams', whose
 ValueError names the field, mapped back here to the request field the client wrote.
 """
@@ -14,7 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from jax_infer.sampling import SamplingParams
+from jax_infer.sampling import SamplingParams, StructuredOutputsParams
 
 # Most samples of one prompt (`n`): each is an engine request (forked from one prompt
 # computation), so this bounds the work one HTTP request can queue.
@@ -72,6 +75,28 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Strict):
+    name: str
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None  # the schema is enforced either way
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsRequest(_Strict):
+    """vLLM's `structured_outputs` extra field: exactly one of these."""
+
+    json_: dict | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 class _Sampling(_Strict):
     """Fields shared by /v1/completions and /v1/chat/completions (OpenAI plus vLLM's extras)."""
 
@@ -94,6 +119,8 @@ class _Sampling(_Strict):
     stream_options: StreamOptions | None = None
     user: str | None = None
     logit_bias: dict[str, float] | None = None  # OpenAI: token id (a JSON key) -> bias
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -260,9 +287,65 @@ def sampling_params(req: _Sampling, *, prompt_len: int, max_model_len: int) -> S
         knobs["logit_bias"] = _logit_bias(req.logit_bias)
     if isinstance(req, CompletionRequest) and req.echo and req.logprobs is not None:
         knobs["prompt_logprobs"] = req.logprobs
+    structured = structured_outputs_params(req)
+    if structured is not None:
+        knobs["structured_outputs"] = structured
     try:
         return SamplingParams(**knobs, n=req.n, seed=req.seed)
     except ValueError as e:
         match = _SAMPLING_FIELD.match(str(e))
         param = request_param(req, match.group(1)) if match else None
         raise APIError(400, str(e), param=param) from None
+
+
+def structured_param(req: _Sampling) -> str:
+    """The request field that set the structured-output constraint (for a 400's `param`)."""
+    if req.structured_outputs is not None:
+        return "structured_outputs"
+    if req.response_format is not None and req.response_format.type == "json_schema":
+        return "response_format.json_schema.schema"
+    return "response_format"
+
+
+def structured_outputs_params(req: _Sampling) -> StructuredOutputsParams | None:
+    """The constraint `response_format` or `structured_outputs` asks for (None: free text).
+    APIError 400 naming the field when both are given or the shape is wrong; whether the
+    schema or grammar compiles is checked against the engine (`check_structured_outputs`)."""
+    rf, so = req.response_format, req.structured_outputs
+    if rf is not None and rf.type == "text":
+        if rf.json_schema is not None:
+            raise APIError(
+                400,
+                'response_format.json_schema is given with type "text"; use type "json_schema"',
+                param="response_format.json_schema",
+            )
+        rf = None
+    if rf is not None and so is not None:
+        raise APIError(
+            400,
+            "give one of response_format and structured_outputs, not both",
+            param="structured_outputs",
+        )
+    try:
+        if so is not None:
+            return StructuredOutputsParams(
+                json=so.json_,
+                regex=so.regex,
+                choice=so.choice,
+                grammar=so.grammar,
+                json_object=bool(so.json_object),
+            )
+        if rf is None:
+            return None
+        if rf.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if rf.json_schema is None or rf.json_schema.schema_ is None:
+            raise APIError(
+                400,
+                'response_format of type "json_schema" needs json_schema.schema',
+                param="response_format.json_schema",
+            )
+        return StructuredOutputsParams(json=rf.json_schema.schema_)
+    except ValueError as e:
+        message = str(e).replace("StructuredOutputsParams", structured_param(req), 1)
+        raise APIError(400, message, param=structured_param(req)) from None

@@ -172,10 +172,12 @@ class SpeculativeDecoder:
         self._tracked.update(r.request_id for r in rows)
         return {r.request_id: d for r, d in zip(rows, drafts) if d.token_ids}, pool
 
-    def verify(self, logits, order, scheduled, drafts) -> dict[str, list[int]]:
+    def verify(self, logits, order, scheduled, drafts, bitmasks=None) -> dict[str, list[int]]:
         """Accept drafts for the rows in `drafts`; logits f32[S, W, V] from the step, W =
-        `verify_width(drafts)`, `order[r]` the scheduled index of sequence row r. Returns
-        {request id: accepted drafts + one token} for the engine to commit."""
+        `verify_width(drafts)`, `order[r]` the scheduled index of sequence row r. bitmasks
+        (structured outputs): {request id: i32[n + 1, ceil(V/32)]} the tokens its grammar
+        allows at each of its n drafts' positions and after them. Returns {request id:
+        accepted drafts + one token} for the engine to commit."""
         rows = [r for r, i in enumerate(order) if i >= 0 and scheduled[i].request_id in drafts]
         reqs = [scheduled[order[r]].request for r in rows]
         ids = [req.request_id for req in reqs]
@@ -209,7 +211,16 @@ class SpeculativeDecoder:
         )
         index = np.zeros(pad, np.int32)
         index[:n] = rows
-        tokens, counts = verify(logits, index, meta, draft_ids, q, num_drafts, flags=flags)
+        mask = None
+        if bitmasks and any(rid in bitmasks for rid in ids):
+            mask = np.full((pad, k + 1, (logits.shape[-1] + 31) // 32), -1, np.int32)
+            for b, rid in enumerate(ids):
+                if rid in bitmasks:
+                    mask[b, : len(bitmasks[rid])] = bitmasks[rid]
+            mask = jnp.asarray(mask)
+        tokens, counts = verify(
+            logits, index, meta, draft_ids, q, num_drafts, flags=flags, bitmask=mask
+        )
         tokens, counts = np.asarray(tokens), np.asarray(counts)
         accepted_tokens: dict[str, list[int]] = {}
         s = self.stats

@@ -36,6 +36,7 @@ from jax_infer.sampling import (
     SamplingMetadata,
     SamplingParams,
     _filter_logits,
+    apply_token_bitmask,
     request_key,
 )
 
@@ -117,12 +118,24 @@ def rejection_sample(p, draft_ids, q, num_drafts, keys):
 
 
 @functools.partial(jax.jit, static_argnames=("flags",))
-def verify(logits, rows, meta: SamplingMetadata, draft_ids, q, num_drafts, *, flags: SamplerFlags):
+def verify(
+    logits,
+    rows,
+    meta: SamplingMetadata,
+    draft_ids,
+    q,
+    num_drafts,
+    *,
+    flags: SamplerFlags,
+    bitmask=None,
+):
     """The engine's verify step. logits f32[S, K+1, V] are the step's, right-aligned: the
     verified row rows[b] scored its last known token and n = num_drafts[b] drafts, and their
     logits are the last n + 1 of the K+1 entries (`build_metadata(logits_per_row=K+1)` lays
     them out so). rows i32[B] picks the B verified rows; meta is over them (seed, step per
-    request).
+    request). bitmask i32[B, K+1, ceil(V/32)] or None (structured outputs): the tokens allowed
+    at each left-aligned position (`sampling.apply_token_bitmask`); the target distribution is
+    the masked one, as the sampler's is.
 
     Returns (tokens i32[B, K+1], num_tokens i32[B]) as `rejection_sample`.
     """
@@ -130,6 +143,9 @@ def verify(logits, rows, meta: SamplingMetadata, draft_ids, q, num_drafts, *, fl
     b, k1, vocab = logits.shape
     index = jnp.minimum(k1 - 1 - num_drafts[:, None] + jnp.arange(k1)[None, :], k1 - 1)
     logits = jnp.take_along_axis(logits, index[..., None], axis=1)  # left-aligned
+    if bitmask is not None:
+        flat = apply_token_bitmask(logits.reshape(b * k1, vocab), bitmask.reshape(b * k1, -1))
+        logits = flat.reshape(b, k1, vocab)
     if flags.all_greedy:
         # p is one-hot at the argmax: a draft is accepted iff it is the argmax, and the token
         # after the accepted run (correction or bonus) is the argmax there, whatever q is. So
