@@ -51,6 +51,16 @@ class ReplicatedSchedulerOutput:
         return [rid for p in self.parts for rid in p.preempted]
 
     @property
+    def page_copies(self) -> list[tuple[int, int]]:
+        """Copy-on-write page copies: none, since the engine forks no samples across
+        replicas (each of n samples is its own request there); a replica's copy would be
+        in its own page ids, which the pool-wide copy cannot address."""
+        copies = [c for p in self.parts for c in p.page_copies]
+        if copies:
+            raise RuntimeError(f"page copies {copies[:4]} on a data-replicated scheduler")
+        return copies
+
+    @property
     def finished_aborted(self) -> list[str]:
         return [rid for p in self.parts for rid in p.finished_aborted]
 
