@@ -18,6 +18,7 @@ import time
 import types
 
 import httpx
+import numpy as np
 import openai
 import pytest
 from fastapi.testclient import TestClient
@@ -569,6 +570,22 @@ def test_logit_bias_and_echo_with_prompt_logprobs(client, hf_smollm2):
     )
     streamed = [x for c in stream for ch in c.choices if ch.logprobs for x in ch.logprobs.tokens]
     assert streamed == lp.tokens
+    # vLLM's prompt_logprobs extra field: each prompt token's logprob and the top 3, ranked.
+    r = client.completions.create(
+        model="smollm2",
+        prompt=prompt,
+        max_tokens=1,
+        temperature=0,
+        extra_body={"prompt_logprobs": 3},
+    )
+    rows = r.choices[0].model_extra["prompt_logprobs"]
+    assert len(rows) == len(ids) and rows[0] is None
+    for p in range(1, len(ids)):
+        row = {int(t): v for t, v in rows[p].items()}
+        assert row[ids[p]]["logprob"] == pytest.approx(ref[p - 1, ids[p]], abs=2e-3)
+        top3 = sorted((t for t in row if row[t]["rank"] is not None), key=lambda t: row[t]["rank"])
+        assert [row[t]["rank"] for t in top3] == [1, 2, 3]
+        assert top3 == list(np.argsort(-ref[p - 1])[:3])
 
 
 @pytest.mark.real_model
@@ -581,6 +598,8 @@ def test_logit_bias_and_echo_with_prompt_logprobs(client, hf_smollm2):
         ({"prompt": "a", "n": 10**6}, 400, "n"),
         ({"prompt": "a", "max_tokens": MAX_MODEL_LEN}, 400, "max_tokens"),
         ({"prompt": [10**9]}, 400, "prompt"),
+        ({"prompt": "a", "prompt_logprobs": 2, "stream": True}, 400, "prompt_logprobs"),
+        ({"prompt": "a", "prompt_logprobs": -1}, 400, "prompt_logprobs"),
         ({"prompt": "a", "model": "gpt-4"}, 404, "model"),
     ],
 )

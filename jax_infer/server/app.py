@@ -257,6 +257,7 @@ def build_app(front: AsyncEngine, config: ServerConfig) -> FastAPI:
                         "message": {"role": "assistant", "content": out.text},
                         "logprobs": _chat_logprobs(out.token_ids, out.logprobs, tok, req),
                         "finish_reason": out.finish_reason,
+                        **_prompt_logprobs(out, tok, req),
                     }
                 )
             else:
@@ -269,6 +270,7 @@ def build_app(front: AsyncEngine, config: ServerConfig) -> FastAPI:
                             out.token_ids, out.logprobs, tok, req, _echoed(out, echo)
                         ),
                         "finish_reason": out.finish_reason,
+                        **_prompt_logprobs(out, tok, req),
                     }
                 )
         obj = "chat.completion" if kind == "chat" else "text_completion"
@@ -402,6 +404,35 @@ def _echoed(out: RequestOutput, echo) -> tuple[list[int], list] | None:
     if not echo or out.prompt_logprobs is None:
         return None
     return out.prompt_token_ids, out.prompt_logprobs
+
+
+def _prompt_logprobs(out: RequestOutput, tok, req) -> dict:
+    """vLLM's `prompt_logprobs` of a choice, when asked: per prompt token None (the first) or
+    {token id: {"logprob", "rank" (1 = most likely; None for the prompt's own token outside
+    the top k), "decoded_token"}}: the prompt's own token and the top `prompt_logprobs`."""
+    k = req.prompt_logprobs
+    if k is None or out.prompt_logprobs is None:
+        return {}
+    rows = []
+    for token, entry in zip(out.prompt_token_ids, out.prompt_logprobs):
+        if entry is None:
+            rows.append(None)
+            continue
+        ranked = sorted(entry.items(), key=lambda kv: -kv[1])
+        rank = {t: r for r, (t, _) in enumerate(ranked, start=1)}
+        keep = {t for t, _ in ranked[:k]} | {token}
+        rows.append(
+            {
+                str(t): {
+                    "logprob": lp,
+                    "rank": rank[t] if (t != token or rank[t] <= k) else None,
+                    "decoded_token": tok.decode([t], skip_special_tokens=False),
+                }
+                for t, lp in entry.items()
+                if t in keep
+            }
+        )
+    return {"prompt_logprobs": rows}
 
 
 def _completion_logprobs(token_ids, logprobs, tok, req, prompt=None) -> dict | None:

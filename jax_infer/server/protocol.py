@@ -119,6 +119,7 @@ class _Sampling(_Strict):
     stream_options: StreamOptions | None = None
     user: str | None = None
     logit_bias: dict[str, float] | None = None  # OpenAI: token id (a JSON key) -> bias
+    prompt_logprobs: int | None = None  # vLLM: top logprobs per prompt token (not streamed)
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsRequest | None = None
 
@@ -287,6 +288,17 @@ def sampling_params(req: _Sampling, *, prompt_len: int, max_model_len: int) -> S
         knobs["logit_bias"] = _logit_bias(req.logit_bias)
     if isinstance(req, CompletionRequest) and req.echo and req.logprobs is not None:
         knobs["prompt_logprobs"] = req.logprobs
+    if req.prompt_logprobs is not None:
+        if req.stream:
+            raise APIError(
+                400,
+                "prompt_logprobs is not available with stream=true (as in vLLM): "
+                "ask without streaming",
+                param="prompt_logprobs",
+            )
+        echoed = knobs.get("prompt_logprobs")  # echo with logprobs asks for some too
+        k = req.prompt_logprobs
+        knobs["prompt_logprobs"] = k if echoed is None or not isinstance(k, int) else max(k, echoed)
     structured = structured_outputs_params(req)
     if structured is not None:
         knobs["structured_outputs"] = structured
