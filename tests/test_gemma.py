@@ -320,8 +320,8 @@ def test_270m_greedy_equals_hf(gemma, hf_continuations, mode):
         )
         got = run_engine(engine, prompts, greedy)
         # Every page of every page group (full and sliding-window layers) is free again.
-    for alloc in engine.scheduler.allocators:
-        assert alloc.num_free() == alloc.num_pages - 1
+        for alloc in engine.scheduler.allocators:
+            assert alloc.num_free() == alloc.num_pages - 1
     for i, (g, w) in enumerate(zip(got, want)):
         assert g == w, f"{mode}: prompt {i} ({len(prompts[i])} tokens) differs from HF"
     if mode == "preempt":
