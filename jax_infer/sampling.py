@@ -285,6 +285,9 @@ class SamplingParams:
             if not _is_bool(raw):
                 raise _invalid(name, raw, "must be a bool")
             setattr_(name, bool(raw))
+        so = self.structured_outputs
+        if so is not None and not isinstance(so, StructuredOutputsParams):
+            raise _invalid("structured_outputs", so, "must be None or a StructuredOutputsParams")
         self._check_parallel_fields(setattr_)
 
     def _check_parallel_fields(self, setattr_) -> None:
@@ -325,10 +328,6 @@ class SamplingParams:
         """The seed of sample `index` of `n` whose first sample has `base_seed` (the request's
         seed, or one the engine drew): ``(base_seed + index) % 2**32``, the server's rule."""
         return (base_seed + index) % 2**32
-
-        so = self.structured_outputs
-        if so is not None and not isinstance(so, StructuredOutputsParams):
-            raise _invalid("structured_outputs", so, "must be None or a StructuredOutputsParams")
 
     @property
     def is_greedy(self) -> bool:
