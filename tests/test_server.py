@@ -839,7 +839,7 @@ def test_structured_output_fields_map_to_sampling_params():
     def so(body: dict):
         model = ChatCompletionRequest if "messages" in body else CompletionRequest
         req = parse(model, json.dumps(body).encode())
-        return sampling_params(req, prompt_len=3, max_model_len=64)[0].structured_outputs
+        return sampling_params(req, prompt_len=3, max_model_len=64).structured_outputs
 
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
     chat = {"messages": [{"role": "user", "content": "hi"}]}

@@ -348,7 +348,9 @@ def test_sampled_outputs_keep_the_target_distribution(tokenizer, monkeypatch):
     monkeypatch.setattr(
         decoder_module,
         "verify",
-        jax.jit(lambda *a, flags: unjitted(*a, flags=flags), static_argnames=("flags",)),
+        jax.jit(
+            lambda *a, flags, **kw: unjitted(*a, flags=flags, **kw), static_argnames=("flags",)
+        ),
     )
     wrong, _ = speculative()
     assert max(pvalues(plain, wrong)) < 1e-6

@@ -367,7 +367,8 @@ def _check_prompt(eng, prompt, req, param: str) -> list[int]:
             param = max_tokens_field(req)
         raise APIError(400, message, param=param) from None
     try:
-        eng.check_structured_outputs(params)
+        if params.structured_outputs is not None:
+            eng.check_structured_outputs(params)
     except ValueError as e:
         where = structured_param(req)
         message = str(e)
