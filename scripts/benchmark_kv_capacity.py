@@ -23,7 +23,7 @@ import report
 import shared_flags
 from absl import app, flags
 
-from jax_infer.config import ModelConfig
+from jax_infer.config import GEMMA3_270M, ModelConfig
 from jax_infer.model.cache import kv_bytes_per_page_group, page_group_windows
 from jax_infer.scheduler import Request, Scheduler
 from jax_infer.scheduler.page_groups import split_page_budget
@@ -41,21 +41,6 @@ flags.DEFINE_enum("kv_dtype", "bfloat16", ["float32", "bfloat16", "int8"], "KV c
 shared_flags.define_json_flag()
 flags.adopt_module_key_flags(shared_flags)
 
-# Gemma-3-270M's attention shapes (HF config / GGUF metadata): layers 5, 11, 17 full attention.
-GEMMA3_270M = ModelConfig(
-    vocab_size=262144,
-    hidden_size=640,
-    intermediate_size=2048,
-    num_layers=18,
-    num_heads=4,
-    num_kv_heads=1,
-    head_dim=256,
-    max_position_embeddings=32768,
-    sliding_window=512,
-    layer_types=tuple(
-        "full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(18)
-    ),
-)
 # tests/tiny_models.py "qwen2_hybrid_window": layer 0 full, layer 1 a window of 8.
 TINY_HYBRID = ModelConfig(
     vocab_size=97,
