@@ -786,55 +786,6 @@ def _wait_running(http, n: int, timeout: float = 60.0) -> None:
         time.sleep(0.1)
 
 
-@pytest.mark.real_model
-def test_sigterm_drains_then_exits_0(http, server):
-    """Last: stops the module's server. In flight at SIGTERM, a short request finishes and a
-    long one ends "abort" at --shutdown_timeout; new requests get 503 while it drains; then
-    the process exits 0 and the port is closed."""
-    long_body = {"prompt": "Count:", "max_tokens": 480, "ignore_eos": True, "stream": True}
-    short_body = {"prompt": "Hi", "max_tokens": 24, "ignore_eos": True, "temperature": 0}
-    lines: list[str] = []
-    short = {}
-
-    def stream_long():
-        with http.stream("POST", "/v1/completions", json=long_body) as r:
-            lines.extend(r.iter_lines())
-
-    def post_short():
-        short["r"] = http.post("/v1/completions", json=short_body)
-
-    threads = [threading.Thread(target=stream_long), threading.Thread(target=post_short)]
-    threads[0].start()
-    _wait_running(http, 1)
-    threads[1].start()
-    _wait_running(http, 2)
-    t0 = time.monotonic()
-    server.proc.send_signal(signal.SIGTERM)
-    r = http.post("/v1/completions", json=short_body)
-    assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
-    assert http.get("/health").status_code == 503
-    assert server.proc.wait(SHUTDOWN_TIMEOUT + 20) == 0
-    elapsed = time.monotonic() - t0
-    for t in threads:
-        t.join(10)
-        assert not t.is_alive()
-    assert short["r"].status_code == 200
-    choice = short["r"].json()["choices"][0]
-    assert (
-        choice["finish_reason"] == "length"
-        and short["r"].json()["usage"]["completion_tokens"] == 24
-    )
-    events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
-    assert events[-1]["choices"][0]["finish_reason"] == "abort"
-    assert lines[-1] == "" and "data: [DONE]" in lines
-    assert SHUTDOWN_TIMEOUT - 1 < elapsed < SHUTDOWN_TIMEOUT + 15
-    with pytest.raises(httpx.ConnectError):
-        httpx.get(f"{server.url}/health", timeout=5)
-
-
-# -- structured outputs: response_format and structured_outputs -----------------------------
-
-
 def test_structured_output_fields_map_to_sampling_params():
     def so(body: dict):
         model = ChatCompletionRequest if "messages" in body else CompletionRequest
@@ -938,3 +889,52 @@ def test_structured_outputs_over_http(client, http):
         err = r.json()["error"]
         assert err["param"] == param and reason in err["message"], err
         assert err["message"].startswith(param), err
+
+
+@pytest.mark.real_model
+def test_sigterm_drains_then_exits_0(http, server):
+    """Last: stops the module's server. In flight at SIGTERM, a short request finishes and a
+    long one ends "abort" at --shutdown_timeout; new requests get 503 while it drains; then
+    the process exits 0 and the port is closed."""
+    long_body = {"prompt": "Count:", "max_tokens": 480, "ignore_eos": True, "stream": True}
+    short_body = {"prompt": "Hi", "max_tokens": 24, "ignore_eos": True, "temperature": 0}
+    lines: list[str] = []
+    short = {}
+
+    def stream_long():
+        with http.stream("POST", "/v1/completions", json=long_body) as r:
+            lines.extend(r.iter_lines())
+
+    def post_short():
+        short["r"] = http.post("/v1/completions", json=short_body)
+
+    threads = [threading.Thread(target=stream_long), threading.Thread(target=post_short)]
+    threads[0].start()
+    _wait_running(http, 1)
+    threads[1].start()
+    _wait_running(http, 2)
+    t0 = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    r = http.post("/v1/completions", json=short_body)
+    assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
+    assert http.get("/health").status_code == 503
+    assert server.proc.wait(SHUTDOWN_TIMEOUT + 20) == 0
+    elapsed = time.monotonic() - t0
+    for t in threads:
+        t.join(10)
+        assert not t.is_alive()
+    assert short["r"].status_code == 200
+    choice = short["r"].json()["choices"][0]
+    assert (
+        choice["finish_reason"] == "length"
+        and short["r"].json()["usage"]["completion_tokens"] == 24
+    )
+    events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    assert events[-1]["choices"][0]["finish_reason"] == "abort"
+    assert lines[-1] == "" and "data: [DONE]" in lines
+    assert SHUTDOWN_TIMEOUT - 1 < elapsed < SHUTDOWN_TIMEOUT + 15
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{server.url}/health", timeout=5)
+
+
+# -- structured outputs: response_format and structured_outputs -----------------------------
