@@ -59,14 +59,12 @@ import contextlib
 import functools
 import gc
 import os
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 
-import httpx
 import numpy as np
 import report
 import serving_client
@@ -584,27 +582,16 @@ def server_subprocess(timeout_s: float = 600.0):
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile(mode="w+") as log:
         proc = subprocess.Popen(server_argv(port), stdout=log, stderr=subprocess.STDOUT)
+
+        def output() -> str:
+            log.seek(0)
+            return log.read()
+
         try:
-            deadline = time.monotonic() + timeout_s
-            while True:
-                if proc.poll() is not None:
-                    log.seek(0)
-                    raise RuntimeError(f"serve.py exited with {proc.returncode}:\n{log.read()}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{url}/health", timeout=5.0).status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"serve.py not healthy at {url} after {timeout_s:.0f} s")
-                time.sleep(0.5)
+            serving_client.wait_healthy(url, proc, timeout_s, output)
             yield url
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            serving_client.stop_server(proc)
 
 
 def run_client(

@@ -23,7 +23,10 @@ import asyncio
 import dataclasses
 import json
 import math
+import signal
+import subprocess
 import time
+from collections.abc import Callable
 
 import httpx
 import numpy as np
@@ -43,6 +46,34 @@ class ClientRequest:
     prompt: str | list[int]  # token ids give exact prompt lengths
     max_tokens: int
     kind: str = NORMAL
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float, output: Callable[[], str]):
+    """Poll `url`/health until it answers 200. RuntimeError with the server's `output()` if
+    the process exits first, or when `timeout_s` passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}:\n{output()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=5.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the server at {url} was not healthy after {timeout_s:.0f} s")
+        time.sleep(0.5)
+
+
+def stop_server(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """SIGTERM (the server drains), then SIGKILL after `grace_s`; reaps the process."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def mark_requests(

@@ -12,17 +12,16 @@ import importlib.machinery
 import importlib.util
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import shared_flags
 from absl import flags
+from serving_client import stop_server, wait_healthy
 
 from jax_infer import plan, run_config, weights
 from jax_infer.engine import EngineConfig
@@ -355,16 +354,7 @@ def test_serve_runs_from_cpu_preset(preset):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not become healthy in 300 s"
-            time.sleep(0.5)
+        wait_healthy(url, proc, 300, lambda: proc.stdout.read().decode()[-3000:])
         r = httpx.post(
             f"{url}/v1/completions",
             json={"prompt": "The capital of France is", "max_tokens": 2, "temperature": 0},
@@ -374,9 +364,4 @@ def test_serve_runs_from_cpu_preset(preset):
         assert r.json()["usage"]["completion_tokens"] == 2
         assert r.json()["model"] == "smollm2-135m"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc, grace_s=60)

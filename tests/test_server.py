@@ -23,6 +23,7 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
+from serving_client import stop_server, wait_healthy
 
 from jax_infer import LLM, SamplingParams
 from jax_infer.outputs import RequestOutput
@@ -382,26 +383,11 @@ def server(gguf_path):
     }
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
     try:
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not become healthy in 180 s"
-            time.sleep(0.5)
+        wait_healthy(url, proc, 180, lambda: proc.stdout.read().decode()[-3000:])
         yield types.SimpleNamespace(url=url, proc=proc)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_server(proc)
 
 
 @pytest.fixture(scope="module")
