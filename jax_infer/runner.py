@@ -134,6 +134,91 @@ def _copy_pages(pool, src, dst):
     return jax.tree.map(lambda a: a.at[dst].set(a[src]), pool)
 
 
+@functools.partial(
+    jax.jit, static_argnames=("config", "dtype", "backend", "flags"), donate_argnames=("cache",)
+)
+def forward_and_sample(
+    params,
+    tokens,
+    meta,
+    cache,
+    prev_tokens,
+    gather_src,
+    gather_dst,
+    smeta,
+    counts,
+    prompt_mask,
+    banned_ids,
+    logit_bias,
+    *,
+    config: ModelConfig,
+    dtype,
+    backend: str,
+    flags: SamplerFlags,
+):
+    """One step as one program: the ragged forward (`paged_forward`) and the sampler
+    (`sampling.sample`; greedy is an argmax on the device), so a step is one dispatch and only
+    the SamplerOutput (token ids i32[S], logprobs) comes back, never the logits.
+
+    Async scheduling feeds the previous step's sampled tokens in on the device:
+    tokens[gather_dst[j]] = prev_tokens[gather_src[j]] (prev_tokens: the previous step's
+    token_ids i32[S']; gather_dst padded with T, which is dropped). Returns (SamplerOutput,
+    cache)."""
+    tokens = tokens.at[gather_dst].set(prev_tokens[gather_src], mode="drop")
+    logits, cache = paged_forward(
+        params, tokens, meta, cache, config=config, dtype=dtype, backend=backend
+    )
+    res = sample(
+        logits,
+        smeta,
+        counts,
+        prompt_mask,
+        flags=flags,
+        banned_ids=banned_ids,
+        logit_bias=logit_bias,
+    )
+    return res, cache
+
+
+@dataclasses.dataclass
+class PendingStep:
+    """A fused step dispatched and maybe still computing (`ModelRunner.dispatch`): the
+    sampler's device arrays, in sequence-row order. `result()` waits for them and brings the
+    token ids (and logprobs, when a row asked) to the host."""
+
+    output: object  # SamplerOutput of device arrays
+    order: np.ndarray  # sequence row -> input row (-1: padding)
+    requests: Sequence[Request | None]  # StepBatch.sample
+    num_logprobs: int  # SamplerFlags.num_logprobs (-1: none asked)
+    _result: StepResult | None = None
+
+    @property
+    def token_ids(self) -> jax.Array:
+        """i32[S] on the device: what the next step gathers its decode inputs from."""
+        return self.output.token_ids
+
+    def sequence_row(self) -> dict[int, int]:
+        """Input row -> sequence row (index into `token_ids`)."""
+        return {int(i): r for r, i in enumerate(self.order) if i >= 0}
+
+    def result(self) -> StepResult:
+        if self._result is None:
+            token_ids = np.asarray(self.output.token_ids)  # the one blocking transfer
+            lp_rows = host_logprob_rows(self.output, self.num_logprobs)
+            n = len(self.requests)
+            tokens: list[int | None] = [None] * n
+            entries: list[dict | None] = [None] * n
+            for r, i in enumerate(self.order):
+                req = self.requests[i] if i >= 0 else None
+                if req is None:
+                    continue
+                tok = int(token_ids[r])
+                tokens[i] = tok
+                entries[i] = logprob_entry(tok, req.sampling_params.logprobs, r, lp_rows)
+            self._result = StepResult(None, self.order, tokens, entries)
+        return self._result
+
+
 @dataclasses.dataclass
 class StepBatch:
     """One ragged step, in input order: row i computes `rows[i]` at positions starts[i].. over
@@ -270,10 +355,59 @@ class ModelRunner:
         """The params as loaded (and quantized): what `LLM.save` writes."""
         return canonical_params(self.params, self.config)
 
-    def execute(self, batch: StepBatch) -> StepResult:
-        """Run one ragged step over the pool and sample the rows that ask for it."""
-        if self.num_replicas > 1:
-            return self._execute_replicas(batch)
+    def can_fuse(self, batch: StepBatch) -> bool:
+        """Whether `batch` runs as one fused program (`forward_and_sample`): one device, no
+        logits wanted back (speculative verification, prompt logprobs), no forks, no grammar
+        bitmask (computed on a worker while the forward runs, so it joins after it)."""
+        return (
+            self.mesh is None
+            and batch.logits_per_row is None
+            and not batch.prompt_logits
+            and not batch.forks
+            and batch.token_bitmask is None
+        )
+
+    def dispatch(
+        self,
+        batch: StepBatch,
+        prev: PendingStep | None = None,
+        gathers: Sequence[tuple[int, int, int]] = (),
+    ) -> PendingStep:
+        """Start one fused step (`can_fuse(batch)` must hold) without waiting for it.
+        gathers: (input row, index in the row, sequence row of `prev`): that input token is
+        `prev`'s sampled token there, taken on the device (its value in batch.rows is a
+        placeholder)."""
+        meta, order, offsets = self._layout(batch)
+        tokens = flat_tokens(meta, batch.rows, offsets)
+        by_row, flags, inputs = self._sampler_inputs(order, batch.sample)
+        size = bucket(max(len(gathers), 1), 8)
+        src = np.zeros(size, np.int32)
+        dst = np.full(size, len(tokens), np.int32)  # out of range: dropped
+        for j, (i, k, r) in enumerate(gathers):
+            src[j], dst[j] = r, offsets[i] + k
+        prev_tokens = self._no_prev if prev is None else prev.token_ids
+        if flags is None:  # nothing to sample: any flags (the tokens are not read)
+            flags = SamplerFlags(True, False, False, -1, 0)
+            inputs = self._sampler_inputs_none(len(order))
+        res, self.pool = forward_and_sample(
+            self.params,
+            tokens,
+            meta,
+            self.pool,
+            prev_tokens,
+            src,
+            dst,
+            *inputs,
+            config=self.config,
+            dtype=self.dtype,
+            backend=self.backend,
+            flags=flags,
+        )
+        return PendingStep(res, order, batch.sample, flags.num_logprobs)
+
+    def _layout(self, batch: StepBatch):
+        """(metadata, order, flat offsets) of a one-replica step; a tuple of metadata, one per
+        page group, where there are several."""
         meta, order, offsets = build_metadata(
             batch.starts,
             [len(r) for r in batch.rows],
@@ -283,7 +417,6 @@ class ModelRunner:
             logits_per_row=batch.logits_per_row,
             min_chunk=batch.min_chunk,
         )
-        tokens = flat_tokens(meta, batch.rows, offsets)
         if len(self.groups) > 1:
             # One metadata per page group: same layout, the group's block tables and slots.
             metas = [meta]
@@ -299,6 +432,17 @@ class ModelRunner:
                 )
                 metas.append(m)
             meta = tuple(metas)
+        return meta, order, offsets
+
+    def execute(self, batch: StepBatch) -> StepResult:
+        """Run one ragged step over the pool and sample the rows that ask for it (one fused
+        program where `can_fuse`; else the forward, then the sampler on its logits)."""
+        if self.num_replicas > 1:
+            return self._execute_replicas(batch)
+        if self.can_fuse(batch):
+            return self.dispatch(batch).result()
+        meta, order, offsets = self._layout(batch)
+        tokens = flat_tokens(meta, batch.rows, offsets)
         grouped = not isinstance(meta, AttentionMetadata)
         first = meta[0] if grouped else meta  # the one whose logits_index the model reads
         num_rows = len(first.logits_index)
@@ -419,19 +563,17 @@ class ModelRunner:
         sampled, entries = self._sample(last, order, batch.sample, batch.token_bitmask)
         return StepResult(logits, order, sampled, entries)
 
-    def _sample(self, logits, order, requests, token_bitmask=None):
-        """Sample the sequence rows whose input row names a request (logits f32[S, V]);
-        token_bitmask as StepBatch's."""
-        n = len(requests)
-        tokens: list[int | None] = [None] * n
-        entries: list[dict | None] = [None] * n
+    def _sampler_inputs(self, order, requests, token_bitmask=None):
+        """(requests by sequence row, SamplerFlags, the sampler's array arguments after the
+        logits: metadata, counts, prompt mask, banned ids, logit bias[, bitmask]) for the
+        rows whose input row names a request; flags None when no row samples."""
         rows = len(order)
         by_row: list[Request | None] = [None] * rows
         for r, i in enumerate(order):
             if i >= 0:
                 by_row[r] = requests[i]
         if all(req is None for req in by_row):  # e.g. every row verifies drafts this step
-            return tokens, entries
+            return by_row, None, None
         params = [req.sampling_params if req is not None else None for req in by_row]
         flags = SamplerFlags.for_batch(params)
         vocab = self.config.vocab_size
@@ -449,17 +591,48 @@ class ModelRunner:
         seeds = [req.seed if req is not None else 0 for req in by_row]
         banned = min_tokens_banned_ids(params, generated, self.eos_token_ids, rows)
         bias = logit_bias_arrays(params, rows)
-        bitmask = None
+        inputs = [
+            SamplingMetadata.build(params, seeds, generated, rows),
+            counts,
+            prompt_mask,
+            banned,
+            bias,
+        ]
         if token_bitmask is not None:
+            bitmask = None
             masks = token_bitmask()
             if any(i >= 0 and by_row[r] is not None and i in masks for r, i in enumerate(order)):
                 bitmask = np.full((rows, (vocab + 31) // 32), -1, np.int32)
                 for r, i in enumerate(order):
                     if by_row[r] is not None and i in masks:
                         bitmask[r] = masks[i]
+            inputs.append(bitmask)
+        return by_row, flags, inputs
+
+    def _sampler_inputs_none(self, rows: int):
+        """Sampler arguments for a step that samples no row (greedy, neutral)."""
+        meta = SamplingMetadata.build([None] * rows, [0] * rows, [0] * rows, rows)
+        return [meta, np.zeros((rows, 1), np.int32), np.zeros((rows, 1), bool), None, None]
+
+    @functools.cached_property
+    def _no_prev(self) -> jax.Array:
+        """prev_tokens of a step with no previous step to gather from."""
+        return jnp.zeros((1,), jnp.int32)
+
+    def _sample(self, logits, order, requests, token_bitmask=None):
+        """Sample the sequence rows whose input row names a request (logits f32[S, V]);
+        token_bitmask as StepBatch's."""
+        n = len(requests)
+        tokens: list[int | None] = [None] * n
+        entries: list[dict | None] = [None] * n
+        by_row, flags, inputs = self._sampler_inputs(order, requests, token_bitmask)
+        if flags is None:
+            return tokens, entries
+        meta, counts, prompt_mask, banned, bias = inputs[:5]
+        bitmask = inputs[5] if len(inputs) > 5 else None
         res = sample(
             logits,
-            SamplingMetadata.build(params, seeds, generated, rows),
+            meta,
             jnp.asarray(counts),
             jnp.asarray(prompt_mask),
             flags=flags,
