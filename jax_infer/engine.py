@@ -40,12 +40,17 @@ from jax_infer.config import ModelConfig
 from jax_infer.model.cache import kv_bytes_per_page_group, page_group_windows
 from jax_infer.outputs import RequestOutput, child_request_ids, make_output
 from jax_infer.quant.kv import KV_DTYPES, resolve_kv_cache_dtype
-from jax_infer.runner import ModelRunner, StepBatch
+from jax_infer.runner import ModelRunner, PendingStep, StepBatch
 from jax_infer.sampling import SamplingParams
 from jax_infer.scheduler import Request, Scheduler
 from jax_infer.scheduler.page_groups import split_page_budget
 from jax_infer.scheduler.replicas import ReplicatedScheduler
-from jax_infer.scheduler.request import finish
+from jax_infer.scheduler.request import (
+    PLACEHOLDER,
+    finish,
+    has_placeholder,
+    resolve_placeholder,
+)
 from jax_infer.speculative.config import SPECULATIVE_METHODS
 from jax_infer.speculative.decoder import make_speculative_decoder
 from jax_infer.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -133,6 +138,10 @@ class EngineConfig:
     # which verify at about the cost of a plain decode step.
     ngram_prompt_lookup_min: int = 1
     free_window_pages: bool = True
+    # Schedule and lay out step n + 1 while step n computes; its decode inputs are step n's
+    # sampled tokens, taken on the device (see the module docstring). Steps it cannot
+    # overlap run synchronously, with the same results.
+    async_scheduling: bool = True
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "page_size"):
@@ -165,6 +174,10 @@ class EngineConfig:
             raise ValueError(
                 f"EngineConfig.num_speculative_tokens=0 with speculative_method="
                 f"{self.speculative_method!r}: give num_speculative_tokens >= 1"
+            )
+        if not isinstance(self.async_scheduling, bool):
+            raise ValueError(
+                f"EngineConfig.async_scheduling={self.async_scheduling!r} must be True or False"
             )
         if self.kv_cache_dtype not in KV_DTYPES:
             raise ValueError(
@@ -246,6 +259,15 @@ def make_request(
         skip_prefix_cache=wants_prompt_lps,
         prompt_logprobs=[None] * len(ids) if wants_prompt_lps else None,
     )
+
+
+@dataclasses.dataclass
+class _InFlight:
+    """The step dispatched last and not yet resolved (async scheduling): the runner's pending
+    step and, for each request it samples, its input row."""
+
+    step: PendingStep
+    rows: dict[str, int]
 
 
 class LLMEngine:
@@ -385,6 +407,11 @@ class LLMEngine:
         self.fault_hook = None
         # Structured outputs (structured_outputs.py): built at the first constrained request.
         self._structured = None
+        # Async scheduling: the step dispatched last and not yet resolved (_InFlight), or None.
+        self._inflight: _InFlight | None = None
+        self.async_scheduling = (
+            ec.async_scheduling and ec.speculative_method is None and mesh is None
+        )
         # Speculative decoding (speculative/decoder.py), or None.
         self.spec = make_speculative_decoder(
             ec,
@@ -492,7 +519,9 @@ class LLMEngine:
     # -- one step ----------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled step; returns an output for every request that changed."""
+        """Run one scheduled step; returns an output for every request that changed. With
+        async scheduling the tokens of a step come back from the next call (the step is
+        resolved after its successor is dispatched)."""
         lookahead = None
         if self.spec is not None:
             # Samples of n > 1 decode without drafts: a forked sample's pages hold K/V its
@@ -503,12 +532,14 @@ class LLMEngine:
         outputs = []
         # Aborted requests, and requests the scheduler found can never fit (errors).
         for req in self.scheduler.pop_finished():
+            if has_placeholder(req):
+                continue  # its token is on the device: reported when resolved
             if self._pop(req.request_id) is not None:
                 finish(req)
                 outputs.append(make_output(req))
         self.num_preemptions += len(out.preempted)
         if out.is_empty:
-            return outputs
+            return outputs + self._resolve()
         self.num_steps += 1
         self.num_rows += len(out.scheduled)
         self.max_rows_per_step = max(self.max_rows_per_step, len(out.scheduled))
@@ -516,6 +547,12 @@ class LLMEngine:
         for s in out.scheduled:
             if s.request.first_scheduled_time is None:
                 s.request.first_scheduled_time = now
+        if self._can_overlap(out):
+            return outputs + self._step_async(out)
+        outputs += self._resolve()
+        if not self._drop_finished_rows(out):
+            self.scheduler.update(out, {})
+            return outputs
         try:
             sampled, logprobs, drafts, before = self._execute(out)
         except Exception as e:  # the device step: fail its requests, keep serving the others
@@ -533,6 +570,131 @@ class LLMEngine:
         if self.spec is not None:
             self.spec.synced(self.scheduler)
         return outputs
+
+    # -- async scheduling ----------------------------------------------------------------
+
+    def _can_overlap(self, out) -> bool:
+        """Whether this step may be dispatched before the previous one's tokens are on the
+        host, and left in flight: one fused program (no logits back) whose sampling needs
+        no output token values (no penalties: they count them; no grammar: its mask follows
+        the last token; no forks, no prompt logprobs)."""
+        if not self.async_scheduling:
+            return False
+        for s in out.scheduled:
+            req = s.request
+            p = req.sampling_params
+            if (
+                req.grammar is not None
+                or s.followers
+                or req.prompt_logprobs is not None
+                or p.repetition_penalty != 1.0
+                or p.presence_penalty != 0.0
+                or p.frequency_penalty != 0.0
+            ):
+                return False
+        return True
+
+    def _step_async(self, out) -> list[RequestOutput]:
+        """Dispatch `out` (its inputs from the step in flight where not yet known), then
+        resolve the step in flight (fetch, stop rules, detokenization) while `out` computes,
+        then advance the scheduler with placeholder tokens so the next step can be
+        scheduled before `out`'s tokens are known."""
+        prev = self._inflight
+        try:
+            if self.fault_hook is not None:
+                self.fault_hook(self, out)
+            if out.page_copies:
+                self.runner.copy_pages(out.page_copies)
+            batch = self._step_batch(out, {}, None, [])
+            pending = self.runner.dispatch(
+                batch, prev=None if prev is None else prev.step, gathers=self._gathers(out, prev)
+            )
+        except Exception as e:
+            outputs = self._resolve()
+            self._drop_finished_rows(out)
+            return outputs + self._fail_step(out, e)
+        outputs = self._resolve()
+        sampling = [s.request_id for s in out.scheduled if s.sample]
+        self.scheduler.update(out, dict.fromkeys(sampling, [PLACEHOLDER]))
+        row_of = {s.request_id: i for i, s in enumerate(out.scheduled)}
+        self._inflight = _InFlight(pending, {rid: row_of[rid] for rid in sampling})
+        return outputs
+
+    def _gathers(self, out, prev) -> list[tuple[int, int, int]]:
+        """runner.dispatch's gathers: each input token of `out` that is a placeholder of
+        `prev` (a decode's input; or inside a recompute chunk after a preemption)."""
+        if prev is None:
+            return []
+        seq_row = prev.step.sequence_row()
+        gathers = []
+        for i, s in enumerate(out.scheduled):
+            row = prev.rows.get(s.request_id)
+            if row is None or not has_placeholder(s.request):
+                continue
+            pos = s.request.num_tokens - 1
+            if s.start <= pos < s.end:
+                gathers.append((i, pos - s.start, seq_row[row]))
+        return gathers
+
+    def _resolve(self) -> list[RequestOutput]:
+        """Bring the step in flight's tokens to the host and commit them (stop rules,
+        detokenization): an output for each of its requests. A request that a stop rule
+        ends here has its row in the step now computing (if any) ignored."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is None:
+            return []
+        try:
+            result = inflight.step.result()
+        except Exception as e:
+            return self._fail_inflight(inflight, e)
+        outputs = []
+        for rid, i in inflight.rows.items():
+            req = self.requests.get(rid)
+            if req is None or not has_placeholder(req):
+                continue
+            resolve_placeholder(
+                req,
+                result.tokens[i],
+                self.max_model_len,
+                result.logprobs[i],
+                self.engine_config.page_size,
+            )
+            if req.is_finished:
+                self.scheduler.end(rid)  # no-op where the scheduler ended it already
+                self._pop(rid)
+            outputs.append(make_output(req))
+        return outputs
+
+    def _fail_inflight(self, inflight, exc: Exception) -> list[RequestOutput]:
+        """The step in flight failed on the device: end its requests with "error"."""
+        message = f"the engine step failed: {type(exc).__name__}: {exc}"
+        log.error("an async step failed, ending requests %s: %s", list(inflight.rows), message)
+        outputs = []
+        for rid in inflight.rows:
+            req = self._pop(rid)
+            if req is None:
+                continue
+            if has_placeholder(req):
+                req.output_token_ids.pop()
+            req.error = message
+            finish(req, "error")
+            self.scheduler.end(rid)
+            outputs.append(make_output(req))
+        return outputs
+
+    def _drop_finished_rows(self, out) -> bool:
+        """Drop the rows of requests that ended since `out` was scheduled (resolved to a
+        stop) and refresh the token ids of the others (placeholders resolved); False if no
+        row is left. Call before running `out` synchronously."""
+        kept = []
+        for s in out.scheduled:
+            if s.request.is_finished:
+                continue
+            s.token_ids = s.request.token_ids_slice(s.start, s.end)
+            kept.append(s)
+        out.num_decodes = sum(len(s.token_ids) == 1 for s in kept[: out.num_decodes])
+        out.scheduled = kept
+        return bool(kept)
 
     def _pop(self, rid: str) -> Request | None:
         """Forget a finished request (and its group once every sample is done)."""
@@ -618,34 +780,7 @@ class LLMEngine:
 
     def _run_step(self, out, drafts, masks, prompt_logits):
         scheduled = out.scheduled
-        rows = [
-            s.token_ids + (drafts[s.request_id].token_ids if s.request_id in drafts else [])
-            for s in scheduled
-        ]
-        # With drafts, logits at each row's last W tokens (W: the longest draft + 1, bucketed;
-        # k + 1 beside a prompt chunk), and draft rows padded to W rather than to a 32-token
-        # prefill chunk.
-        per_row = None
-        if drafts:
-            chunk = any(len(s.token_ids) > 1 for s in scheduled)
-            per_row = self.spec.verify_width(drafts, with_prompt_chunk=chunk)
-        batch = StepBatch(
-            starts=[s.start for s in scheduled],
-            rows=rows,
-            block_tables=[s.block_table for s in scheduled],
-            sample=[
-                s.request if s.sample and s.request_id not in drafts else None for s in scheduled
-            ],
-            logits_per_row=per_row,
-            min_chunk=per_row or 32,
-            replicas=getattr(out, "replicas", None),
-            group_block_tables=(
-                [s.block_tables for s in scheduled] if len(self.page_groups) > 1 else None
-            ),
-            forks=[(i, f) for i, s in enumerate(scheduled) if s.sample for f in s.followers],
-            prompt_logits=prompt_logits,
-            token_bitmask=None if masks is None else masks.for_rows(scheduled),
-        )
+        batch = self._step_batch(out, drafts, masks, prompt_logits)
         result = self.runner.execute(batch)
         sampled: dict[str, list[int]] = {}
         logprobs: dict[str, list] = {}
@@ -673,6 +808,38 @@ class LLMEngine:
             sampled.update(verified)
             before = {rid: self.requests[rid].num_output_tokens for rid in verified}
         return sampled, logprobs, drafts, before
+
+    def _step_batch(self, out, drafts, masks, prompt_logits) -> StepBatch:
+        """The runner's StepBatch of `out`: rows with their drafts appended."""
+        scheduled = out.scheduled
+        rows = [
+            s.token_ids + (drafts[s.request_id].token_ids if s.request_id in drafts else [])
+            for s in scheduled
+        ]
+        # With drafts, logits at each row's last W tokens (W: the longest draft + 1, bucketed;
+        # k + 1 beside a prompt chunk), and draft rows padded to W rather than to a 32-token
+        # prefill chunk.
+        per_row = None
+        if drafts:
+            chunk = any(len(s.token_ids) > 1 for s in scheduled)
+            per_row = self.spec.verify_width(drafts, with_prompt_chunk=chunk)
+        return StepBatch(
+            starts=[s.start for s in scheduled],
+            rows=rows,
+            block_tables=[s.block_table for s in scheduled],
+            sample=[
+                s.request if s.sample and s.request_id not in drafts else None for s in scheduled
+            ],
+            logits_per_row=per_row,
+            min_chunk=per_row or 32,
+            replicas=getattr(out, "replicas", None),
+            group_block_tables=(
+                [s.block_tables for s in scheduled] if len(self.page_groups) > 1 else None
+            ),
+            forks=[(i, f) for i, s in enumerate(scheduled) if s.sample for f in s.followers],
+            prompt_logits=prompt_logits,
+            token_bitmask=None if masks is None else masks.for_rows(scheduled),
+        )
 
     def _fail_step(self, out, exc: Exception) -> list[RequestOutput]:
         """A step that raised ends exactly its scheduled requests with finish_reason "error"

@@ -165,6 +165,10 @@ class Request:
 
 # ---- the one commit path: appending tokens under the stop rules ---------------------------
 
+# An output token sampled by a step still on the device (async scheduling, engine.py): it
+# holds the token's place, and is counted for max_tokens, until `resolve_placeholder`.
+PLACEHOLDER = -1
+
 
 def find_stop_string(text: str, new_chars: int, stops: tuple[str, ...]) -> tuple[int, str] | None:
     """Earliest stop string that ends within the last `new_chars` characters of `text`.
@@ -207,6 +211,18 @@ def commit_tokens(
     """
     p = req.sampling_params
     for i, token in enumerate(tokens):
+        if token == PLACEHOLDER:
+            # Only the length limit can be told without the token; the text, stop tokens
+            # and stop strings wait for `resolve_placeholder`, which also settles this status.
+            req.output_token_ids.append(token)
+            if p is not None and p.logprobs is not None:
+                if req.logprobs is None:
+                    req.logprobs = []
+                req.logprobs.append(None)
+            if req.room(max_model_len) <= 0:
+                req.status = RequestStatus.FINISHED_LENGTH
+                return i + 1
+            continue
         req.output_token_ids.append(token)
         entry = logprob_entries[i] if logprob_entries is not None else None
         if entry is not None:
@@ -218,6 +234,41 @@ def commit_tokens(
             finish(req, reason, stop_reason)
             return i + 1
     return len(tokens)
+
+
+def has_placeholder(req: Request) -> bool:
+    """Whether the request's last output token is still on the device."""
+    return bool(req.output_token_ids) and req.output_token_ids[-1] == PLACEHOLDER
+
+
+def resolve_placeholder(
+    req: Request,
+    token: int,
+    max_model_len: int,
+    logprob_entry: dict[int, float] | None = None,
+    page_size: int | None = None,
+) -> None:
+    """Put the sampled `token` in place of the request's placeholder (its last output token)
+    and apply the stop rules to it, as `commit_tokens` would have in a synchronous step: the
+    request ends there ("stop", or "length", which a placeholder at the limit had set
+    provisionally), and a request aborted meanwhile keeps the token (it was sampled before
+    the abort) and ends "abort" unless the token itself ended it. Hashes of pages computed
+    over the placeholder (a preempted request re-admitted) are dropped (recomputed)."""
+    assert has_placeholder(req), f"request {req.request_id!r} has no placeholder"
+    req.output_token_ids.pop()
+    if req.logprobs is not None and req.sampling_params.logprobs is not None:
+        req.logprobs.pop()
+        if not req.logprobs:
+            req.logprobs = None
+    if page_size is not None:
+        del req.block_hashes[(req.num_tokens) // page_size :]
+    status = req.status
+    aborted = status in (RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_ERROR)
+    if status.is_finished:
+        req.status = RequestStatus.RUNNING  # decided again from the real token
+    commit_tokens(req, [token], max_model_len, [logprob_entry])
+    if aborted and not req.is_finished:
+        finish(req, status.value)
 
 
 def _stop(req: Request, p, token: int, max_model_len: int):

@@ -282,6 +282,16 @@ class Scheduler:
         self._finished_outside_update.append(req)
         return True
 
+    def end(self, request_id: str) -> bool:
+        """Free a request that a stop rule ended outside update() (async scheduling: its
+        token came back after the next step was scheduled); its status is already the
+        finished one. False if the scheduler holds no such request. update() skips it."""
+        req = self._requests.get(request_id)
+        if req is None:
+            return False
+        self._finish(req, req.status)
+        return True
+
     def pop_finished(self) -> list[Request]:
         """Requests finished outside update() (abort(), errors found by schedule()), once each."""
         out, self._finished_outside_update = self._finished_outside_update, []
