@@ -89,6 +89,8 @@ class LLM:
     enable_prefix_caching: share the KV pages of identical prompt prefixes.
     kv_cache_dtype: "auto" (the model dtype), "float32", "bfloat16" or "int8" (per-token,
         per-head scales; about 1.9x the tokens of bf16 in the same kv_cache_gb).
+    async_scheduling: schedule and lay out step n + 1 while step n computes (the continuous
+        engine; steps it cannot overlap run synchronously, with the same results).
     attention_backend: "reference", "xla", "cpu" or "pallas" (default: pallas on TPU/GPU; on
         CPU "cpu", C++ kernels for decode and prefill rows, or "xla" with a mesh or where the
         kernels cannot be built). The static engine uses the kernels under "cpu" and the jnp
@@ -128,6 +130,7 @@ class LLM:
         seed: int = 0,
         quantization: str | None = None,
         kv_cache_dtype: str = EngineConfig.kv_cache_dtype,
+        async_scheduling: bool = EngineConfig.async_scheduling,
         progress: bool = True,
         mesh=None,
         sharding_rules=None,
@@ -184,6 +187,7 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching,
             attention_backend=attention_backend,
             kv_cache_dtype=kv_cache_dtype,
+            async_scheduling=async_scheduling,
             **(spec_config.engine_fields(spec) if spec else {}),
         )
         if engine == "static" and kv_cache_dtype not in ("auto", str(self.dtype)):
