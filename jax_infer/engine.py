@@ -15,6 +15,32 @@ one commit path), reports back to the scheduler and streams `RequestOutput`s. Ea
 is one `scheduler.Request` record. A bad request is refused by `add_request` with a
 ValueError and never reaches the batch; aborting frees its pages at once.
 
+Host work off the critical path. A step is one jitted program where the batch needs no
+logits back (`runner.forward_and_sample`: forward plus sampler, greedy an argmax on the
+device): one dispatch, and only the sampled token ids (and logprobs, when asked) reach the
+host. Speculative verification, prompt logprobs, parallel-sampling forks, structured-output
+bitmasks (computed on a worker while the forward runs), a mesh and data replicas keep the
+forward and the sampler as two calls.
+
+Async scheduling (EngineConfig.async_scheduling, on by default), after vLLM's async
+scheduler and SGLang's overlap loop: `step()` schedules step n + 1 and lays out its arrays
+while step n computes, and dispatches it before n's tokens reach the host. The scheduler
+advances over step n with a `PLACEHOLDER` for each sampled token (`Scheduler.update`; the
+length limit is exact, the other stop rules wait for the token); a row of n + 1 whose input
+is such a token takes it from step n's device output (`runner.dispatch`'s gathers: a decode,
+or the last token of a recompute chunk after a preemption). Then step n is resolved: its
+tokens come to the host, replace the placeholders and go through the stop rules and the
+detokenizer (`resolve_placeholder`), while step n + 1 computes. A request that a stop token or
+string ends there is freed (`Scheduler.end`); its row in step n + 1 is computed and ignored,
+its pages reused only by later steps. So outputs come one `step()` call later, and never
+differ from synchronous stepping: the inputs, seeds (a request's step count includes the
+placeholder) and every stop are the same. A step whose sampling needs the previous tokens'
+values on the host runs synchronously, after resolving the step in flight: rows with
+penalties (they count output tokens), a grammar (its mask follows the last token), forks or
+prompt logprobs; and async scheduling is off with speculative decoding (drafts are proposed
+from the tokens) or a mesh (its step is not fused). An aborted request whose token is in
+flight gets it (it was sampled before the abort) and is reported when resolved.
+
 Faults: an exception raised while executing a step (drafting, the runner's jitted step,
 sampling, verification) ends that step's requests with finish_reason "error" and an `error`
 naming the cause; the other requests keep going. If the failed call had the page pool donated
@@ -401,6 +427,7 @@ class LLMEngine:
         # Rows (scheduled requests) over all steps, and the most in one step.
         self.num_rows = 0
         self.max_rows_per_step = 0
+        self.num_async_steps = 0  # steps dispatched before the previous one's tokens were in
         # Test hook: called as fault_hook(engine, scheduler_output) inside each step, before
         # the device work; an exception it raises is handled like a failed step (see step()).
         # The server sets it from JAX_INFER_TEST_FAULT_SEED (server/cli.py). None in service.
@@ -549,10 +576,11 @@ class LLMEngine:
                 s.request.first_scheduled_time = now
         if self._can_overlap(out):
             return outputs + self._step_async(out)
-        outputs += self._resolve()
-        if not self._drop_finished_rows(out):
-            self.scheduler.update(out, {})
-            return outputs
+        if self._inflight is not None:
+            outputs += self._resolve()
+            if not self._drop_finished_rows(out):
+                self.scheduler.update(out, {})
+                return outputs
         try:
             sampled, logprobs, drafts, before = self._execute(out)
         except Exception as e:  # the device step: fail its requests, keep serving the others
@@ -613,6 +641,8 @@ class LLMEngine:
             outputs = self._resolve()
             self._drop_finished_rows(out)
             return outputs + self._fail_step(out, e)
+        if prev is not None:
+            self.num_async_steps += 1
         outputs = self._resolve()
         sampling = [s.request_id for s in out.scheduled if s.sample]
         self.scheduler.update(out, dict.fromkeys(sampling, [PLACEHOLDER]))
@@ -892,6 +922,7 @@ class LLMEngine:
             "num_running": self.scheduler.num_running(),
             "speculative": self.spec.stats.as_dict() if self.spec is not None else None,
             "num_rows": self.num_rows,
+            "num_async_steps": self.num_async_steps,
             "mean_rows_per_step": self.num_rows / self.num_steps if self.num_steps else 0.0,
             "max_rows_per_step": self.max_rows_per_step,
             "num_data_replicas": self.num_replicas,
