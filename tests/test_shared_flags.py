@@ -61,6 +61,7 @@ def test_llm_kwargs_from_parsed_flags():
             "--noenable_prefix_caching",
             "--attention_backend=xla",
             "--kv_cache_dtype=int8",
+            "--noasync_scheduling",
         ]
     )
     kwargs = shared_flags.llm_kwargs(fv)
@@ -77,6 +78,7 @@ def test_llm_kwargs_from_parsed_flags():
         "enable_prefix_caching": False,
         "attention_backend": "xla",
         "kv_cache_dtype": "int8",
+        "async_scheduling": False,
         "mesh": None,
     }
     # Every key is a keyword LLM takes.
