@@ -33,6 +33,7 @@ def prompts(n: int, seed: int = 0) -> list[list[int]]:
 
 
 def make_engine(llm, **kwargs) -> LLMEngine:
+    kwargs.setdefault("num_pages", 64)  # a small pool: these engines are many
     return LLMEngine(
         llm.config,
         llm.params,
