@@ -60,8 +60,7 @@ def run(engine: LLMEngine, prompts, params, abort_at=None) -> list[tuple]:
     assert engine.scheduler.kv_usage() == 0.0  # every page back
     out = []
     for rid in ids:
-        o = final[rid]
-        outs = o.outputs if o.samples is not None else [o]
+        outs = [final[sid] for sid in engine.sample_ids(rid)]  # n > 1: each sample's id
         out.append([(s.token_ids, s.finish_reason, s.text, s.logprobs) for s in outs])
     return out
 
