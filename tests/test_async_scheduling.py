@@ -49,6 +49,7 @@ def run(engine: LLMEngine, prompts, params, abort_at=None) -> list[tuple]:
     streamed tokens after which that request is aborted)."""
     params = params if isinstance(params, list) else [params] * len(prompts)
     ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    samples = {rid: engine.sample_ids(rid) for rid in ids}  # n > 1: each sample's id
     final, seen = {}, {}
     while engine.has_unfinished_requests():
         for c in engine.step():
@@ -60,7 +61,7 @@ def run(engine: LLMEngine, prompts, params, abort_at=None) -> list[tuple]:
     assert engine.scheduler.kv_usage() == 0.0  # every page back
     out = []
     for rid in ids:
-        outs = [final[sid] for sid in engine.sample_ids(rid)]  # n > 1: each sample's id
+        outs = [final[sid] for sid in samples[rid]]
         out.append([(s.token_ids, s.finish_reason, s.text, s.logprobs) for s in outs])
     return out
 
