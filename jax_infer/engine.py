@@ -133,11 +133,12 @@ class EngineConfig:
     # which verify at about the cost of a plain decode step.
     ngram_prompt_lookup_min: int = 1
     free_window_pages: bool = True
-    # Cold start (compile_cache.py, precompile.py): compile every step bucket at start (the
-    # server's default; a dummy step per shape over the null page), and where jax keeps
-    # compiled programs between processes: "auto" (~/.cache/jax_infer/xla, or
-    # $JAX_INFER_COMPILATION_CACHE_DIR), a directory, or None/"off".
-    precompile: bool = False
+    # Cold start (compile_cache.py, precompile.py): compile every step bucket at start (a
+    # dummy step per shape over the null page; None: the entry point's default, off for
+    # LLM/LLMEngine, on for the server), and where jax keeps compiled programs between
+    # processes: "auto" (~/.cache/jax_infer/xla, or $JAX_INFER_COMPILATION_CACHE_DIR), a
+    # directory, or None/"off".
+    precompile: bool | None = None
     compilation_cache_dir: str | None = "auto"
 
     def __post_init__(self):
@@ -176,8 +177,11 @@ class EngineConfig:
             raise ValueError(
                 f"EngineConfig.kv_cache_dtype={self.kv_cache_dtype!r} is not one of {KV_DTYPES}"
             )
-        if not isinstance(self.precompile, bool):
-            raise ValueError(f"EngineConfig.precompile={self.precompile!r} must be a bool")
+        if self.precompile is not None and not isinstance(self.precompile, bool):
+            raise ValueError(
+                f"EngineConfig.precompile={self.precompile!r} must be a bool (or None: the "
+                "entry point's default)"
+            )
         compile_cache.resolve_cache_dir(self.compilation_cache_dir)  # raises on a bad value
         if self.attention_backend is not None and self.attention_backend not in BACKENDS:
             raise ValueError(

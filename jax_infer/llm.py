@@ -104,7 +104,7 @@ class LLM:
         its batch over it (see engine.LLMEngine).
     sharding_rules: logical axis -> mesh axis table (default `sharding.DEFAULT_RULES`).
     precompile: compile every step bucket now, with a progress bar (`EngineConfig.precompile`;
-        the server's default), rather than each when a request first needs it.
+        None: off here, on in the server), rather than each when a request first needs it.
     compilation_cache_dir: jax's persistent compilation cache, so a second start loads compiled
         programs instead of compiling: "auto" ($JAX_INFER_COMPILATION_CACHE_DIR, else
         ~/.cache/jax_infer/xla), a directory, or None/"off" (`compile_cache`; one per process).
@@ -133,7 +133,7 @@ class LLM:
         seed: int = 0,
         quantization: str | None = None,
         kv_cache_dtype: str = EngineConfig.kv_cache_dtype,
-        precompile: bool = EngineConfig.precompile,
+        precompile: bool | None = EngineConfig.precompile,
         compilation_cache_dir: str | None = EngineConfig.compilation_cache_dir,
         progress: bool = True,
         mesh=None,

@@ -69,6 +69,10 @@ ENGINE_FLAGS: dict[str, str] = {
     "without a mesh).",
     "kv_cache_dtype": "KV cache storage: auto (the model dtype), float32, bfloat16 or int8 "
     "(per-token, per-head scales).",
+    "precompile": "Compile every step bucket at start, with a progress bar (default: on for "
+    "serve.py, off elsewhere).",
+    "compilation_cache_dir": "jax's persistent compilation cache: auto "
+    "($JAX_INFER_COMPILATION_CACHE_DIR, else ~/.cache/jax_infer/xla), a directory, or off.",
 }
 
 
@@ -137,8 +141,10 @@ def define_engine_flags(flag_values=None, names=None) -> None:
             flags.DEFINE_enum(name, default, list(BACKENDS), help_, flag_values=fv)
         elif name == "kv_cache_dtype":
             flags.DEFINE_enum(name, default, list(KV_DTYPES), help_, flag_values=fv)
-        elif name == "enable_prefix_caching":
+        elif name in ("enable_prefix_caching", "precompile"):
             flags.DEFINE_bool(name, default, help_, flag_values=fv)
+        elif name == "compilation_cache_dir":
+            flags.DEFINE_string(name, default, help_, flag_values=fv)
         elif name == "kv_cache_gb":
             flags.DEFINE_float(name, default, help_, flag_values=fv)
         else:

@@ -372,6 +372,7 @@ def server(gguf_path):
         "--kv_cache_gb=0.05",
         "--max_num_seqs=4",
         "--max_request_bytes=100000",
+        "--noprecompile",  # steps compile on first use (the precompile has tests of its own)
         f"--shutdown_timeout={SHUTDOWN_TIMEOUT}",
         "--log_level=warning",
     ]

@@ -61,6 +61,8 @@ def test_llm_kwargs_from_parsed_flags():
             "--noenable_prefix_caching",
             "--attention_backend=xla",
             "--kv_cache_dtype=int8",
+            "--precompile",
+            "--compilation_cache_dir=off",
         ]
     )
     kwargs = shared_flags.llm_kwargs(fv)
@@ -77,6 +79,8 @@ def test_llm_kwargs_from_parsed_flags():
         "enable_prefix_caching": False,
         "attention_backend": "xla",
         "kv_cache_dtype": "int8",
+        "precompile": True,
+        "compilation_cache_dir": "off",
         "mesh": None,
     }
     # Every key is a keyword LLM takes.
