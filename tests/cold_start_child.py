@@ -74,8 +74,8 @@ def run(engine: LLMEngine, max_tokens: int = 12) -> list[list[int]]:
     return [done[i] for i in ids]
 
 
-def main(cache_dir: str) -> None:
-    engine = make_engine(cache_dir, precompile=True)
+def main(cache_dir: str, precompile: bool) -> None:
+    engine = make_engine(cache_dir, precompile=precompile)
     after_precompile = compile_cache.stats()
     tokens = run(engine)
     print(
@@ -83,7 +83,7 @@ def main(cache_dir: str) -> None:
             {
                 "precompile": after_precompile,
                 "end": compile_cache.stats(),
-                "shapes": engine.precompile_stats["shapes"],
+                "shapes": (engine.precompile_stats or {}).get("shapes", 0),
                 "tokens": tokens,
             }
         )
@@ -91,4 +91,4 @@ def main(cache_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], precompile="--no-precompile" not in sys.argv[2:])
