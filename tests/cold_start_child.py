@@ -44,9 +44,9 @@ def prompts(n: int = 6, seed: int = 0) -> list[list[int]]:
 
 def make_engine(cache_dir, precompile: bool) -> LLMEngine:
     ec = EngineConfig(
-        max_num_seqs=4,
-        max_num_batched_tokens=64,
-        page_size=8,
+        max_num_seqs=3,
+        max_num_batched_tokens=32,
+        page_size=4,
         num_pages=64,
         precompile=precompile,
         compilation_cache_dir=cache_dir,
@@ -55,13 +55,13 @@ def make_engine(cache_dir, precompile: bool) -> LLMEngine:
         TINY,
         init_params(TINY, seed=1),
         word_tokenizer(TINY.vocab_size),
-        max_model_len=96,
+        max_model_len=32,
         engine_config=ec,
         progress=False,
     )
 
 
-def run(engine: LLMEngine, max_tokens: int = 12) -> list[list[int]]:
+def run(engine: LLMEngine, max_tokens: int = 8) -> list[list[int]]:
     ids = [
         engine.add_request(p, SamplingParams(max_tokens=max_tokens, temperature=0.0))
         for p in prompts()

@@ -137,7 +137,7 @@ def test_second_process_compiles_no_new_program(tmp_path):
     first = _child(cache)
     pre, end = first["precompile"], first["end"]
     assert pre["cache_dir"] == str(cache)
-    assert first["shapes"] > 10
+    assert first["shapes"] >= 8
     assert pre["compiled"] > 0 and pre["cache_hits"] == 0
     assert pre["cache_writes"] == pre["compiled"]
     # Serving after the precompile needed no program the precompile had not made.
