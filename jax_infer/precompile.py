@@ -19,7 +19,9 @@ most requests take; other sampling options (penalties, top-k, logprobs...) compi
 
 Covered: steps of decode rows and at most one prompt chunk (the default
 `max_num_partial_prefills=1`; with more, shapes of several chunks compile on first use), one
-data replica, no speculative verification (its widths compile on first use).
+data replica, no speculative verification (its widths compile on first use), no prompt
+logprobs and no copy-on-write page copies of n > 1 samples (each compiles on first use; all are
+then in the persistent cache for the next start).
 """
 
 from __future__ import annotations
