@@ -60,7 +60,7 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
-from jax_infer import sharding
+from jax_infer import compile_cache, sharding
 from jax_infer.attention import BACKENDS, default_backend
 from jax_infer.config import ModelConfig
 from jax_infer.model.cache import kv_bytes_per_page_group, page_group_windows
@@ -168,6 +168,13 @@ class EngineConfig:
     # sampled tokens, taken on the device (see the module docstring). Steps it cannot
     # overlap run synchronously, with the same results.
     async_scheduling: bool = True
+    # Cold start (compile_cache.py, precompile.py): compile every step bucket at start (a
+    # dummy step per shape over the null page; None: the entry point's default, off for
+    # LLM/LLMEngine, on for the server), and where jax keeps compiled programs between
+    # processes: "auto" (~/.cache/jax_infer/xla, or $JAX_INFER_COMPILATION_CACHE_DIR), a
+    # directory, or None/"off".
+    precompile: bool | None = None
+    compilation_cache_dir: str | None = "auto"
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "page_size"):
@@ -209,6 +216,12 @@ class EngineConfig:
             raise ValueError(
                 f"EngineConfig.kv_cache_dtype={self.kv_cache_dtype!r} is not one of {KV_DTYPES}"
             )
+        if self.precompile is not None and not isinstance(self.precompile, bool):
+            raise ValueError(
+                f"EngineConfig.precompile={self.precompile!r} must be a bool (or None: the "
+                "entry point's default)"
+            )
+        compile_cache.resolve_cache_dir(self.compilation_cache_dir)  # raises on a bad value
         if self.attention_backend is not None and self.attention_backend not in BACKENDS:
             raise ValueError(
                 f"EngineConfig.attention_backend={self.attention_backend!r} is not one of "
@@ -313,6 +326,7 @@ class LLMEngine:
         mesh=None,
         rules=None,
         draft_model=None,
+        progress: bool = True,
     ):
         """params: canonical (as loaded, maybe quantized); the runner lays them out for the
         backend. mesh: a `sharding.make_mesh` Mesh, or None for one device. With a mesh the
@@ -320,13 +334,15 @@ class LLMEngine:
         parallel: D = data replicas, each with a pool of num_pages pages (kv_cache_gb) of its
         own and its own scheduler (`scheduler.replicas`), requests assigned to the least
         loaded, and one jitted step runs every replica's rows (D times the rows of one).
-        draft_model: (ModelConfig, canonical params) for speculative_method="draft_model"."""
+        draft_model: (ModelConfig, canonical params) for speculative_method="draft_model".
+        progress: the precompile progress bar (EngineConfig.precompile) on stderr."""
         self.config = config
         self.tokenizer = tokenizer
         self.dtype = dtype
         self.max_model_len = max_model_len
         ec = engine_config or EngineConfig()
         self.engine_config = ec
+        compile_cache.enable(ec.compilation_cache_dir)
         self.backend = ec.attention_backend or default_backend(sharded=mesh is not None)
         self.cache_dtype = cache_dtype or resolve_kv_cache_dtype(
             ec.kv_cache_dtype, dtype, self.backend
@@ -450,6 +466,25 @@ class LLMEngine:
             # One device: a self-draft may share the page pool (a sharded pool may not).
             share_pool=mesh is None,
         )
+        self.precompile_stats = None
+        if ec.precompile:
+            self.precompile(progress)
+
+    def precompile(self, progress: bool = True) -> dict:
+        """Compile every step bucket now (precompile.py): one dummy step per shape over the
+        null page, no request touched. Returns {"shapes", "seconds"}; also in `stats()`."""
+        from jax_infer import precompile as precompile_lib
+
+        ec = self.engine_config
+        shapes = precompile_lib.step_shapes(
+            max_num_seqs=ec.max_num_seqs,
+            max_num_batched_tokens=ec.max_num_batched_tokens,
+            page_size=ec.page_size,
+            max_model_len=self.max_model_len,
+            long_prefill_chunk=ec.long_prefill_chunk,
+        )
+        self.precompile_stats = precompile_lib.precompile(self.runner, shapes, progress=progress)
+        return self.precompile_stats
 
     @property
     def params(self):
@@ -930,4 +965,9 @@ class LLMEngine:
             "replica_requests": (
                 list(self.scheduler.num_assigned) if self.num_replicas > 1 else None
             ),
+            # Process totals (compile_cache.stats): programs, cache_hits, compiled,
+            # cache_writes, compile_seconds, trace_seconds, cache_dir; and the start-up
+            # precompile's {"shapes", "seconds"} (None: not run).
+            "compile": compile_cache.stats(),
+            "precompile": self.precompile_stats,
         }

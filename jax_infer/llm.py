@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_infer import sharding, weights
+from jax_infer import compile_cache, sharding, weights
 from jax_infer.engine import EngineConfig, LLMEngine, make_request, prepare_prompt
 from jax_infer.generation import StaticBatchGenerator
 from jax_infer.outputs import RequestOutput
@@ -105,6 +105,11 @@ class LLM:
         replicas, each with its own pages (num_pages each) and rows, the static engine splits
         its batch over it (see engine.LLMEngine).
     sharding_rules: logical axis -> mesh axis table (default `sharding.DEFAULT_RULES`).
+    precompile: compile every step bucket now, with a progress bar (`EngineConfig.precompile`;
+        None: off here, on in the server), rather than each when a request first needs it.
+    compilation_cache_dir: jax's persistent compilation cache, so a second start loads compiled
+        programs instead of compiling: "auto" ($JAX_INFER_COMPILATION_CACHE_DIR, else
+        ~/.cache/jax_infer/xla), a directory, or None/"off" (`compile_cache`; one per process).
     speculative_config: speculative decoding (speculative/config.py): a dict like vLLM's
         ({"method": "ngram" | "draft_model", "num_speculative_tokens": k, "model": draft path,
         "quantization": scheme for a self-draft, ...}) or "ngram", "self-int4", "self-int8",
@@ -131,6 +136,8 @@ class LLM:
         quantization: str | None = None,
         kv_cache_dtype: str = EngineConfig.kv_cache_dtype,
         async_scheduling: bool = EngineConfig.async_scheduling,
+        precompile: bool | None = EngineConfig.precompile,
+        compilation_cache_dir: str | None = EngineConfig.compilation_cache_dir,
         progress: bool = True,
         mesh=None,
         sharding_rules=None,
@@ -144,6 +151,8 @@ class LLM:
                 f"speculative_config={speculative_config!r} needs engine='continuous' on one "
                 f"device; got engine={engine!r}, mesh={mesh!r}"
             )
+        # Before any compile (loading compiles too): the persistent cache and its counters.
+        compile_cache.enable(compilation_cache_dir)
         self.dtype = resolve_dtype(dtype)
         self.mesh = mesh = resolve_mesh(mesh)
         # In a multi-process job every process loads; only process 0 shows progress.
@@ -188,12 +197,19 @@ class LLM:
             attention_backend=attention_backend,
             kv_cache_dtype=kv_cache_dtype,
             async_scheduling=async_scheduling,
+            precompile=precompile,
+            compilation_cache_dir=compilation_cache_dir,
             **(spec_config.engine_fields(spec) if spec else {}),
         )
         if engine == "static" and kv_cache_dtype not in ("auto", str(self.dtype)):
             raise ValueError(
                 f"kv_cache_dtype={kv_cache_dtype!r} needs engine='continuous' (the paged "
                 "cache); the static engine keeps K/V in the model dtype"
+            )
+        if engine == "static" and precompile:
+            raise ValueError(
+                "precompile=True needs engine='continuous' (the static engine compiles per "
+                "batch shape on first use)"
             )
         self.engine_kind = engine
         self._rng = np.random.default_rng(seed)
@@ -212,6 +228,7 @@ class LLM:
                 mesh=mesh,
                 rules=sharding_rules,
                 draft_model=draft,
+                progress=progress,
             )
         else:
             self.generator = StaticBatchGenerator(

@@ -23,6 +23,8 @@ from jax_infer.server import ServerConfig, run_server
 FLAGS = flags.FLAGS
 shared_flags.define_model_flags()
 shared_flags.define_engine_flags()
+# A server compiles every step bucket before it reports healthy (--noprecompile: on first use).
+FLAGS.set_default("precompile", True)
 shared_flags.define_config_flags()
 flags.adopt_module_key_flags(shared_flags)
 flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0 for every interface).")
@@ -55,7 +57,8 @@ def main(argv):
     kwargs = {
         **shared_flags.llm_kwargs(config=cfg),
         "max_model_len": FLAGS.max_model_len,
-        "progress": False,
+        # Progress bars (loading, then precompiling) only for a start that precompiles.
+        "progress": bool(FLAGS.precompile),
     }
     config = ServerConfig(
         model_name=FLAGS.served_model_name or FLAGS.model,

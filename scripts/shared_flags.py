@@ -71,6 +71,10 @@ ENGINE_FLAGS: dict[str, str] = {
     "(per-token, per-head scales).",
     "async_scheduling": "Schedule and lay out step n + 1 while step n computes (steps that "
     "cannot overlap run synchronously, with the same results).",
+    "precompile": "Compile every step bucket at start, with a progress bar (default: on for "
+    "serve.py, off elsewhere).",
+    "compilation_cache_dir": "jax's persistent compilation cache: auto "
+    "($JAX_INFER_COMPILATION_CACHE_DIR, else ~/.cache/jax_infer/xla), a directory, or off.",
 }
 
 
@@ -139,8 +143,10 @@ def define_engine_flags(flag_values=None, names=None) -> None:
             flags.DEFINE_enum(name, default, list(BACKENDS), help_, flag_values=fv)
         elif name == "kv_cache_dtype":
             flags.DEFINE_enum(name, default, list(KV_DTYPES), help_, flag_values=fv)
-        elif name in ("enable_prefix_caching", "async_scheduling"):
+        elif name in ("enable_prefix_caching", "precompile"):
             flags.DEFINE_bool(name, default, help_, flag_values=fv)
+        elif name == "compilation_cache_dir":
+            flags.DEFINE_string(name, default, help_, flag_values=fv)
         elif name == "kv_cache_gb":
             flags.DEFINE_float(name, default, help_, flag_values=fv)
         else:

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
 from jax_infer.weights import default_gguf_path
+
+# Tests never read or write the user's compilation cache (~/.cache/jax_infer/xla): this
+# session's engines, and the servers and scripts it starts (they inherit the environment),
+# share a temporary one, removed at exit. A test may point an engine elsewhere.
+if "JAX_INFER_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="jax_infer_xla_")
+    os.environ["JAX_INFER_COMPILATION_CACHE_DIR"] = _CACHE
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

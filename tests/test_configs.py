@@ -348,7 +348,7 @@ def test_serve_runs_from_cpu_preset(preset):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, str(ROOT / "scripts" / "serve.py"), f"--config=configs/{preset}"]
-    cmd += [f"--port={port}", "--log_level=warning"]
+    cmd += [f"--port={port}", "--log_level=warning", "--noprecompile"]
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )

@@ -301,6 +301,7 @@ def test_engine_counters_reach_metrics_as_increments():
         "kv_usage": 0.0,
         **totals,
         "speculative": dict(spec),
+        "precompile": {"shapes": 7, "seconds": 1.5},
     }
     names = {
         "num_preemptions": "jax_infer:num_preemptions_total",
@@ -319,6 +320,13 @@ def test_engine_counters_reach_metrics_as_increments():
             for d in (totals, spec):
                 for key in d:
                     d[key] *= 2
+            # Cold start: the precompile's gauges, and the process's compile counters (every
+            # program asked for is a persistent-cache hit or a compile).
+            assert m["jax_infer:precompile_shapes"] == 7
+            assert m["jax_infer:precompile_seconds"] == 1.5
+            assert m["jax_infer:num_compiles_total"] == (
+                m["jax_infer:compile_cache_hits_total"] + m["jax_infer:num_programs_compiled_total"]
+            )
         r = client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 2})
         assert r.status_code == 200
         time.sleep(0.3)
@@ -372,6 +380,7 @@ def server(gguf_path):
         "--kv_cache_gb=0.05",
         "--max_num_seqs=4",
         "--max_request_bytes=100000",
+        "--noprecompile",  # steps compile on first use (the precompile has tests of its own)
         f"--shutdown_timeout={SHUTDOWN_TIMEOUT}",
         "--log_level=warning",
     ]

@@ -62,6 +62,8 @@ def test_llm_kwargs_from_parsed_flags():
             "--attention_backend=xla",
             "--kv_cache_dtype=int8",
             "--noasync_scheduling",
+            "--precompile",
+            "--compilation_cache_dir=off",
         ]
     )
     kwargs = shared_flags.llm_kwargs(fv)
@@ -79,6 +81,8 @@ def test_llm_kwargs_from_parsed_flags():
         "attention_backend": "xla",
         "kv_cache_dtype": "int8",
         "async_scheduling": False,
+        "precompile": True,
+        "compilation_cache_dir": "off",
         "mesh": None,
     }
     # Every key is a keyword LLM takes.

@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+from jax_infer import compile_cache
 from jax_infer.outputs import RequestOutput, child_request_ids
 from jax_infer.sampling import SamplingParams
 from jax_infer.server.metrics import Metrics, num_compiles
@@ -373,6 +374,7 @@ class AsyncEngine:
 
     def _publish(self, engine) -> None:
         stats = engine.stats()
+        compiled = compile_cache.stats()
         self._num_waiting = stats["num_waiting"]
         m = self.metrics
         m.num_requests_running.set(stats["num_running"])
@@ -386,8 +388,15 @@ class AsyncEngine:
             (m.spec_decode_num_draft_tokens, spec.get("num_draft_tokens", 0)),
             (m.spec_decode_num_accepted_tokens, spec.get("num_accepted_tokens", 0)),
             (m.num_compiles, num_compiles()),
+            (m.compile_cache_hits, compiled["cache_hits"]),
+            (m.num_programs_compiled, compiled["compiled"]),
+            (m.compile_seconds, compiled["compile_seconds"]),
+            (m.trace_seconds, compiled["trace_seconds"]),
         ):
             self._count(counter, value)
+        pre = stats.get("precompile") or {}
+        m.precompile_seconds.set(pre.get("seconds", 0.0))
+        m.precompile_shapes.set(pre.get("shapes", 0))
 
     def _count(self, counter, value: float) -> None:
         """Advance `counter` to the engine's running total `value`."""

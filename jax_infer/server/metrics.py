@@ -3,39 +3,23 @@
 Each app has its own CollectorRegistry (not prometheus-client's global one), so several
 servers, or a test's apps, in one process do not share or collide on metrics. Counters the
 engine keeps (prefix cache, speculative tokens, preemptions) and the process's XLA compile
-count are copied in by the engine thread as increments (`AsyncEngine._publish`).
+counters (programs, persistent-cache hits, programs compiled, seconds: `compile_cache.stats`)
+are copied in by the engine thread as increments (`AsyncEngine._publish`).
 """
 
 from __future__ import annotations
 
-import threading
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-# The duration event jax records once per XLA backend compile (jax._src.dispatch).
-BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-_compile_lock = threading.Lock()
-_num_compiles: int | None = None  # None: no listener yet
-
-
-def _on_jax_event(event: str, duration_secs: float, **kwargs) -> None:
-    global _num_compiles
-    if event == BACKEND_COMPILE_EVENT:
-        with _compile_lock:
-            _num_compiles += 1
+from jax_infer import compile_cache
 
 
 def num_compiles() -> int:
-    """XLA backend compiles in this process since the first call (which starts counting:
-    one jax.monitoring listener per process)."""
-    global _num_compiles
-    with _compile_lock:
-        if _num_compiles is None:
-            import jax.monitoring
-
-            _num_compiles = 0
-            jax.monitoring.register_event_duration_secs_listener(_on_jax_event)
-        return _num_compiles
+    """Programs jax asked the backend for in this process (compiled, or loaded from the
+    persistent cache) since the counters started (`compile_cache.install_listeners`, called
+    here: one jax.monitoring listener per process)."""
+    compile_cache.install_listeners()
+    return compile_cache.stats()["programs"]
 
 
 _LATENCY_BUCKETS = (
@@ -122,6 +106,38 @@ class Metrics:
         )
         self.num_compiles = Counter(
             "jax_infer:num_compiles",
-            "XLA backend compiles in the server process (jax.monitoring).",
+            "Programs the server process asked XLA for: compiled, or loaded from the persistent "
+            "compilation cache (jax.monitoring).",
+            registry=registry,
+        )
+        # Cold start (compile_cache.py): what the persistent cache saved and what it did not.
+        self.compile_cache_hits = Counter(
+            "jax_infer:compile_cache_hits",
+            "Programs loaded from the persistent compilation cache instead of compiled.",
+            registry=registry,
+        )
+        self.num_programs_compiled = Counter(
+            "jax_infer:num_programs_compiled",
+            "Programs compiled by XLA in the server process (not found in the persistent cache).",
+            registry=registry,
+        )
+        self.compile_seconds = Counter(
+            "jax_infer:compile_seconds",
+            "Seconds in XLA backend compiles, persistent-cache loads included.",
+            registry=registry,
+        )
+        self.trace_seconds = Counter(
+            "jax_infer:trace_seconds",
+            "Seconds tracing and lowering to HLO (paid on every start: it is the cache key).",
+            registry=registry,
+        )
+        self.precompile_seconds = Gauge(
+            "jax_infer:precompile_seconds",
+            "Seconds the start-up precompile of every step bucket took (0: not run).",
+            registry=registry,
+        )
+        self.precompile_shapes = Gauge(
+            "jax_infer:precompile_shapes",
+            "Step shapes compiled at start-up (0: not run).",
             registry=registry,
         )
