@@ -133,6 +133,11 @@ class EngineConfig:
     # which verify at about the cost of a plain decode step.
     ngram_prompt_lookup_min: int = 1
     free_window_pages: bool = True
+    # Each request's logits the same bits whatever else runs in its step, the prompt chunk
+    # size or a preemption (model/invariant.py): CPU kernels with fixed reduction orders only;
+    # a setup that cannot (another attention backend, int8 KV cache, quantized weights, a
+    # mesh) is refused with a ValueError naming the parameter.
+    batch_invariant: bool = False
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "page_size"):
@@ -165,6 +170,10 @@ class EngineConfig:
             raise ValueError(
                 f"EngineConfig.num_speculative_tokens=0 with speculative_method="
                 f"{self.speculative_method!r}: give num_speculative_tokens >= 1"
+            )
+        if not isinstance(self.batch_invariant, bool):
+            raise ValueError(
+                f"EngineConfig.batch_invariant={self.batch_invariant!r} must be True or False"
             )
         if self.kv_cache_dtype not in KV_DTYPES:
             raise ValueError(
@@ -367,6 +376,7 @@ class LLMEngine:
             mesh=mesh,
             rules=rules,
             groups=self.page_groups,
+            batch_invariant=ec.batch_invariant,
         )
         # Requests not yet reported finished, by id (the scheduler forgets them at finish).
         self.requests: dict[str, Request] = {}

@@ -69,6 +69,9 @@ ENGINE_FLAGS: dict[str, str] = {
     "without a mesh).",
     "kv_cache_dtype": "KV cache storage: auto (the model dtype), float32, bfloat16 or int8 "
     "(per-token, per-head scales).",
+    "batch_invariant": "Each request's logits bitwise independent of the other requests in its "
+    "step, the prefill chunk size and preemption (CPU kernels, float32 KV cache, no "
+    "quantization).",
 }
 
 
@@ -137,7 +140,7 @@ def define_engine_flags(flag_values=None, names=None) -> None:
             flags.DEFINE_enum(name, default, list(BACKENDS), help_, flag_values=fv)
         elif name == "kv_cache_dtype":
             flags.DEFINE_enum(name, default, list(KV_DTYPES), help_, flag_values=fv)
-        elif name == "enable_prefix_caching":
+        elif name in ("enable_prefix_caching", "batch_invariant"):
             flags.DEFINE_bool(name, default, help_, flag_values=fv)
         elif name == "kv_cache_gb":
             flags.DEFINE_float(name, default, help_, flag_values=fv)
