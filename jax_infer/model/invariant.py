@@ -36,20 +36,29 @@ import jax.numpy as jnp
 
 
 def fixed_order_sum(x, axis: int = -1):
-    """x summed over `axis` (kept, size 1) in one fixed order: zero-padded to a power of two,
-    then halved (x[:h] + x[h:]) until one entry is left. Each step is elementwise, which XLA
-    does not reassociate, so an entry's sum is the same bits whatever the other dimensions
-    and however XLA fuses the ops around it; `jnp.sum` promises no order (measured: a
-    prompt's first-layer RMSNorm differed in the last bit between 32- and 64-token steps)."""
+    """x summed over `axis` (kept, size 1) in one fixed order, by elementwise adds only: the
+    axis is cut into C slices of L (L the largest power of two up to 64 dividing its
+    length; zero-padded to a multiple of 16 where that is under 8), the slices added in
+    order, then the L partial sums halved (p[:h] + p[h:]) down to one. XLA does not
+    reassociate elementwise float adds, so an entry's sum is the same bits whatever the
+    other dimensions and however XLA fuses the ops around it; `jnp.sum` promises no order
+    (measured: a prompt's first-layer RMSNorm differed in the last bit between 32- and
+    64-token steps)."""
     x = jnp.moveaxis(x, axis, -1)
     d = x.shape[-1]
-    width = 1 << max(d - 1, 0).bit_length()
-    if width != d:
+    lanes = min(d & -d, 64)
+    if lanes < 8:
+        width = -(-d // 16) * 16
         x = jnp.concatenate([x, jnp.zeros((*x.shape[:-1], width - d), x.dtype)], axis=-1)
-    while x.shape[-1] > 1:
-        h = x.shape[-1] // 2
-        x = x[..., :h] + x[..., h:]
-    return jnp.moveaxis(x, -1, axis)
+        d, lanes = width, 16
+    y = x.reshape(*x.shape[:-1], d // lanes, lanes)
+    acc = y[..., 0, :]
+    for c in range(1, d // lanes):
+        acc = acc + y[..., c, :]
+    while acc.shape[-1] > 1:
+        h = acc.shape[-1] // 2
+        acc = acc[..., :h] + acc[..., h:]
+    return jnp.moveaxis(acc, -1, axis)
 
 
 def fixed_order_matmul(x, w):
