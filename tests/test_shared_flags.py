@@ -77,6 +77,7 @@ def test_llm_kwargs_from_parsed_flags():
         "enable_prefix_caching": False,
         "attention_backend": "xla",
         "kv_cache_dtype": "int8",
+        "batch_invariant": False,
         "mesh": None,
     }
     # Every key is a keyword LLM takes.
