@@ -12,6 +12,8 @@ the untiled [64, 32] projections were the sources).
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -182,6 +184,37 @@ def test_twenty_mixes_three_chunks_and_preemption(tiny, target, alone):
         got, out = run_target(engine, target, comps, preempt_after=preempt_after)
         assert_bitwise(base, got, f"preempted after step {preempt_after}")
         assert out == tokens
+
+
+@pytest.mark.slow
+def test_bfloat16_with_a_float32_kv_cache(tiny, target):
+    """bf16 weights and activations (the bf16 tiled kernel at every row count) over an f32
+    KV cache: invariant too; a bf16 KV cache is refused, naming kv_cache_dtype."""
+    _, config, params, tok = tiny
+    bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+
+    def engine(**kw):
+        ec = dict(
+            max_num_seqs=40,
+            page_size=8,
+            num_pages=700,
+            enable_prefix_caching=False,
+            kv_cache_dtype="float32",
+        )
+        ec = EngineConfig(batch_invariant=True, **{**ec, **kw})
+        return LLMEngine(
+            config, bf16, tok, dtype=jnp.bfloat16, max_model_len=MAX_LEN, engine_config=ec
+        )
+
+    base, tokens = run_target(engine(), target)
+    rng = np.random.default_rng(4)
+    got, out = run_target(engine(), target, random_companions(rng, config.vocab_size, 12))
+    assert_bitwise(base, got, "bf16 beside 12 companions")
+    got, out2 = run_target(engine(max_num_batched_tokens=16), target)
+    assert_bitwise(base, got, "bf16, 16-token chunks")
+    assert out == out2 == tokens
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        engine(kv_cache_dtype="auto")
 
 
 def test_logits_match_hf_and_the_normal_path(tiny, target, alone):
