@@ -39,17 +39,17 @@ shared_flags.define_json_flag()
 flags.adopt_module_key_flags(shared_flags)
 
 
-def make_engine(llm: LLM, batch_invariant: bool) -> LLMEngine:
+def make_engine(llm: LLM, params, batch_invariant: bool) -> LLMEngine:
     ec = EngineConfig(
         max_num_seqs=64,
         max_num_batched_tokens=FLAGS.max_num_batched_tokens,
-        num_pages=1024,
+        num_pages=256,
         enable_prefix_caching=False,
         batch_invariant=batch_invariant,
     )
     return LLMEngine(
         llm.config,
-        llm.params,
+        params,
         llm.tokenizer,
         dtype=llm.dtype,
         max_model_len=1024,
@@ -102,8 +102,11 @@ def measure(engines, phase: str, batch: int, vocab: int) -> dict[bool, float]:
 
 def main(argv):
     del argv
-    llm = LLM(model=FLAGS.model, progress=False)
-    engines = {mode: make_engine(llm, mode) for mode in (False, True)}
+    # Only the loaded weights are used: LLM's own engine (a small one) is dropped.
+    llm = LLM(model=FLAGS.model, progress=False, max_model_len=256, num_pages=17)
+    params = llm.params
+    del llm.engine
+    engines = {mode: make_engine(llm, params, mode) for mode in (False, True)}
     vocab = llm.config.vocab_size
     load_before = os.getloadavg()
     rows, results = [], []
