@@ -134,6 +134,10 @@ def test_fixed_order_helpers_match_numpy():
     x = rng.standard_normal((5, 37)).astype(np.float32)
     w = rng.standard_normal((37, 11)).astype(np.float32)
     np.testing.assert_allclose(np.asarray(fixed_order_sum(x))[:, 0], x.sum(-1), rtol=1e-5)
+    sq = np.asarray(fixed_order_sum(x, squares=True))[:, 0]
+    np.testing.assert_allclose(sq, (x * x).sum(-1), rtol=1e-5)
+    wide = rng.standard_normal((3, 576)).astype(np.float32)  # 9 slices of 64 lanes
+    np.testing.assert_allclose(np.asarray(fixed_order_sum(wide))[:, 0], wide.sum(-1), atol=1e-4)
     np.testing.assert_allclose(np.asarray(fixed_order_matmul(x, w)), x @ w, rtol=1e-4, atol=1e-5)
     # A row's result does not depend on the other rows.
     one = np.asarray(fixed_order_matmul(x[:1], w))

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 
-def fixed_order_sum(x, axis: int = -1):
+def fixed_order_sum(x, axis: int = -1, *, squares: bool = False):
     """x summed over `axis` (kept, size 1) in one fixed order, by elementwise adds only: the
     axis is cut into C slices of L (L the largest power of two up to 64 dividing its
     length; zero-padded to a multiple of 16 where that is under 8), the slices added in
@@ -43,7 +43,8 @@ def fixed_order_sum(x, axis: int = -1):
     reassociate elementwise float adds, so an entry's sum is the same bits whatever the
     other dimensions and however XLA fuses the ops around it; `jnp.sum` promises no order
     (measured: a prompt's first-layer RMSNorm differed in the last bit between 32- and
-    64-token steps)."""
+    64-token steps). squares: sum x * x instead, each slice squared where it is added (one
+    XLA fusion fewer than squaring first, for RMSNorm)."""
     x = jnp.moveaxis(x, axis, -1)
     d = x.shape[-1]
     lanes = min(d & -d, 64)
@@ -52,9 +53,13 @@ def fixed_order_sum(x, axis: int = -1):
         x = jnp.concatenate([x, jnp.zeros((*x.shape[:-1], width - d), x.dtype)], axis=-1)
         d, lanes = width, 16
     y = x.reshape(*x.shape[:-1], d // lanes, lanes)
-    acc = y[..., 0, :]
+
+    def part(c):
+        return y[..., c, :] * y[..., c, :] if squares else y[..., c, :]
+
+    acc = part(0)
     for c in range(1, d // lanes):
-        acc = acc + y[..., c, :]
+        acc = acc + part(c)
     while acc.shape[-1] > 1:
         h = acc.shape[-1] // 2
         acc = acc[..., :h] + acc[..., h:]

@@ -67,7 +67,7 @@ def rms_norm(x, scale, eps: float, offset: float = 0.0, fixed_order: bool = Fals
     dtype = x.dtype
     xf = x.astype(jnp.float32)
     if fixed_order:
-        mean_sq = fixed_order_sum(xf * xf) / np.float32(x.shape[-1])
+        mean_sq = fixed_order_sum(xf, squares=True) / np.float32(x.shape[-1])
     else:
         mean_sq = jnp.mean(xf * xf, axis=-1, keepdims=True)
     xf = xf * jax.lax.rsqrt(mean_sq + eps)
