@@ -175,6 +175,11 @@ class EngineConfig:
     # directory, or None/"off".
     precompile: bool | None = None
     compilation_cache_dir: str | None = "auto"
+    # Each request's logits the same bits whatever else runs in its step, the prompt chunk
+    # size or a preemption (model/invariant.py): CPU kernels with fixed reduction orders only;
+    # a setup that cannot (another attention backend, int8 KV cache, quantized weights, a
+    # mesh) is refused with a ValueError naming the parameter.
+    batch_invariant: bool = False
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "page_size"):
@@ -211,6 +216,10 @@ class EngineConfig:
         if not isinstance(self.async_scheduling, bool):
             raise ValueError(
                 f"EngineConfig.async_scheduling={self.async_scheduling!r} must be True or False"
+            )
+        if not isinstance(self.batch_invariant, bool):
+            raise ValueError(
+                f"EngineConfig.batch_invariant={self.batch_invariant!r} must be True or False"
             )
         if self.kv_cache_dtype not in KV_DTYPES:
             raise ValueError(
@@ -431,6 +440,7 @@ class LLMEngine:
             mesh=mesh,
             rules=rules,
             groups=self.page_groups,
+            batch_invariant=ec.batch_invariant,
         )
         # Requests not yet reported finished, by id (the scheduler forgets them at finish).
         self.requests: dict[str, Request] = {}

@@ -114,6 +114,10 @@ class LLM:
         ({"method": "ngram" | "draft_model", "num_speculative_tokens": k, "model": draft path,
         "quantization": scheme for a self-draft, ...}) or "ngram", "self-int4", "self-int8",
         "draft:<path>". Greedy outputs are unchanged; sampled ones keep their distribution.
+    batch_invariant: each request's logits bitwise the same whether it runs alone or beside
+        any other requests, with any prefill chunk size and after a preemption (CPU kernels
+        with fixed reduction orders, model/invariant.py). Needs the "cpu" attention backend,
+        a float32 KV cache, unquantized weights and one device; ValueError otherwise.
     """
 
     def __init__(
@@ -142,9 +146,15 @@ class LLM:
         mesh=None,
         sharding_rules=None,
         speculative_config=None,
+        batch_invariant: bool = EngineConfig.batch_invariant,
     ):
         if engine not in ENGINES:
             raise ValueError(f"engine={engine!r} is not one of {ENGINES}")
+        if batch_invariant and engine != "continuous":
+            raise ValueError(
+                f"batch_invariant=True needs engine='continuous' (the paged step); got "
+                f"engine={engine!r}"
+            )
         spec = spec_config.normalize(speculative_config)
         if spec is not None and (engine != "continuous" or mesh is not None):
             raise ValueError(
@@ -199,6 +209,7 @@ class LLM:
             async_scheduling=async_scheduling,
             precompile=precompile,
             compilation_cache_dir=compilation_cache_dir,
+            batch_invariant=batch_invariant,
             **(spec_config.engine_fields(spec) if spec else {}),
         )
         if engine == "static" and kv_cache_dtype not in ("auto", str(self.dtype)):

@@ -33,6 +33,7 @@ from jax_infer.attention.metadata import bucket, common_shape, step_shape
 from jax_infer.config import ModelConfig
 from jax_infer.cpu.layout import tile_f32_params, untile_f32_params
 from jax_infer.model.cache import init_paged_cache, init_sharded_paged_cache
+from jax_infer.model.invariant import check_batch_invariant
 from jax_infer.model.llama import untie_lm_head
 from jax_infer.model.step import paged_forward
 from jax_infer.outputs import host_logprob_rows, logprob_entry
@@ -288,6 +289,7 @@ class ModelRunner:
         rules=None,
         data_parallel: bool = True,
         groups: tuple = (None,),
+        batch_invariant: bool = False,
     ):
         """params: canonical (as loaded); laid out here by `backend_params`. mesh: None, or a
         `sharding.make_mesh` Mesh: the pool is then split by kv heads over `model`. Over
@@ -295,7 +297,9 @@ class ModelRunner:
         `num_pages` pages of its own (the pool, D * num_pages pages, split by pages) and runs
         its own rows (`StepBatch.replicas`); otherwise the pool and each step are
         replicated over `data`. groups: the page groups (`model.cache.page_group_windows`),
-        num_pages one int per group where several (data replicas need one group)."""
+        num_pages one int per group where several (data replicas need one group).
+        batch_invariant: each row's logits the same bits whatever the other rows, the chunk
+        size or a preemption (model/invariant.py); ValueError where this setup cannot."""
         self.config = config
         self.params = backend_params(params, config, mesh, rules)
         self.dtype = dtype
@@ -306,6 +310,11 @@ class ModelRunner:
         self.num_pages = num_pages
         self.groups = tuple(groups)
         self.cache_dtype = cache_dtype or dtype
+        self.batch_invariant = batch_invariant
+        if batch_invariant:
+            check_batch_invariant(
+                config, self.params, backend=backend, cache_dtype=self.cache_dtype, mesh=mesh
+            )
         self.mesh, self.rules = mesh, rules
         self.num_replicas = 1
         if mesh is not None and data_parallel:
@@ -464,6 +473,7 @@ class ModelRunner:
             config=self.config,
             dtype=self.dtype,
             backend=self.backend,
+            batch_invariant=self.batch_invariant,
         )
         prompt_lps = []
         if batch.prompt_logits:
@@ -556,6 +566,7 @@ class ModelRunner:
             config=self.config,
             dtype=self.dtype,
             backend=self.backend,
+            batch_invariant=self.batch_invariant,
         )
         logits = logits.reshape(-1, *logits.shape[2:])  # [D * S, ...]: replica-major rows
         order = np.concatenate(orders)

@@ -75,6 +75,9 @@ ENGINE_FLAGS: dict[str, str] = {
     "serve.py, off elsewhere).",
     "compilation_cache_dir": "jax's persistent compilation cache: auto "
     "($JAX_INFER_COMPILATION_CACHE_DIR, else ~/.cache/jax_infer/xla), a directory, or off.",
+    "batch_invariant": "Each request's logits bitwise independent of the other requests in its "
+    "step, the prefill chunk size and preemption (CPU kernels, float32 KV cache, no "
+    "quantization).",
 }
 
 
@@ -143,7 +146,7 @@ def define_engine_flags(flag_values=None, names=None) -> None:
             flags.DEFINE_enum(name, default, list(BACKENDS), help_, flag_values=fv)
         elif name == "kv_cache_dtype":
             flags.DEFINE_enum(name, default, list(KV_DTYPES), help_, flag_values=fv)
-        elif name in ("enable_prefix_caching", "precompile"):
+        elif name in ("enable_prefix_caching", "async_scheduling", "precompile", "batch_invariant"):
             flags.DEFINE_bool(name, default, help_, flag_values=fv)
         elif name == "compilation_cache_dir":
             flags.DEFINE_string(name, default, help_, flag_values=fv)

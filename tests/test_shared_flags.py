@@ -83,6 +83,7 @@ def test_llm_kwargs_from_parsed_flags():
         "async_scheduling": False,
         "precompile": True,
         "compilation_cache_dir": "off",
+        "batch_invariant": False,
         "mesh": None,
     }
     # Every key is a keyword LLM takes.

@@ -130,7 +130,7 @@ def _xla_tiled_matmul(x, t: TiledF32Array):
     return x @ untile(t)
 
 
-def _tiled_bf16_matmul(x2, t: TiledF32Array, force_xla: bool):
+def _tiled_bf16_matmul(x2, t: TiledF32Array, force_xla: bool, batch_invariant: bool = False):
     """x2 [M, K] (any float dtype) @ bf16 tiles -> [M, N] in x2's dtype: the C++ kernel up to
     `bf16_kernel_max_rows()` rows, XLA's dot in x2's dtype on the untiled matrix above (and
     off the CPU), as `linear` computes an untiled bf16 projection."""
@@ -140,7 +140,8 @@ def _tiled_bf16_matmul(x2, t: TiledF32Array, force_xla: bool):
     def xla(x):
         return jnp.matmul(x, untile(t).astype(x.dtype))
 
-    if 0 < rows <= bf16_kernel_max_rows() and not force_xla and supports(k, n, 1, 16):
+    max_rows = sys.maxsize if batch_invariant else bf16_kernel_max_rows()
+    if 0 < rows <= max_rows and not force_xla and supports(k, n, 1, 16):
         if available(16):
 
             def kernel(x):
@@ -150,19 +151,28 @@ def _tiled_bf16_matmul(x2, t: TiledF32Array, force_xla: bool):
     return xla(x2)
 
 
-def tiled_matmul(x, t: TiledF32Array, *, force_xla: bool = False):
+def tiled_matmul(x, t: TiledF32Array, *, force_xla: bool = False, batch_invariant: bool = False):
     """x [..., K] @ the [K, N] matrix of t -> [..., N] in x's dtype. f32 tiles: f32 inside,
     the C++ kernel on the CPU where it is built, XLA's dot on the untiled matrix elsewhere.
     bf16 tiles: the bf16 kernel (f32 accumulation) up to `bf16_kernel_max_rows()` rows,
-    XLA's dot in x's dtype above."""
+    XLA's dot in x's dtype above. batch_invariant: the kernel at every row count (its
+    result per row does not depend on the other rows; XLA's dot promises no such thing),
+    and a RuntimeError where the kernel cannot run."""
+    if batch_invariant and force_xla:
+        raise ValueError("tiled_matmul: batch_invariant=True needs the kernel (force_xla=False)")
     k, n = t.stored_shape
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features but the tiled matrix expects K={k}")
     lead = x.shape[:-1]
     rows = math.prod(lead)
     if t.values.dtype == jnp.bfloat16:
-        return _tiled_bf16_matmul(x.reshape(rows, k), t, force_xla).reshape(*lead, n)
+        if batch_invariant:
+            _require(16)
+        y = _tiled_bf16_matmul(x.reshape(rows, k), t, force_xla, batch_invariant)
+        return y.reshape(*lead, n)
     x2 = x.reshape(rows, k).astype(jnp.float32)
+    if batch_invariant:
+        _require(32)
     if rows > 0 and not force_xla and supports(k, n, 1, 32) and available(32):
         y = jax.lax.platform_dependent(
             x2,

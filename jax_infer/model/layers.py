@@ -9,7 +9,9 @@ the stored `QuantizedArray` into one); each seam hands it to `jax_infer.quant`, 
 the formulation. An f32 projection in the CPU kernel's column tiles (`TiledF32Array`, see
 jax_infer/cpu/layout.py) arrives as a `TiledF32View` and goes to `tiled_matmul`; it is only
 ever a projection (`tile_f32_params` leaves the embedding alone). Float params take exactly
-the code path they always did.
+the code path they always did, except under `batch_invariant=True` (model/invariant.py):
+then a tiled product takes the kernel at every row count, an untiled float matrix
+`fixed_order_matmul`, and a quantized one is an error (the engine refuses it up front).
 """
 
 from __future__ import annotations
@@ -18,27 +20,37 @@ import jax.numpy as jnp
 
 from jax_infer.cpu.layout import as_tiled
 from jax_infer.cpu.matmul import tiled_matmul
+from jax_infer.model.invariant import fixed_order_matmul
 from jax_infer.quant.arrays import as_quantized
 from jax_infer.quant.matmul import quantized_matmul, quantized_take
 
 
-def linear(x, w):
-    """x [..., in] @ w [in, out] in the activation dtype."""
+def linear(x, w, *, batch_invariant: bool = False):
+    """x [..., in] @ w [in, out] in the activation dtype. batch_invariant: each row's result
+    independent of the other rows (see the module docstring)."""
     t = as_tiled(w)
     if t is not None:
-        return tiled_matmul(x, t)
+        return tiled_matmul(x, t, batch_invariant=batch_invariant)
     q = as_quantized(w)
     if q is not None:
+        if batch_invariant:
+            raise ValueError(
+                "batch_invariant=True does not take quantized weights (quantization=None)"
+            )
         return quantized_matmul(x, q)
+    if batch_invariant:
+        return fixed_order_matmul(x, w)
     return jnp.matmul(x, w.astype(x.dtype))
 
 
-def linear_transposed(x, w):
+def linear_transposed(x, w, *, batch_invariant: bool = False):
     """x [..., D] against w [V, D] (a tied embedding used as the LM head) -> [..., V]."""
     q = as_quantized(w)
     if q is not None:
         # A quantized embedding is stored as the head [D, V]: the product is a plain linear.
-        return quantized_matmul(x, q)
+        return linear(x, q, batch_invariant=batch_invariant)
+    if batch_invariant:
+        return fixed_order_matmul(x, w.T)
     return jnp.einsum("...d,vd->...v", x, w.astype(x.dtype))
 
 

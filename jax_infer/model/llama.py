@@ -54,16 +54,23 @@ import numpy as np
 
 from jax_infer.config import ModelConfig, rope_frequencies
 from jax_infer.cpu import attention as cpu_attention
+from jax_infer.model import layers
 from jax_infer.model.cache import init_cache
+from jax_infer.model.invariant import fixed_order_sum
 from jax_infer.model.layers import embed_lookup, linear, linear_transposed
 
 
-def rms_norm(x, scale, eps: float, offset: float = 0.0):
+def rms_norm(x, scale, eps: float, offset: float = 0.0, fixed_order: bool = False):
     """RMSNorm computed in f32 and cast back, as HF does, so bf16 matches HF's rounding:
-    Llama casts before the scale, Gemma (offset 1: scale by 1 + w) after it."""
+    Llama casts before the scale, Gemma (offset 1: scale by 1 + w) after it. fixed_order:
+    the mean of squares by `fixed_order_sum` (batch-invariant mode)."""
     dtype = x.dtype
     xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if fixed_order:
+        mean_sq = fixed_order_sum(xf, squares=True) / np.float32(x.shape[-1])
+    else:
+        mean_sq = jnp.mean(xf * xf, axis=-1, keepdims=True)
+    xf = xf * jax.lax.rsqrt(mean_sq + eps)
     if offset:
         return (xf * (offset + scale.astype(jnp.float32))).astype(dtype)
     return scale.astype(dtype) * xf.astype(dtype)
@@ -205,6 +212,7 @@ def native_contiguous_attend(q, cache_k, cache_v, positions, kv_valid_len, *, sl
 class DecoderLayer(nn.Module):
     config: ModelConfig
     dtype: Any = jnp.float32
+    batch_invariant: bool = False  # model/invariant.py
 
     @nn.compact
     def __call__(self, x, positions, inv_freq, layer_cache, attend_fn, window=None):
@@ -234,9 +242,13 @@ class DecoderLayer(nn.Module):
             p["post_attn_norm"] = self.param("post_attn_norm", norm_init, (d,))
             p["post_mlp_norm"] = self.param("post_mlp_norm", norm_init, (d,))
         b, t, _ = x.shape
+        bi = self.batch_invariant
 
         def norm(value, name):
-            return rms_norm(value, p[name], c.rms_norm_eps, c.norm_offset)
+            return rms_norm(value, p[name], c.rms_norm_eps, c.norm_offset, fixed_order=bi)
+
+        def linear(value, w):
+            return layers.linear(value, w, batch_invariant=bi)
 
         y = norm(x, "attn_norm")
         q, k, v = linear(y, p["wq"]), linear(y, p["wk"]), linear(y, p["wv"])
@@ -281,6 +293,7 @@ class Llama(nn.Module):
 
     config: ModelConfig
     dtype: Any = jnp.float32
+    batch_invariant: bool = False  # model/invariant.py
 
     @nn.compact
     def __call__(
@@ -301,7 +314,7 @@ class Llama(nn.Module):
         local_freq = jnp.asarray(rope_frequencies(c, local=True)) if c.rope_local_theta else None
         new_cache = []
         for i, (window, local) in enumerate(zip(c.layer_windows, c.layer_rope_local)):
-            x, layer_cache = DecoderLayer(c, self.dtype, name=f"layers_{i}")(
+            x, layer_cache = DecoderLayer(c, self.dtype, self.batch_invariant, name=f"layers_{i}")(
                 x, positions, local_freq if local else inv_freq, cache[i], attend_fn, window
             )
             new_cache.append(layer_cache)
@@ -309,16 +322,17 @@ class Llama(nn.Module):
         final_norm = self.param("final_norm", norm_init, (c.hidden_size,))
         if logits_index is not None:
             x = jnp.take_along_axis(x, logits_index[:, :, None], axis=1)
-        x = rms_norm(x, final_norm, c.rms_norm_eps, c.norm_offset)
+        bi = self.batch_invariant
+        x = rms_norm(x, final_norm, c.rms_norm_eps, c.norm_offset, fixed_order=bi)
         # A tied model may still carry an [D, V] copy of the embedding as "lm_head"
         # (`untie_lm_head`): x @ W reads it faster on CPU than x against the [V, D] table.
         if c.tie_word_embeddings and not self.has_variable("params", "lm_head"):
-            logits = linear_transposed(x, embed)
+            logits = linear_transposed(x, embed, batch_invariant=bi)
         else:
             head = self.param(
                 "lm_head", nn.initializers.normal(0.02), (c.hidden_size, c.vocab_size)
             )
-            logits = linear(x, head)
+            logits = linear(x, head, batch_invariant=bi)
         return softcap(logits.astype(jnp.float32), c.final_logit_softcapping), new_cache
 
 

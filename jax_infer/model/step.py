@@ -73,17 +73,29 @@ def forward(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("config", "dtype", "backend"),
+    static_argnames=("config", "dtype", "backend", "batch_invariant"),
     donate_argnames=("cache",),
 )
-def paged_forward(params, tokens, meta, cache, *, config: ModelConfig, dtype, backend: str):
+def paged_forward(
+    params,
+    tokens,
+    meta,
+    cache,
+    *,
+    config: ModelConfig,
+    dtype,
+    backend: str,
+    batch_invariant: bool = False,
+):
     """One ragged step over the page pool: tokens i32[T] laid out by
     `attention.build_metadata`. Returns (logits f32[S, V] at each sequence row's last token,
     or f32[S, R, V] at its last R tokens when meta.logits_index is i32[S, R]; cache).
 
     meta may be a tuple, one AttentionMetadata per page group of
-    `page_group_windows(config)` (sliding-window layers in pools of their own)."""
-    model = Llama(config, dtype)
+    `page_group_windows(config)` (sliding-window layers in pools of their own).
+    batch_invariant: each row's logits independent of the other rows and of the chunking
+    (model/invariant.py; the caller checks the setup with `check_batch_invariant`)."""
+    model = Llama(config, dtype, batch_invariant)
     grouped = not isinstance(meta, AttentionMetadata)
     groups = page_group_windows(config) if grouped else (None,)
     attend_fn = paged_attend_fn(meta, backend, groups)
