@@ -11,8 +11,9 @@
 // is f32, one multiply-add chain over k = 0..K-1 per output whatever M is.
 //
 // Built for AVX-512 (6 rows x 4 vectors of accumulators) and for AVX2 + FMA (1 row x 8
-// vectors): the vector width comes from common.h. Large row counts (prefill) go to XLA's bf16
-// dot instead (jax_infer/cpu/matmul.py picks by rows), which uses AVX512-BF16 / AMX there.
+// vectors): the vector width comes from common.h. With AVX512-BF16, bf16 activations (the
+// model's in dtype="bfloat16") go to the VDPBF16PS kernel below instead, at every row count;
+// with AMX, large row counts go to XLA's bf16 dot (jax_infer/cpu/matmul.py picks).
 
 #include <algorithm>
 #include <cstdint>
