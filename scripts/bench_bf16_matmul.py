@@ -1,4 +1,5 @@
-"""bf16 weights on the CPU, one projection at a time: the bf16 tiled kernel (matmul_bf16.cc),
+"""bf16 weights on the CPU, one projection at a time: the bf16 tiled kernels (matmul_bf16.cc:
+widening to f32 on f32 activations, and VDPBF16PS on bf16 activations where built),
 XLA's bf16 dot and the f32 path (the f32 tiled kernel where built), over row counts from
 batch-1 decode to prefill, each as GFLOP/s and as a share of this machine's ceiling for its
 dtype (jax_infer/eval/ceiling.py). This is where BF16_KERNEL_MAX_ROWS in
@@ -59,6 +60,9 @@ def main(argv):
             if kernels.available(16):
                 kernel = jax.jit(lambda x, t: kernels.bf16_tiles_matmul(x.astype(jnp.float32), t))
                 paths["bf16 kernel"] = (kernel, (x16, t16.values), "bfloat16")
+            if kernels.bf16_dot_available():
+                dot = jax.jit(kernels.bf16_dot_matmul)
+                paths["bf16 dot kernel"] = (dot, (x16, t16.values), "bfloat16")
             flops = 2.0 * m * k * n
             entry = {"k": k, "n": n, "rows": m}
             for name, (fn, args, dtype) in paths.items():

@@ -99,11 +99,18 @@ def test_params_transform_tiles_bf16_projections():
     assert not isinstance(tiled["layers_0"]["w_odd"], TiledF32Array)
 
 
-# SmolLM2 in bf16 against f32 on English text (the GPL-3), both bf16 paths for the 512-row
-# windows: XLA's bf16 dot (BF16_KERNEL_MAX_ROWS=0) and the kernel (raised past 512). A 1024-token slice in 512-token windows keeps this short on the 2-core CPU.
+# SmolLM2 in bf16 against f32 on English text (the GPL-3), every bf16 path for the 512-row
+# windows. A 1024-token slice in 512-token windows keeps this short on the 2-core CPU.
 TEXT = "/usr/share/common-licenses/GPL-3"
 SLICE_TOKENS, WINDOW, STRIDE = 1024, 512, 256
 BF16_BOUND = 1.005  # the bound: within 0.5% of f32
+# (name, BF16_KERNEL_MAX_ROWS, BF16_DOT): XLA's bf16 dot, the VDPBF16PS kernel (the widening
+# one where AVX512-BF16 is absent) and the widening kernel.
+PATHS = (
+    ("bfloat16 xla", 0, True),
+    ("bfloat16 dot", 10**9, True),
+    ("bfloat16 widening", 10**9, False),
+)
 
 
 @needs_kernel
@@ -125,13 +132,14 @@ def test_bf16_smollm2_perplexity_stays_close(gguf_path, monkeypatch):
             results[dtype] = perplexity(llm.params, llm.config, ids, **run).perplexity
             continue
         assert llm.params["layers_0"]["w_up"].values.dtype == jnp.bfloat16
-        for name, max_rows in (("bfloat16 xla", 0), ("bfloat16 kernel", 10**9)):
+        for name, max_rows, dot in PATHS:
             monkeypatch.setattr(kernels, "BF16_KERNEL_MAX_ROWS", max_rows)
+            monkeypatch.setattr(kernels, "BF16_DOT", dot)
             jax.clear_caches()  # retrace: the row limit is read when the step is traced
             results[name] = perplexity(llm.params, llm.config, ids, **run).perplexity
     f32 = results["float32"]
     assert 5 < f32 < 50, results
-    for name in ("bfloat16 xla", "bfloat16 kernel"):
+    for name, _, _ in PATHS:
         assert abs(results[name] / f32 - 1) <= BF16_BOUND - 1, results
 
 

@@ -19,6 +19,9 @@ family unavailable and the callers on their XLA formulations, with one warning.
 Environment:
     JAX_INFER_CPU_KERNELS=0     never build or use the C++ kernels (XLA formulations only)
     JAX_INFER_CACHE=dir         where to keep the built library (default ~/.cache/jax_infer)
+    JAX_INFER_CPU_MARCH=arch    the -march of the build (default native: every instruction
+                                set this CPU has); e.g. haswell builds the AVX2 + FMA paths
+                                only, to run (and test) what an AVX2-only machine runs
     CXX=compiler                C++ compiler to use (default c++)
 """
 
@@ -46,7 +49,8 @@ SOURCES = (
     HERE / "matmul_quant.cc",
     HERE / "attention.cc",
 )
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
+MARCH_ENV = "JAX_INFER_CPU_MARCH"
 ENV_SWITCH = "JAX_INFER_CPU_KERNELS"
 
 # Feature bits (common.h): which kernels the built library holds.
@@ -55,6 +59,7 @@ INT4_MATMUL = 2
 F32_TILES_MATMUL = 4
 PAGED_ATTENTION = 8
 BF16_TILES_MATMUL = 16
+BF16_DOT_MATMUL = 32  # bf16 activations x bf16 tiles by VDPBF16PS (AVX512-BF16)
 
 # (library symbol, FFI target name, the family bit it needs); the names are the FFI targets
 # the bindings (matmul.py, attention.py) call.
@@ -64,11 +69,13 @@ F32_TARGET = "jax_infer_f32_tiles_matmul"
 DECODE_TARGET = "jax_infer_paged_decode_attention"
 PREFILL_TARGET = "jax_infer_paged_prefill_attention"
 BF16_TARGET = "jax_infer_bf16_tiles_matmul"
+BF16_DOT_TARGET = "jax_infer_bf16_dot_matmul"
 _TARGETS = (
     ("JaxInferInt8Matvec", INT8_TARGET, INT8_MATMUL),
     ("JaxInferInt4Matvec", INT4_TARGET, INT4_MATMUL),
     ("JaxInferF32TilesMatmul", F32_TARGET, F32_TILES_MATMUL),
     ("JaxInferBf16TilesMatmul", BF16_TARGET, BF16_TILES_MATMUL),
+    ("JaxInferBf16DotMatmul", BF16_DOT_TARGET, BF16_DOT_MATMUL),
     ("JaxInferPagedDecodeAttention", DECODE_TARGET, PAGED_ATTENTION),
     ("JaxInferPagedPrefillAttention", PREFILL_TARGET, PAGED_ATTENTION),
 )
@@ -152,9 +159,19 @@ def enabled() -> bool:
     return os.environ.get(ENV_SWITCH, "1") != "0"
 
 
+def march() -> str:
+    """The -march the library is built for: native unless JAX_INFER_CPU_MARCH names another
+    (only ever one this CPU can run: the library is loaded here)."""
+    return os.environ.get(MARCH_ENV, "native")
+
+
+def _flags() -> tuple[str, ...]:
+    return (*FLAGS, f"-march={march()}")
+
+
 def _cache_key(cxx: list[str], version: str) -> str:
     parts = [p.read_text() for p in (HEADER, *SOURCES)]
-    parts += [" ".join(cxx), version, " ".join(FLAGS), " ".join(sorted(cpu_features().flags))]
+    parts += [" ".join(cxx), version, " ".join(_flags()), " ".join(sorted(cpu_features().flags))]
     parts += [platform.machine(), jax.__version__]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
@@ -170,7 +187,7 @@ def build(cache_dir: Path) -> Path:
     # Build to a temporary name and rename: concurrent processes never load a partial file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir)
     os.close(fd)
-    cmd = [*cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", tmp]
+    cmd = [*cxx, *_flags(), f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", tmp]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         os.unlink(tmp)
@@ -182,7 +199,8 @@ def build(cache_dir: Path) -> Path:
 @functools.cache
 def features() -> int:
     """Bits of the kernel families built and registered here (done once per process):
-    INT8_MATMUL | INT4_MATMUL | F32_TILES_MATMUL | PAGED_ATTENTION | BF16_TILES_MATMUL; 0 when none are (switched
+    INT8_MATMUL | INT4_MATMUL | F32_TILES_MATMUL | PAGED_ATTENTION | BF16_TILES_MATMUL |
+    BF16_DOT_MATMUL; 0 when none are (switched
     off, no AVX2+FMA, or the build failed)."""
     if not enabled():
         return 0

@@ -33,6 +33,9 @@ namespace ffi = xla::ffi;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define JAX_INFER_VNNI 1  // integer dot products: int8 by VPDPBUSD, and the int4 kernel
 #endif
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define JAX_INFER_DPBF16 1  // bf16 pair dot products (VDPBF16PS): bf16 x bf16 tiles
+#endif
 
 namespace jax_infer {
 
@@ -43,6 +46,7 @@ constexpr int kInt4MatmulBit = 2;      // needs JAX_INFER_VNNI
 constexpr int kF32TilesMatmulBit = 4;  // needs JAX_INFER_F32_TILES
 constexpr int kPagedAttentionBit = 8;
 constexpr int kBf16TilesMatmulBit = 16;  // AVX2 + FMA or AVX-512 (matmul_bf16.cc)
+constexpr int kBf16DotMatmulBit = 32;    // needs JAX_INFER_DPBF16 (matmul_bf16.cc)
 
 // One vector of floats, and loads that widen 8-bit integers into it. Written with intrinsics:
 // GCC 12 scalarizes __builtin_convertvector from 8-bit to float lanes.

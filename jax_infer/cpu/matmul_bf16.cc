@@ -11,8 +11,9 @@
 // is f32, one multiply-add chain over k = 0..K-1 per output whatever M is.
 //
 // Built for AVX-512 (6 rows x 4 vectors of accumulators) and for AVX2 + FMA (1 row x 8
-// vectors): the vector width comes from common.h. Large row counts (prefill) go to XLA's bf16
-// dot instead (jax_infer/cpu/matmul.py picks by rows), which uses AVX512-BF16 / AMX there.
+// vectors): the vector width comes from common.h. With AVX512-BF16, bf16 activations (the
+// model's in dtype="bfloat16") go to the VDPBF16PS kernel below instead, at every row count;
+// with AMX, large row counts go to XLA's bf16 dot (jax_infer/cpu/matmul.py picks).
 
 #include <algorithm>
 #include <cstdint>
@@ -97,14 +98,144 @@ ffi::Error Bf16TilesMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> t
   return ffi::Error::Success();
 }
 
+#if defined(JAX_INFER_DPBF16)
+// bf16 activations times the same bf16 tiles by VDPBF16PS (AVX512-BF16): each instruction
+// multiplies 16 pairs of bf16 and adds both products to 16 f32 lanes, twice the products of
+// an f32 FMA and no widening. It wants the two k of a pair side by side in a 32-bit lane,
+// while a tile row holds 64 columns of one k: rows k and k+1 are interleaved in registers
+// (vpunpckl/hwd, within 128-bit lanes), so the accumulators hold the columns permuted
+// (lo: 0-3, 8-11, 16-19, 24-27; hi: 4-7, 12-15, ...) and are put back in order on store. The
+// stored layout is the one every other bf16 path reads; x is bf16 already (the model's
+// activations in dtype="bfloat16"), so nothing is rounded that was not, and the accumulation
+// is f32 as in the widening kernel (a pair's two products are added before the accumulator).
+
+// Rows k and k+1 of 32 columns -> (lo, hi) pair vectors.
+inline void pair_rows(const uint16_t* w0, const uint16_t* w1, __m512bh* lo, __m512bh* hi) {
+  const __m512i a = _mm512_loadu_si512(w0), b = _mm512_loadu_si512(w1);
+  *lo = (__m512bh)_mm512_unpacklo_epi16(a, b);
+  *hi = (__m512bh)_mm512_unpackhi_epi16(a, b);
+}
+
+inline __m512bh bcast_pair(const uint16_t* x) {
+  uint32_t v;
+  __builtin_memcpy(&v, x, 4);
+  return (__m512bh)_mm512_set1_epi32((int)v);
+}
+
+// lo/hi accumulators of 32 columns -> columns in order at y[0..31].
+inline void store_pairs(float* y, __m512 lo, __m512 hi) {
+  // 128-bit groups: lo = G0 G2 G4 G6, hi = G1 G3 G5 G7 (Gi = columns 4i..4i+3).
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second =
+      _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  _mm512_storeu_ps(y, _mm512_permutex2var_ps(lo, first, hi));
+  _mm512_storeu_ps(y + 16, _mm512_permutex2var_ps(lo, second, hi));
+}
+
+constexpr int64_t kDpRows = 6;  // rows per register block: 6 x 4 accumulators
+constexpr int64_t kPrefetch = 16 * kTile;  // bf16 values ahead (8 pairs of rows, 2 KiB)
+
+template <int R>
+inline void dp_block(const uint16_t* x, const uint16_t* tile, float* y, int64_t K, int64_t N,
+                     int64_t n0, int64_t m0) {
+  __m512 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+  const uint16_t* xr = x + m0 * K;
+  int64_t k = 0;
+  for (; k + 2 <= K; k += 2) {
+    const uint16_t* w = tile + k * kTile;
+    if (R <= 2) {  // few rows: bound by reading the tile, so ask for it ahead
+      for (int l = 0; l < 4; ++l) _mm_prefetch((const char*)(w + kPrefetch + 32 * l), _MM_HINT_T0);
+    }
+    __m512bh wv[4];
+    pair_rows(w, w + kTile, &wv[0], &wv[1]);
+    pair_rows(w + 32, w + kTile + 32, &wv[2], &wv[3]);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh a = bcast_pair(xr + r * K + k);
+      for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], a, wv[j]);
+    }
+  }
+  if (k < K) {  // odd K: the last row paired with zeros
+    const uint16_t* w = tile + k * kTile;
+    const __m512i z = _mm512_setzero_si512();
+    __m512bh wv[4];
+    const __m512i a0 = _mm512_loadu_si512(w), a1 = _mm512_loadu_si512(w + 32);
+    wv[0] = (__m512bh)_mm512_unpacklo_epi16(a0, z);
+    wv[1] = (__m512bh)_mm512_unpackhi_epi16(a0, z);
+    wv[2] = (__m512bh)_mm512_unpacklo_epi16(a1, z);
+    wv[3] = (__m512bh)_mm512_unpackhi_epi16(a1, z);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32((int)xr[r * K + k]);
+      for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], a, wv[j]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float* yr = y + (m0 + r) * N + n0;
+    store_pairs(yr, acc[r][0], acc[r][1]);
+    store_pairs(yr + 32, acc[r][2], acc[r][3]);
+  }
+}
+
+void dp_rows(const uint16_t* x, const uint16_t* tile, float* y, int64_t K, int64_t N, int64_t n0,
+             int64_t m0, int64_t m1) {
+  int64_t m = m0;
+  for (; m + kDpRows <= m1; m += kDpRows) dp_block<kDpRows>(x, tile, y, K, N, n0, m);
+  switch (m1 - m) {
+    case 5: dp_block<5>(x, tile, y, K, N, n0, m); break;
+    case 4: dp_block<4>(x, tile, y, K, N, n0, m); break;
+    case 3: dp_block<3>(x, tile, y, K, N, n0, m); break;
+    case 2: dp_block<2>(x, tile, y, K, N, n0, m); break;
+    case 1: dp_block<1>(x, tile, y, K, N, n0, m); break;
+    default: break;
+  }
+}
+
+ffi::Error Bf16DpMatmulImpl(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> tiles,
+                            ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions();
+  const auto td = tiles.dimensions();
+  if (xd.size() != 2 || td.size() != 3 || td[2] != kTile || xd[1] != td[1])
+    return ffi::Error::InvalidArgument("bf16 dot matmul: expected x[M,K], tiles[N/64,K,64]");
+  const int64_t M = xd[0], K = xd[1], T = td[0], N = T * kTile;
+  if (M <= 0) return ffi::Error::Success();
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.untyped_data());
+  const uint16_t* tp = reinterpret_cast<const uint16_t*>(tiles.untyped_data());
+  float* yp = y->typed_data();
+  const int64_t blocks = (M + kDpRows - 1) / kDpRows;
+  const int64_t slices = std::min<int64_t>(blocks, std::max<int64_t>(1, (16 + T - 1) / T));
+  const int64_t per = (blocks + slices - 1) / slices * kDpRows;
+  parallel_tiles(T * slices, [=](int64_t task) {
+    const int64_t t = task / slices, m0 = (task % slices) * per;
+    if (m0 < M) dp_rows(xp, tp + t * K * kTile, yp, K, N, t * kTile, m0, std::min(M, m0 + per));
+  });
+  return ffi::Error::Success();
+}
+#endif  // JAX_INFER_DPBF16
+
 }  // namespace
 }  // namespace jax_infer
 
 // kBf16TilesMatmulBit: the bf16 tiled matmul exists (AVX2 + FMA or AVX-512).
-extern "C" int JaxInferBf16MatmulFeatures() { return jax_infer::kBf16TilesMatmulBit; }
+// kBf16DotMatmulBit too where VDPBF16PS is built (AVX512-BF16).
+extern "C" int JaxInferBf16MatmulFeatures() {
+#if defined(JAX_INFER_DPBF16)
+  return jax_infer::kBf16TilesMatmulBit | jax_infer::kBf16DotMatmulBit;
+#else
+  return jax_infer::kBf16TilesMatmulBit;
+#endif
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxInferBf16TilesMatmul, jax_infer::Bf16TilesMatmulImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+#if defined(JAX_INFER_DPBF16)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxInferBf16DotMatmul, jax_infer::Bf16DpMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+#endif

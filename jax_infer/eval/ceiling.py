@@ -65,8 +65,9 @@ class Ceiling:
 
 def matmul_gflops(dtype: str, m: int, k: int = 2048, n: int = 2048, repeats: int = 5) -> float:
     """Best GFLOP/s (GOP/s for int8) of [m, k] @ [k, n] in `dtype`: the faster of XLA's dot and,
-    for float32 and bfloat16 where built, the C++ kernel on the column-tiled matrix (the path
-    the model's projections take on the CPU)."""
+    for float32 and bfloat16 where built, the C++ kernels on the column-tiled matrix (the paths
+    the model's projections take on the CPU; bfloat16: the widening kernel and, with
+    AVX512-BF16, the VDPBF16PS one)."""
     key = jax.random.key(0)
     if dtype == "int8":
         a = jax.random.randint(key, (m, k), -127, 128, jnp.int8)
@@ -84,6 +85,9 @@ def matmul_gflops(dtype: str, m: int, k: int = 2048, n: int = 2048, repeats: int
         tiles = tile_f32(b).values
         kernel = cpu_matmul.f32_tiles_matmul if bits == 32 else cpu_matmul.bf16_tiles_matmul
         candidates.append((jax.jit(lambda x, t: kernel(x.astype(jnp.float32), t)), (a, tiles)))
+        if bits == 16 and cpu_matmul.bf16_dot_available():
+            # bf16 activations (the model's in dtype="bfloat16"): VDPBF16PS where built.
+            candidates.append((jax.jit(cpu_matmul.bf16_dot_matmul), (a, tiles)))
     best = float("inf")
     for fn, args in candidates:
         fn(*args).block_until_ready()
