@@ -67,8 +67,9 @@ class Channel:
     """Messages from process 0 to every other process, in order, through the key-value store
     of `jax.distributed` (the coordinator's, reachable by every process)."""
 
-    def __init__(self, name: str = "serve", client=None):
+    def __init__(self, name: str = "serve", client=None, poll_ms: int = POLL_MS):
         self.client = client or _client()
+        self.poll_ms = poll_ms
         self.prefix = f"{KEY_PREFIX}/{name}"
         self.num_processes = jax.process_count()
         self.process = jax.process_index()
@@ -85,7 +86,7 @@ class Channel:
         key = self.key(n, self.process)
         while True:
             try:
-                payload = self.client.blocking_key_value_get_bytes(key, POLL_MS)
+                payload = self.client.blocking_key_value_get_bytes(key, self.poll_ms)
             except Exception as e:  # jax raises its runtime error; only a timeout retries
                 if "DEADLINE_EXCEEDED" not in str(e) and "timed out" not in str(e).lower():
                     raise

@@ -151,6 +151,7 @@ def _leading(make_engine, leader: list, server: Callable[[], _Server]):
 def _follow(make_engine) -> int:
     """A follower: no HTTP, no output; the engine replays process 0's steps until it stops."""
     lockstep.ignore_sigterm_while_following()
+    logging.getLogger("jax_infer").setLevel(logging.WARNING)  # process 0 says it all
     engine = make_engine()
     try:
         stats = lockstep.follow(engine)
