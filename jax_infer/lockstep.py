@@ -81,8 +81,14 @@ class Channel:
         for follower in range(1, self.num_processes):
             self.client.key_value_set_bytes(self.key(n, follower), payload)
 
+    def abort(self, reason: str) -> None:
+        """Process 0 goes away without a stop message in order (its server failed before its
+        engine was up): the followers raise LockstepError with `reason` when next idle."""
+        self.client.key_value_set_bytes(f"{self.prefix}/abort", reason.encode())
+
     def receive(self, n: int, should_stop=lambda: False) -> bytes | None:
-        """Message n for this process (blocking); None if should_stop() turns true first."""
+        """Message n for this process (blocking); None if should_stop() turns true first.
+        LockstepError once process 0 aborted (`abort`)."""
         key = self.key(n, self.process)
         while True:
             try:
@@ -92,7 +98,11 @@ class Channel:
                     raise
                 if should_stop():
                     return None
-                continue
+                try:
+                    reason = self.client.key_value_try_get_bytes(f"{self.prefix}/abort")
+                except Exception:  # NOT_FOUND: no abort
+                    continue
+                raise LockstepError(f"process 0 stopped: {reason.decode()}") from None
             self.client.key_value_delete(key)
             return payload
 
@@ -117,7 +127,7 @@ class LeaderEngine:
 
     def __init__(self, engine, channel: Channel | None = None):
         self.engine = engine
-        self.channel = channel or Channel()
+        self.channel = channel if channel is not None else Channel()
         self._lock = threading.Lock()  # the calls and their order, against a concurrent stop
         self._calls: list[tuple] = []
         self._n = 0

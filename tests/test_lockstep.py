@@ -36,6 +36,12 @@ class FakeStore:
                 raise RuntimeError(f"DEADLINE_EXCEEDED: {key}")
             return self.values[key]
 
+    def key_value_try_get_bytes(self, key):
+        with self.cond:
+            if key not in self.values:
+                raise RuntimeError(f"NOT_FOUND: {key}")
+            return self.values[key]
+
     def key_value_delete(self, key):
         with self.cond:
             del self.values[key]
@@ -149,6 +155,13 @@ def test_an_idle_follower_polls_until_told_to_stop():
     ch = channel(store, 1)
     assert ch.receive(0, should_stop) is None
     assert len(calls) == 2
+
+
+def test_an_idle_follower_stops_when_process_0_aborts():
+    store = FakeStore()
+    channel(store, 0).abort("address already in use")
+    with pytest.raises(lockstep.LockstepError, match="process 0 stopped: address already in use"):
+        channel(store, 1).receive(0)
 
 
 def test_a_channel_needs_jax_distributed():

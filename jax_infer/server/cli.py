@@ -113,32 +113,41 @@ def run_server(
     make_engine = with_test_faults(make_engine)
     if jax.process_count() > 1 and jax.process_index() != 0:
         return _follow(make_engine)
-    leader = []
+    leader, channel = [], None
     if jax.process_count() > 1:
-        make_engine = _leading(make_engine, leader, lambda: server)
+        channel = lockstep.Channel()
+        make_engine = _leading(make_engine, channel, leader, lambda: server)
     front = AsyncEngine(make_engine, max_waiting_requests=max_waiting_requests)
     app = build_app(front, config)
     uv_config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5
     )
     server = _Server(uv_config, front, shutdown_timeout)
-    server.run()
-    if jax.process_count() == 1:
+    if channel is None:
+        server.run()
         return 0
-    if not leader:  # the engine never came up: the followers wait for it, stop the job
-        return 1
-    dead = front.state == DEAD
-    leader[0].stop(front.error if dead else None)
-    return 1 if dead else 0
+    clean = False
+    try:
+        server.run()
+        clean = front.state != DEAD and bool(leader)
+    finally:
+        # Whatever ended the server (a drain, a dead engine, a port in use), the followers
+        # must not wait for steps that will never come.
+        error = None if clean else (front.error or "process 0's server stopped")
+        if leader:
+            leader[0].stop(error)
+        else:
+            channel.abort(f"{error} before its engine was ready")
+    return 0 if clean else 1
 
 
-def _leading(make_engine, leader: list, server: Callable[[], _Server]):
+def _leading(make_engine, channel, leader: list, server: Callable[[], _Server]):
     """Process 0's make_engine: the engine wrapped in a LeaderEngine (kept in `leader`); a
     failed build stops the server, so the launcher sees process 0 exit and stops the job."""
 
     def make():
         try:
-            engine = lockstep.LeaderEngine(make_engine())
+            engine = lockstep.LeaderEngine(make_engine(), channel)
         except BaseException:
             server().should_exit = True
             raise
