@@ -109,7 +109,8 @@ def run_server(
     In a multi-process job (jax.distributed started, `jax.process_count() > 1`) every
     process calls this: process 0 serves HTTP over a `lockstep.LeaderEngine`, the others
     build the same engine and replay its steps (`lockstep.follow`), serving nothing. Returns
-    the exit status: 0, or 1 when process 0 could not build its engine (the job must stop)."""
+    the exit status: 0, or (several processes) 1 when process 0's engine never came up or
+    died, so the launcher stops the job."""
     make_engine = with_test_faults(make_engine)
     if jax.process_count() > 1 and jax.process_index() != 0:
         return _follow(make_engine)
