@@ -105,6 +105,9 @@ def job(tmp_path_factory):
 
 
 def client(job) -> openai.OpenAI:
+    if job["proc"].poll() is not None:
+        lines = [x for x in job["log"].read_text().splitlines() if "[Gloo]" not in x]
+        pytest.fail(f"the job exited with {job['proc'].returncode}:\n" + "\n".join(lines[-60:]))
     return openai.OpenAI(base_url=job["url"] + "/v1", api_key="none", max_retries=0, timeout=600)
 
 
