@@ -6,8 +6,13 @@ jax-infer serve --port 8000          # the same, through the console entry point
 python scripts/serve.py --config=configs/cpu_smollm2_f32.py --config.engine.max_num_seqs=8
 
 Model and engine flags are the shared groups of scripts/shared_flags.py; a --config also
-gives the mesh and speculative decoding. The API key may
+gives the mesh (as do --mesh_data, --mesh_model) and speculative decoding. The API key may
 also come from the environment (JAX_INFER_API_KEY); /v1/* then need `Authorization: Bearer`.
+
+Several processes (one engine over all their devices; process 0 serves, the others follow
+its steps, see jax_infer/lockstep.py):
+python scripts/launch_local.py --num_processes 2 --devices_per_process 4 -- \
+    scripts/serve.py --mesh_data=1 --mesh_model=8 --port 8000
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ shared_flags.define_engine_flags()
 # A server compiles every step bucket before it reports healthy (--noprecompile: on first use).
 FLAGS.set_default("precompile", True)
 shared_flags.define_config_flags()
+shared_flags.define_mesh_flags()
 flags.adopt_module_key_flags(shared_flags)
 flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0 for every interface).")
 flags.DEFINE_integer("port", 8000, "Port to listen on.")
@@ -69,7 +75,7 @@ def main(argv):
     def make_engine():
         return LLM(**kwargs).engine
 
-    run_server(
+    return run_server(
         make_engine,
         config,
         host=FLAGS.host,

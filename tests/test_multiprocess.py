@@ -134,7 +134,48 @@ def worker_hang(tmp: Path) -> None:
     time.sleep(600)
 
 
-WORKERS = {"llm": worker_llm, "hang": worker_hang}
+QUANT_SCHEMES = ("int8", "int4-g8")
+QUANT_LEAVES = ("layers_0/wo", "layers_0/w_down", "layers_0/w_up")
+# model=8 spans both processes, so a split array is half on each; F=512 splits by 8 in
+# both formats' tile layouts (the default F=112 does not).
+QUANT_MESH, QUANT_FFN = (1, 8), 512
+
+
+def worker_quant(tmp: Path) -> None:
+    """Restores the quantized orbax checkpoints on a 1x8 mesh and reports, per stored array,
+    the spec, this process's shards, and whether each shard equals the slice of the array
+    the single process saved (tmp/{scheme}.npz)."""
+    from jax_infer.distributed import initialize_distributed
+
+    initialize_distributed()
+    import jax
+
+    from jax_infer import sharding
+    from jax_infer.quant.transform import split_quantized
+    from jax_infer.weights import load_orbax
+
+    mesh = sharding.make_mesh(*QUANT_MESH)
+    report = {}
+    for scheme in QUANT_SCHEMES:
+        _, params, meta = load_orbax(str(tmp / f"orbax-{scheme}"), progress=False, mesh=mesh)
+        saved = np.load(tmp / f"{scheme}.npz")
+        for leaf in QUANT_LEAVES:
+            layer, name = leaf.split("/")
+            q = params[layer][name]
+            for field in split_quantized({"x": q})[0]["x"]:
+                array = getattr(q, field)
+                entry = local_shards(array)
+                entry["spec"] = str(array.sharding.spec)
+                whole = saved[f"{leaf}/{field}"]
+                entry["equal"] = all(
+                    np.array_equal(np.asarray(sh.data), whole[sh.index])
+                    for sh in array.addressable_shards
+                )
+                report[f"{scheme}:{leaf}/{field}"] = entry
+    (tmp / f"q{jax.process_index()}.json").write_text(json.dumps(report))
+
+
+WORKERS = {"llm": worker_llm, "hang": worker_hang, "quant": worker_quant}
 
 
 # == the tests ===========================================================================
@@ -289,6 +330,55 @@ def test_each_process_holds_only_its_shards(job, name):
             assert len(mine | theirs) == total, weight
         else:
             assert mine == theirs, weight
+
+
+def test_quantized_orbax_restores_each_processs_shards(tmp_path):
+    """int8 and int4 checkpoints restore straight into the shardings `shard_params` gives
+    the quantized params: a split array is never whole on a process (each holds, and reads,
+    its half), each shard equals the saved array's slice."""
+    import jax
+
+    from jax_infer import LLM, sharding
+    from jax_infer.quant.transform import split_quantized
+    from tests.tiny_models import make_hf_model
+
+    make_hf_model("llama", tmp_path / "llama", vocab_size=VOCAB, intermediate_size=QUANT_FFN)
+    write_tokenizer(tmp_path / "llama", VOCAB)
+    specs = {}
+    for scheme in QUANT_SCHEMES:
+        llm = LLM(str(tmp_path / "llama"), quantization=scheme, **KW)
+        llm.save(str(tmp_path / f"orbax-{scheme}"))
+        params = llm.canonical_params()
+        plain, _ = split_quantized(params)
+        flat = {
+            sharding.path_str(kp): np.asarray(v)
+            for kp, v in jax.tree_util.tree_leaves_with_path(plain)
+        }
+        np.savez(tmp_path / f"{scheme}.npz", **flat)
+        want = sharding.param_specs(params, llm.config, dict(zip(("data", "model"), QUANT_MESH)))
+        for leaf in QUANT_LEAVES:
+            layer, name = leaf.split("/")
+            q = want[layer][name]
+            for field in split_quantized({"x": params[layer][name]})[0]["x"]:
+                specs[f"{scheme}:{leaf}/{field}"] = getattr(q, field)
+        del llm
+    code, err = finish(launch("quant", tmp_path), timeout=600)
+    assert code == 0, f"launch_local exited {code}:\n{err[-6000:]}"
+    reports = [json.loads((tmp_path / f"q{i}.json").read_text()) for i in range(NUM_PROCESSES)]
+    split = 0
+    for r in reports:
+        assert set(r) == set(specs)
+        for key, s in r.items():
+            assert s["equal"], key
+            assert s["spec"] == str(specs[key]), key
+            assert s["processes"] == [s["this_process"]], key
+            if "model" in str(specs[key]):  # split over both processes: half is here
+                assert 2 * s["local_bytes"] == s["global_bytes"], key
+                split += 1
+            else:
+                assert s["local_bytes"] == DEVICES_PER_PROCESS * s["global_bytes"], key
+    # Both formats split w_up by columns and w_down by rows (values and group scales).
+    assert split >= 4 * NUM_PROCESSES * len(QUANT_SCHEMES), sorted(specs.items())
 
 
 def test_killed_process_stops_the_job(tmp_path):

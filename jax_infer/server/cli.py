@@ -19,10 +19,12 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import jax
 import uvicorn
 
+from jax_infer import lockstep
 from jax_infer.server.app import ServerConfig, build_app
-from jax_infer.server.async_engine import SHUTTING_DOWN, AsyncEngine
+from jax_infer.server.async_engine import DEAD, SHUTTING_DOWN, AsyncEngine
 
 log = logging.getLogger(__name__)
 
@@ -100,15 +102,73 @@ def run_server(
     max_waiting_requests: int | None = None,
     shutdown_timeout: float = 30.0,
     log_level: str = "info",
-) -> None:
+) -> int:
     """Serve until SIGINT/SIGTERM, then drain for up to `shutdown_timeout` seconds (see
-    `_Server`). make_engine runs on the engine thread: /health answers 503 until it returns."""
-    front = AsyncEngine(with_test_faults(make_engine), max_waiting_requests=max_waiting_requests)
+    `_Server`). make_engine runs on the engine thread: /health answers 503 until it returns.
+
+    In a multi-process job (jax.distributed started, `jax.process_count() > 1`) every
+    process calls this: process 0 serves HTTP over a `lockstep.LeaderEngine`, the others
+    build the same engine and replay its steps (`lockstep.follow`), serving nothing. Returns
+    the exit status: 0, or (several processes) 1 when process 0's engine never came up or
+    died, so the launcher stops the job."""
+    make_engine = with_test_faults(make_engine)
+    if jax.process_count() > 1 and jax.process_index() != 0:
+        return _follow(make_engine)
+    leader, channel = [], None
+    if jax.process_count() > 1:
+        channel = lockstep.Channel()
+        make_engine = _leading(make_engine, channel, leader, lambda: server)
+    front = AsyncEngine(make_engine, max_waiting_requests=max_waiting_requests)
     app = build_app(front, config)
     uv_config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5
     )
-    _Server(uv_config, front, shutdown_timeout).run()
+    server = _Server(uv_config, front, shutdown_timeout)
+    if channel is None:
+        server.run()
+        return 0
+    clean = False
+    try:
+        server.run()
+        clean = front.state != DEAD and bool(leader)
+    finally:
+        # Whatever ended the server (a drain, a dead engine, a port in use), the followers
+        # must not wait for steps that will never come.
+        error = None if clean else (front.error or "process 0's server stopped")
+        if leader:
+            leader[0].stop(error)
+        else:
+            channel.abort(f"{error} before its engine was ready")
+    return 0 if clean else 1
+
+
+def _leading(make_engine, channel, leader: list, server: Callable[[], _Server]):
+    """Process 0's make_engine: the engine wrapped in a LeaderEngine (kept in `leader`); a
+    failed build stops the server, so the launcher sees process 0 exit and stops the job."""
+
+    def make():
+        try:
+            engine = lockstep.LeaderEngine(make_engine(), channel)
+        except BaseException:
+            server().should_exit = True
+            raise
+        leader.append(engine)
+        return engine
+
+    return make
+
+
+def _follow(make_engine) -> int:
+    """A follower: no HTTP, no output; the engine replays process 0's steps until it stops."""
+    lockstep.ignore_sigterm_while_following()
+    logging.getLogger("jax_infer").setLevel(logging.WARNING)  # process 0 says it all
+    engine = make_engine()
+    try:
+        stats = lockstep.follow(engine)
+    except lockstep.LockstepError as e:
+        raise SystemExit(f"process {jax.process_index()}: {e}") from e
+    log.info("process %d followed %d steps", jax.process_index(), stats.steps)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,11 +19,12 @@ import os
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from jax_infer.config import ModelConfig
+from jax_infer.quant.arrays import FORMATS
 from jax_infer.quant.transform import join_quantized, split_quantized
-from jax_infer.sharding import param_sharding, path_str
+from jax_infer.sharding import head_units, param_sharding, path_str, quantized_specs
 from jax_infer.weights.common import WeightsError
 
 META_FILE = "jax_infer.json"
@@ -77,23 +78,51 @@ def read_meta(path: str) -> dict:
 
 
 def restore_target(ckptr, target: str, config: ModelConfig, meta: dict, mesh, rules=None):
-    """Abstract params (shape, dtype, sharding per leaf) that make orbax restore each float
-    leaf straight into its `jax_infer.sharding` sharding: every process reads only the
-    slices its own devices hold. The stored arrays of a quantized matrix (whose tile layout
-    the float rules do not describe) are restored replicated and resharded by the caller."""
+    """Abstract params (shape, dtype, sharding per leaf) that make orbax restore each leaf
+    straight into its `jax_infer.sharding` sharding, so every process reads only the slices
+    its own devices hold: float leaves by `param_sharding`, the stored arrays of a quantized
+    matrix (a dict of them in the checkpoint) by `quantized_specs` of the matrix they
+    rebuild, the same placement `shard_params` gives a quantized model in memory."""
     tree = ckptr.metadata(target).item_metadata
-    quantized = tuple(meta.get("quantized") or ())
-    replicated = NamedSharding(mesh, PartitionSpec())
+    quantized = meta.get("quantized") or {}
+    units = head_units(config)
 
     def abstract(keypath, leaf):
         name = path_str(keypath)
-        if any(name == q or name.startswith(q + "/") for q in quantized):
-            where = replicated
-        else:
-            where = param_sharding(name, leaf.shape, config, mesh, rules)
+        where = param_sharding(name, leaf.shape, config, mesh, rules)
         return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where)
 
-    return jax.tree_util.tree_map_with_path(abstract, dict(tree))
+    def quantized_target(name: str, arrays: dict) -> dict:
+        desc = quantized[name]
+        cls = FORMATS.get(desc.get("bits"))
+        if cls is None:
+            raise WeightsError(f"orbax checkpoint: quantized leaf {name!r} has bits {desc!r}")
+        shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in arrays.items()}
+        try:
+            q = cls(**shapes, shape=tuple(desc["shape"]), transposed=bool(desc["transposed"]))
+        except TypeError as e:
+            raise WeightsError(f"orbax checkpoint: quantized leaf {name!r}: {e}") from e
+        specs = quantized_specs(name, q, mesh.shape, rules, units)
+        return {
+            k: jax.ShapeDtypeStruct(
+                v.shape, v.dtype, sharding=NamedSharding(mesh, getattr(specs, k))
+            )
+            for k, v in shapes.items()
+        }
+
+    def is_quantized(name: str) -> bool:
+        return any(name.startswith(q + "/") for q in quantized)
+
+    target = jax.tree_util.tree_map_with_path(
+        lambda kp, leaf: None if is_quantized(path_str(kp)) else abstract(kp, leaf), dict(tree)
+    )
+    for name in quantized:
+        *parents, last = name.split("/")
+        node, stored = target, tree
+        for key in parents:
+            node, stored = node[key], stored[key]
+        node[last] = quantized_target(name, dict(stored[last]))
+    return target
 
 
 def load_orbax(
