@@ -389,6 +389,30 @@ def picks(rows: list[dict]) -> list[dict]:
     return out
 
 
+def write_result(rows: list[dict], chosen: list[dict], interleaved: dict) -> None:
+    """The JSON, written after every variant too, so a run cut short keeps what it measured."""
+    result = {
+        "models": FLAGS.models,
+        "eval_text": FLAGS.eval_text,
+        "calibration_text": FLAGS.calibration_text,
+        "eval_chars": FLAGS.eval_chars,
+        "window": FLAGS.window,
+        "stride": FLAGS.stride,
+        "prompt_len": FLAGS.prompt_len,
+        "decode_tokens": FLAGS.decode_tokens,
+        "layer_metric": FLAGS.layer_metric,
+        "contiguous": FLAGS.contiguous,
+        "heal_steps": FLAGS.heal_steps,
+        "float_dtype_note": "int8/int4 quantize the layer weights; embedding/head stay f32",
+        "quality_note": "bits_per_byte is comparable across tokenizers; perplexity is not",
+        "rows": rows,
+        "smallest_good_enough": chosen,
+        "interleaved": interleaved,
+        "interleaved_rounds": FLAGS.interleaved_rounds,
+    }
+    report.write_json(FLAGS.json, result)
+
+
 def main(argv):
     del argv
     unknown = [v for v in FLAGS.variants + FLAGS.interleaved if v not in VARIANTS]
@@ -417,6 +441,7 @@ def main(argv):
                 f"decode {r['decode_tokens_per_s']:.1f} t/s ({time.perf_counter() - t0:.0f} s)",
                 flush=True,
             )
+            write_result(rows, [], {})
         ckpt.release()
     if rows:
         lib.print_table(rows)
@@ -441,26 +466,7 @@ def main(argv):
             f"{p['model']}/{p['variant']} ({p['bits_per_byte']:.3f} bits/byte, "
             f"{p['decode_weight_bytes'] / 1e6:.0f} MB read per token)"
         )
-    result = {
-        "models": FLAGS.models,
-        "eval_text": FLAGS.eval_text,
-        "calibration_text": FLAGS.calibration_text,
-        "eval_chars": FLAGS.eval_chars,
-        "window": FLAGS.window,
-        "stride": FLAGS.stride,
-        "prompt_len": FLAGS.prompt_len,
-        "decode_tokens": FLAGS.decode_tokens,
-        "layer_metric": FLAGS.layer_metric,
-        "contiguous": FLAGS.contiguous,
-        "heal_steps": FLAGS.heal_steps,
-        "float_dtype_note": "int8/int4 quantize the layer weights; embedding/head stay f32",
-        "quality_note": "bits_per_byte is comparable across tokenizers; perplexity is not",
-        "rows": rows,
-        "smallest_good_enough": chosen,
-        "interleaved": interleaved,
-        "interleaved_rounds": FLAGS.interleaved_rounds,
-    }
-    report.write_json(FLAGS.json, result)
+    write_result(rows, chosen, interleaved)
     if FLAGS.png and rows:
         lib.draw(rows, FLAGS.png, interleaved, os.path.basename(FLAGS.eval_text))
         print(f"wrote {FLAGS.png}")
