@@ -175,6 +175,8 @@ def main(argv):
         t0 = time.perf_counter()
         result["rows"].append(compare(path, text))
         print(f"{os.path.basename(path)}: {time.perf_counter() - t0:.0f} s", flush=True)
+        print_rows(result["rows"][-1:])
+        report.write_json(FLAGS.json, result)  # after every file: a run cut short keeps it
     result["uptime_after"] = uptime()
     print(result["uptime_after"])
     print_rows(result["rows"])
