@@ -1,14 +1,19 @@
 """Model selection: quality against speed and memory for precision, quantized and pruned
-variants of one model, as a table, JSON and a chart.
+variants of several models (by default both real families: SmolLM2-135M and Gemma-3-270M), as
+one table, JSON and one chart, so the smallest model good enough can be picked.
 
     python scripts/model_report.py --json results/model_report.json \
         --png results/model_report.png --work_dir /tmp/model_report
+    python scripts/model_report.py --models smollm2-135m --variants f32,int8,layers25
 
-For each variant: perplexity on held-out text (--eval_text, default Apache-2.0; pruning and
-healing calibrate on --calibration_text, default GPL-3, never on the evaluation text), batch-1
-prefill and decode tokens/s (`jax_infer.eval.speed`, as scripts/benchmark.py measures them)
-and the weight bytes a decode step reads. Pruned variants are built with `jax_infer.prune`,
-saved as orbax checkpoints under --work_dir (reused when present) and loaded through
+For each model and variant: quality on held-out text (--eval_text, default Apache-2.0;
+pruning and healing calibrate on --calibration_text, default GPL-3, never on the evaluation
+text) as bits per byte, comparable across tokenizers, beside the model's own perplexity
+(`model_report_lib`); batch-1 prefill and decode tokens/s (`jax_infer.eval.speed`, as
+scripts/benchmark.py measures them) and the weight bytes a decode step reads. The report
+names, for a few tolerances, the variant reading the fewest weight bytes whose bits per byte
+are within that tolerance of the best. Pruned variants are built with `jax_infer.prune`,
+saved as orbax checkpoints under --work_dir/<model> (reused when present) and loaded through
 `LLM(model=dir)` like any model.
 
 Variants: f32, bf16, int8, int4 (weights only; embedding and head stay f32), layers25 /
@@ -18,8 +23,9 @@ zero-weight variants wanda24 / magnitude50 (no speed-up on this CPU: dense kerne
 
 Speeds on a shared machine drift with its load: each variant's own measurement is taken at a
 different time, so `--interleaved` variants are also loaded together and measured in
-alternation (`--interleaved_rounds`); their medians and ratios to the first (f32) are the
-figures to compare speeds by, and the chart places those variants at that speed.
+alternation (`--interleaved_rounds`), every model's together; their medians and ratios to the
+first (the first model's f32) are the figures to compare speeds by, and the chart places those
+variants at that speed.
 
 The chart needs matplotlib (`pip install -e ".[report]"`); it is imported only to draw.
 """
@@ -32,6 +38,7 @@ import os
 import time
 
 import jax.numpy as jnp
+import model_report_lib as lib
 import numpy as np
 import report
 import shared_flags
@@ -94,17 +101,17 @@ DEFAULT_VARIANTS = [
 ]
 
 FLAGS = flags.FLAGS
-# Variants choose their own dtype and quantization.
-shared_flags.define_model_flags(dtype=False, quantization=False)
+# Variants choose their own dtype and quantization; --models names the models.
 shared_flags.define_json_flag(default="results/model_report.json")
 flags.adopt_module_key_flags(shared_flags)  # --help lists the shared flags too
+flags.DEFINE_list("models", ["smollm2-135m", "gemma3-270m"], "Models (names or paths).")
 flags.DEFINE_list("variants", DEFAULT_VARIANTS, f"Any of {sorted(VARIANTS)}.")
 flags.DEFINE_string("work_dir", "/tmp/model_report", "Where pruned checkpoints are kept.")
 flags.DEFINE_string("calibration_text", "/usr/share/common-licenses/GPL-3", "Prune/heal text.")
 flags.DEFINE_string("eval_text", "/usr/share/common-licenses/Apache-2.0", "Held-out text.")
-flags.DEFINE_integer("eval_tokens", 2048, "Evaluate on the first this many tokens.")
+flags.DEFINE_integer("eval_chars", 0, "Evaluate on the first this many characters (0: all).")
 flags.DEFINE_integer("window", 512, "Perplexity window.")
-flags.DEFINE_integer("stride", 512, "Perplexity stride.")
+flags.DEFINE_integer("stride", 256, "Perplexity stride (< window: every token is scored).")
 flags.DEFINE_enum("layer_metric", "bi", ["angular", "bi"], "Layer score for layersNN.")
 flags.DEFINE_bool("contiguous", False, "Remove one contiguous block of layers (Gromov et al.).")
 flags.DEFINE_integer("calibration_seqs", 8, "Calibration sequences for pruning scores.")
@@ -118,11 +125,12 @@ flags.DEFINE_integer("decode_tokens", 64, "Generated tokens for the decode measu
 flags.DEFINE_integer("repeats", 3, "Timed repetitions (median reported).")
 flags.DEFINE_list(
     "interleaved",
-    ["f32", "int8", "int4", "layers25", "layers50", "mlp25", "layers25_int8", "wanda24"],
+    ["f32", "int8", "int4", "layers25", "mlp25", "layers25_int8"],
     "Variants whose speed is measured again in alternation, all loaded at once (ratios to the "
     "first are robust to load drifting on a shared machine); empty to skip.",
 )
-flags.DEFINE_integer("interleaved_rounds", 7, "Alternation rounds for --interleaved.")
+flags.DEFINE_integer("interleaved_rounds", 5, "Alternation rounds for --interleaved.")
+flags.DEFINE_list("tolerances", ["0.02", "0.05", "0.1", "0.25"], "Bits-per-byte tolerances.")
 flags.DEFINE_string("png", "results/model_report.png", "Draw the chart here ('' to skip).")
 
 
@@ -146,6 +154,11 @@ class Checkpoints:
             tokens = calibration_tokens(ids, FLAGS.calibration_len, FLAGS.calibration_seqs)
             self._base = (config, params, tokenizer, ids, tokens)
         return self._base
+
+    def release(self) -> None:
+        """Drop the float32 original kept for building checkpoints (the next model's turn)."""
+        self._base = None
+        gc.collect()
 
     def path(self, name: str) -> str:
         path = os.path.join(self.work_dir, name)
@@ -195,7 +208,9 @@ class Checkpoints:
 
 
 def make_llm(variant: Variant, checkpoints: Checkpoints) -> tuple[LLM, str]:
-    source = FLAGS.model if variant.checkpoint is None else checkpoints.path(variant.checkpoint)
+    source = checkpoints.model
+    if variant.checkpoint is not None:
+        source = checkpoints.path(variant.checkpoint)
     llm = LLM(
         model=source,
         dtype=variant.dtype,
@@ -244,11 +259,17 @@ class DecodeStep:
         return time.perf_counter() - t0
 
 
-def interleaved_speed(names: list[str], checkpoints: Checkpoints, rounds: int) -> dict:
-    """Decode and prefill tokens/s of several variants measured in alternation (round r runs
-    each variant once), so that a change in the machine's load hits them all alike; the
-    per-variant medians and their ratios to the first variant are reported."""
-    llms = {name: make_llm(VARIANTS[name], checkpoints)[0] for name in names}
+def interleaved_speed(names: list[str], checkpoints: dict[str, Checkpoints], rounds: int) -> dict:
+    """Decode and prefill tokens/s of several variants of every model measured in alternation
+    (round r runs each once), so that a change in the machine's load hits them all alike; the
+    medians and the ratios to the first ("<first model>/<first variant>") are reported, keyed
+    "<model>/<variant>"."""
+    llms = {
+        f"{model}/{name}": make_llm(VARIANTS[name], ckpt)[0]
+        for model, ckpt in checkpoints.items()
+        for name in names
+    }
+    names = list(llms)
     for llm in llms.values():
         run_once(llm, speed_prompt(llm), FLAGS.decode_tokens)  # compile
     runs = {name: [] for name in names}
@@ -300,10 +321,14 @@ def stored_bytes(llm: LLM) -> int:
     return tree_bytes(params)
 
 
+def eval_text() -> str:
+    text = read_text(FLAGS.eval_text)
+    return text[: FLAGS.eval_chars] if FLAGS.eval_chars > 0 else text
+
+
 def evaluate(variant: Variant, checkpoints: Checkpoints) -> dict:
     llm, source = make_llm(variant, checkpoints)
-    eval_ids = llm.tokenizer.encode(read_text(FLAGS.eval_text), add_special_tokens=False)
-    eval_ids = eval_ids[: FLAGS.eval_tokens]
+    eval_ids, scored_bytes = lib.eval_ids(llm.tokenizer, eval_text())
     ppl = perplexity(
         llm.params,
         llm.config,
@@ -315,6 +340,7 @@ def evaluate(variant: Variant, checkpoints: Checkpoints) -> dict:
     speed = measure_speed(llm, speed_prompt(llm), FLAGS.decode_tokens, FLAGS.repeats)
     c = llm.config
     row = {
+        "model": checkpoints.model,
         "variant": variant.name,
         "source": source,
         "dtype": variant.dtype,
@@ -324,8 +350,10 @@ def evaluate(variant: Variant, checkpoints: Checkpoints) -> dict:
         "num_heads": c.num_heads,
         "num_kv_heads": c.num_kv_heads,
         "num_params": c.num_params(),
+        "bits_per_byte": lib.bits_per_byte(ppl.nll_sum, scored_bytes),
         "perplexity": ppl.perplexity,
         "scored_tokens": ppl.scored_tokens,
+        "scored_bytes": scored_bytes,
         "decode_weight_bytes": decode_read_bytes(llm.params),
         "stored_weight_bytes": stored_bytes(llm),
         **speed,
@@ -338,106 +366,36 @@ def evaluate(variant: Variant, checkpoints: Checkpoints) -> dict:
     return row
 
 
-def print_table(rows: list[dict]) -> None:
-    base = next((r for r in rows if r["variant"] == "f32"), rows[0])
-    headers = ["variant", "layers", "F", "N/K", "ppl", "prefill t/s", "decode t/s", "x f32"]
-    headers += ["read MB", "stored MB", "load"]
-    table = [
-        [
-            r["variant"],
-            r["num_layers"],
-            r["intermediate_size"],
-            f"{r['num_heads']}/{r['num_kv_heads']}",
-            f"{r['perplexity']:.2f}",
-            f"{r['prefill_tokens_per_s']:.1f}",
-            f"{r['decode_tokens_per_s']:.1f}",
-            f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}",
-            f"{r['decode_weight_bytes'] / 1e6:.0f}",
-            f"{r['stored_weight_bytes'] / 1e6:.0f}",
-            f"{r['load_average'][0]:.1f}",
-        ]
-        for r in rows
-    ]
-    report.print_table(headers, table)
+def model_dir(model: str) -> str:
+    """A directory name for a model name or path (pruned checkpoints of it go there)."""
+    name = os.path.basename(os.path.normpath(model))
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
-def draw(rows: list[dict], path: str, interleaved: dict) -> None:
-    """Perplexity (log scale, lower is better) against decode tokens/s, one labeled point per
-    variant, marker area proportional to the weight bytes read per token. A variant measured
-    in the interleaved pass is placed at that (load-robust) speed, marked with '*'."""
-    try:
-        import matplotlib
-    except ImportError as e:
-        raise ImportError(
-            "drawing the chart needs matplotlib: pip install -e '.[report]' "
-            "(or pass --png='' to skip the chart)"
-        ) from e
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    biggest = max(r["decode_weight_bytes"] for r in rows)
-    for r in rows:
-        speed = r["decode_tokens_per_s"]
-        label = r["variant"]
-        if r["variant"] in interleaved:
-            speed = interleaved[r["variant"]]["decode_tokens_per_s"]
-            label += "*"
-        ax.scatter(speed, r["perplexity"], s=400 * r["decode_weight_bytes"] / biggest, alpha=0.6)
-        ax.annotate(
-            label,
-            (speed, r["perplexity"]),
-            xytext=(5, 5),
-            textcoords="offset points",
-            fontsize=9,
+def picks(rows: list[dict]) -> list[dict]:
+    """The smallest good-enough variant for each --tolerances entry."""
+    out = []
+    for tol in (float(t) for t in FLAGS.tolerances):
+        r = lib.smallest_good_enough(rows, tol)
+        out.append(
+            {
+                "tolerance": tol,
+                "model": r["model"],
+                "variant": r["variant"],
+                "bits_per_byte": r["bits_per_byte"],
+                "decode_weight_bytes": r["decode_weight_bytes"],
+            }
         )
-    ax.set_yscale("log")
-    ax.set_xlabel("decode tokens/s (batch 1; * measured interleaved)")
-    ax.set_ylabel(f"perplexity on {os.path.basename(FLAGS.eval_text)} (log scale)")
-    ax.set_title("quality against speed (marker area: weight bytes read per token)")
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return out
 
 
-def main(argv):
-    del argv
-    unknown = [v for v in FLAGS.variants + FLAGS.interleaved if v not in VARIANTS]
-    if unknown:
-        raise app.UsageError(f"--variants: {unknown} unknown; allowed are {sorted(VARIANTS)}")
-    os.makedirs(FLAGS.work_dir, exist_ok=True)
-    checkpoints = Checkpoints(FLAGS.model, FLAGS.work_dir)
-    rows = []
-    for name in FLAGS.variants:
-        t0 = time.perf_counter()
-        rows.append(evaluate(VARIANTS[name], checkpoints))
-        print(
-            f"{name}: ppl {rows[-1]['perplexity']:.2f}, decode "
-            f"{rows[-1]['decode_tokens_per_s']:.1f} t/s ({time.perf_counter() - t0:.0f} s)",
-            flush=True,
-        )
-    if rows:
-        print_table(rows)
-    interleaved = {}
-    if FLAGS.interleaved:
-        interleaved = interleaved_speed(FLAGS.interleaved, checkpoints, FLAGS.interleaved_rounds)
-        print(
-            f"\ninterleaved speed ({FLAGS.interleaved_rounds} rounds; medians, and the median "
-            "of per-round ratios to the first variant):"
-        )
-        for name, r in interleaved.items():
-            print(
-                f"{name:<16} decode {r['decode_tokens_per_s']:6.1f} t/s "
-                f"({r['decode_vs_first']:.2f}x)  prefill {r['prefill_tokens_per_s']:6.1f} t/s "
-                f"({r['prefill_vs_first']:.2f}x)  bare decode step min "
-                f"{r['decode_step_min_ms']:.1f} ms ({r['step_speedup_vs_first']:.2f}x)"
-            )
+def write_result(rows: list[dict], chosen: list[dict], interleaved: dict) -> None:
+    """The JSON, written after every variant too, so a run cut short keeps what it measured."""
     result = {
-        "model": FLAGS.model,
+        "models": FLAGS.models,
         "eval_text": FLAGS.eval_text,
         "calibration_text": FLAGS.calibration_text,
-        "eval_tokens": FLAGS.eval_tokens,
+        "eval_chars": FLAGS.eval_chars,
         "window": FLAGS.window,
         "stride": FLAGS.stride,
         "prompt_len": FLAGS.prompt_len,
@@ -446,14 +404,71 @@ def main(argv):
         "contiguous": FLAGS.contiguous,
         "heal_steps": FLAGS.heal_steps,
         "float_dtype_note": "int8/int4 quantize the layer weights; embedding/head stay f32",
+        "quality_note": "bits_per_byte is comparable across tokenizers; perplexity is not",
         "rows": rows,
+        "smallest_good_enough": chosen,
         "interleaved": interleaved,
         "interleaved_rounds": FLAGS.interleaved_rounds,
     }
     report.write_json(FLAGS.json, result)
+
+
+def main(argv):
+    del argv
+    unknown = [v for v in FLAGS.variants + FLAGS.interleaved if v not in VARIANTS]
+    if unknown:
+        raise app.UsageError(f"--variants: {unknown} unknown; allowed are {sorted(VARIANTS)}")
+    if not FLAGS.models:
+        raise app.UsageError("--models is empty: name at least one model")
+    if FLAGS.stride >= FLAGS.window:
+        raise app.UsageError(
+            f"--stride={FLAGS.stride} must be < --window={FLAGS.window}: bits per byte count "
+            "every token after the first as scored"
+        )
+    checkpoints = {}
+    for model in FLAGS.models:
+        work_dir = os.path.join(FLAGS.work_dir, model_dir(model))
+        os.makedirs(work_dir, exist_ok=True)
+        checkpoints[model] = Checkpoints(model, work_dir)
+    rows = []
+    for model, ckpt in checkpoints.items():
+        for name in FLAGS.variants:
+            t0 = time.perf_counter()
+            rows.append(evaluate(VARIANTS[name], ckpt))
+            r = rows[-1]
+            print(
+                f"{model}/{name}: {r['bits_per_byte']:.3f} bits/byte, ppl {r['perplexity']:.2f}, "
+                f"decode {r['decode_tokens_per_s']:.1f} t/s ({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
+            write_result(rows, [], {})
+        ckpt.release()
+    if rows:
+        lib.print_table(rows)
+    interleaved = {}
+    if FLAGS.interleaved:
+        interleaved = interleaved_speed(FLAGS.interleaved, checkpoints, FLAGS.interleaved_rounds)
+        print(
+            f"\ninterleaved speed ({FLAGS.interleaved_rounds} rounds; medians, and the median "
+            "of per-round ratios to the first):"
+        )
+        for name, r in interleaved.items():
+            print(
+                f"{name:<28} decode {r['decode_tokens_per_s']:6.1f} t/s "
+                f"({r['decode_vs_first']:.2f}x)  prefill {r['prefill_tokens_per_s']:6.1f} t/s "
+                f"({r['prefill_vs_first']:.2f}x)  bare decode step min "
+                f"{r['decode_step_min_ms']:.1f} ms ({r['step_speedup_vs_first']:.2f}x)"
+            )
+    chosen = picks(rows) if rows else []
+    for p in chosen:
+        print(
+            f"smallest within {100 * p['tolerance']:.0f}% of the best bits/byte: "
+            f"{p['model']}/{p['variant']} ({p['bits_per_byte']:.3f} bits/byte, "
+            f"{p['decode_weight_bytes'] / 1e6:.0f} MB read per token)"
+        )
+    write_result(rows, chosen, interleaved)
     if FLAGS.png and rows:
-        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.png)), exist_ok=True)
-        draw(rows, FLAGS.png, interleaved)
+        lib.draw(rows, FLAGS.png, interleaved, os.path.basename(FLAGS.eval_text))
         print(f"wrote {FLAGS.png}")
 
 

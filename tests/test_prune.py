@@ -1,6 +1,11 @@
 """Pruning on tiny random models: the calibration forward against the model's own, the layer
 metric on a constructed near-identity block, exactness of width pruning when the pruned units
-contribute nothing, the N:M pattern, healing, and save -> LLM -> generate."""
+contribute nothing, the N:M pattern, healing, and save -> LLM -> generate.
+
+Width pruning is checked on a tiny Llama and by the same rules on a tiny Gemma 3 (tanh-GELU
+MLP, q/k and post norms, sqrt(D) embeddings, sliding layers shorter than the calibration
+sequences), including its 270M shape of one KV head, where only per-group head pruning
+applies."""
 
 from __future__ import annotations
 
@@ -41,6 +46,20 @@ TINY = ModelConfig(
     head_dim=16,
     max_position_embeddings=256,
 )
+# Gemma 3's layer shapes and extra norms; three sliding layers of window 8 and one full layer.
+TINY_GEMMA3 = TINY.replace(
+    family="gemma3",
+    hidden_act="gelu_tanh",
+    norm_offset=1.0,
+    post_norms=True,
+    qk_norm=True,
+    embed_scale=8.0,
+    query_pre_attn_scalar=24.0,
+    sliding_window=8,
+    layer_types=("sliding_attention",) * 3 + ("full_attention",),
+    rope_local_theta=100.0,
+    tie_word_embeddings=True,
+)
 
 
 def tiny_params(config: ModelConfig = TINY, seed: int = 0) -> dict:
@@ -53,8 +72,10 @@ def tiny_params(config: ModelConfig = TINY, seed: int = 0) -> dict:
     def normal(*shape, std=0.2):
         return jnp.asarray(std * rng.standard_normal(shape), jnp.float32)
 
-    def norm():
-        return jnp.asarray(1.0 + 0.1 * rng.standard_normal(c.hidden_size), jnp.float32)
+    def norm(width=c.hidden_size):
+        # Gemma stores w - 1 (`norm_offset`): the effective scale is near 1 either way.
+        scale = 1.0 - c.norm_offset + 0.1 * rng.standard_normal(width)
+        return jnp.asarray(scale, jnp.float32)
 
     d, f, q = c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim
     kv = c.num_kv_heads * c.head_dim
@@ -75,6 +96,10 @@ def tiny_params(config: ModelConfig = TINY, seed: int = 0) -> dict:
         }
         if c.attention_bias:
             p.update(bq=normal(q, std=1.0), bk=normal(kv, std=1.0), bv=normal(kv, std=1.0))
+        if c.qk_norm:
+            p.update(q_norm=norm(c.head_dim), k_norm=norm(c.head_dim))
+        if c.post_norms:
+            p.update(post_attn_norm=norm(), post_mlp_norm=norm())
         params[f"layers_{i}"] = p
     return params
 
@@ -101,17 +126,20 @@ def inference_logits(params, config, tokens) -> np.ndarray:
     return np.asarray(logits)
 
 
-def test_calibration_forward_matches_the_model():
-    params, tokens = tiny_params(), tokens_for(TINY)
-    runner = LayerwiseRunner(params, TINY, tokens, batch_size=3)
+@pytest.mark.parametrize("config", [TINY, TINY_GEMMA3], ids=["llama", "gemma3"])
+def test_calibration_forward_matches_the_model(config):
+    params, tokens = tiny_params(config), tokens_for(config)
+    runner = LayerwiseRunner(params, config, tokens, batch_size=3)
     for name in layer_names(params):
         runner.advance(params[name])
     hidden = jnp.concatenate(runner.hidden)
-    ours = rms_norm(hidden, params["final_norm"], TINY.rms_norm_eps) @ params["lm_head"]
-    np.testing.assert_allclose(ours, inference_logits(params, TINY, tokens), atol=2e-4, rtol=2e-4)
+    head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
+    normed = rms_norm(hidden, params["final_norm"], config.rms_norm_eps, config.norm_offset)
+    want = inference_logits(params, config, tokens)
+    np.testing.assert_allclose(normed @ head, want, atol=2e-4, rtol=2e-4)
     np.testing.assert_allclose(
-        jax.jit(model_logits, static_argnums=1)(params, TINY, jnp.asarray(tokens)),
-        inference_logits(params, TINY, tokens),
+        jax.jit(model_logits, static_argnums=1)(params, config, jnp.asarray(tokens)),
+        want,
         atol=2e-4,
         rtol=2e-4,
     )
@@ -194,34 +222,50 @@ def zero_units(params: dict, config: ModelConfig, mlp_channels, heads) -> dict:
     return out
 
 
-def test_mlp_width_pruning_is_exact_when_pruned_channels_are_dead():
+@pytest.mark.parametrize("config", [TINY, TINY_GEMMA3], ids=["llama", "gemma3"])
+def test_mlp_width_pruning_is_exact_when_pruned_channels_are_dead(config):
     rng = np.random.default_rng(3)
-    dead = [rng.choice(TINY.intermediate_size, 24, replace=False) for _ in range(4)]
-    params = zero_units(tiny_params(), TINY, dead, None)
-    tokens = tokens_for(TINY)
-    pruned, config, info = prune_width(params, TINY, tokens, mlp_fraction=0.25)
-    assert config.intermediate_size == 72 == info["intermediate_size"][1]
+    dead = [rng.choice(config.intermediate_size, 24, replace=False) for _ in range(4)]
+    params = zero_units(tiny_params(config), config, dead, None)
+    tokens = tokens_for(config)
+    pruned, new_config, info = prune_width(params, config, tokens, mlp_fraction=0.25)
+    assert new_config.intermediate_size == 72 == info["intermediate_size"][1]
+    assert new_config.layer_types == config.layer_types
     for name in layer_names(pruned):
         p = pruned[name]
         assert p["w_gate"].shape == p["w_up"].shape == (64, 72)
         assert p["w_down"].shape == (72, 64)
+        assert {k: v for k, v in p.items() if "norm" in k} == {
+            k: v for k, v in params[name].items() if "norm" in k
+        }
     np.testing.assert_allclose(
-        inference_logits(pruned, config, tokens),
-        inference_logits(params, TINY, tokens),
+        inference_logits(pruned, new_config, tokens),
+        inference_logits(params, config, tokens),
         atol=1e-5,
         rtol=1e-5,
     )
 
 
+HEAD_CASES = [
+    # (config, mode, dead query heads per layer, N and K after pruning half)
+    (TINY.replace(attention_bias=True), "kv_groups", [[2, 3], [0, 1], [0, 1], [2, 3]], 2, 1),
+    (TINY.replace(attention_bias=True), "per_group", [[1, 2], [0, 3], [1, 3], [0, 2]], 2, 2),
+    (TINY_GEMMA3, "kv_groups", [[0, 1], [2, 3], [0, 1], [2, 3]], 2, 1),
+    (TINY_GEMMA3, "per_group", [[0, 2], [1, 3], [0, 3], [1, 2]], 2, 2),
+    # Gemma-3-270M's grouping: one KV head shared by every query head.
+    (TINY_GEMMA3.replace(num_kv_heads=1), "per_group", [[0, 3], [1, 2], [2, 3], [0, 1]], 2, 1),
+]
+
+
 @pytest.mark.parametrize(
-    "mode,dead_heads,expect_n,expect_k",
-    [
-        ("kv_groups", [[2, 3], [0, 1], [0, 1], [2, 3]], 2, 1),  # a whole KV group per layer
-        ("per_group", [[1, 2], [0, 3], [1, 3], [0, 2]], 2, 2),  # one query head of each group
-    ],
+    "config,mode,dead_heads,expect_n,expect_k",
+    HEAD_CASES,
+    ids=["llama-kv_groups", "llama-per_group", "gemma3-kv_groups", "gemma3-per_group", "gemma3-k1"],
 )
-def test_head_pruning_is_exact_when_pruned_heads_are_dead(mode, dead_heads, expect_n, expect_k):
-    config = TINY.replace(attention_bias=True)  # q/k/v biases are sliced with their heads
+def test_head_pruning_is_exact_when_pruned_heads_are_dead(
+    config, mode, dead_heads, expect_n, expect_k
+):
+    """q/k/v biases (Llama case) are sliced with their heads; Gemma's per-head q/k norms stay."""
     params = zero_units(tiny_params(config), config, None, dead_heads)
     tokens = tokens_for(config)
     pruned, new_config, info = prune_width(
@@ -232,13 +276,31 @@ def test_head_pruning_is_exact_when_pruned_heads_are_dead(mode, dead_heads, expe
         p = pruned[name]
         assert p["wq"].shape == (64, expect_n * 16) and p["wo"].shape == (expect_n * 16, 64)
         assert p["wk"].shape == p["wv"].shape == (64, expect_k * 16)
-        assert p["bq"].shape == (expect_n * 16,) and p["bk"].shape == (expect_k * 16,)
+        if config.attention_bias:
+            assert p["bq"].shape == (expect_n * 16,) and p["bk"].shape == (expect_k * 16,)
+        if config.qk_norm:
+            assert p["q_norm"].shape == p["k_norm"].shape == (16,)
         assert not set(info["kept_heads"][i]) & set(dead_heads[i])
     # Slicing changes the f32 summation order only: differences are rounding, ~1e-5 of the
     # logits' scale, where a wrongly kept or dropped head would change them by O(1).
     want = inference_logits(params, config, tokens)
     got = inference_logits(pruned, new_config, tokens)
     assert np.abs(got - want).max() < 1e-4 * np.abs(want).max()
+
+
+def test_width_pruning_that_removes_nothing_is_refused():
+    """Gemma-3-270M has one KV head: dropping KV groups has nothing to remove."""
+    one_kv = TINY_GEMMA3.replace(num_kv_heads=1)
+    params, tokens = tiny_params(one_kv), tokens_for(one_kv, 1)
+    with pytest.raises(
+        ValueError, match=r"head_fraction=0.5 .*kv_groups.*num_kv_heads=1.*per_group"
+    ):
+        prune_width(params, one_kv, tokens, head_fraction=0.5, head_mode="kv_groups")
+    mha = TINY.replace(num_kv_heads=4)  # one query head per group: per_group cannot drop any
+    with pytest.raises(ValueError, match=r"head_fraction=0.5 .*per_group.*=1 query head"):
+        prune_width(tiny_params(mha), mha, tokens, head_fraction=0.5, head_mode="per_group")
+    with pytest.raises(ValueError, match=r"mlp_fraction=0.01 removes no MLP channel"):
+        prune_width(params, one_kv, tokens, mlp_fraction=0.01)
 
 
 def test_choose_heads_keeps_grouping():

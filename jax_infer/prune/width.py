@@ -4,7 +4,8 @@ Both are calibrated sequentially (`LayerwiseRunner`): layer i is scored on the o
 already pruned layers 0..i-1, pruned, and its pruned output feeds layer i+1.
 
 - MLP channel j of a layer contributes act_j * w_down[j, :] to the residual stream, where
-  act = silu(x @ w_gate) * (x @ w_up). Its importance is mean_t |act_j| * ||w_down[j, :]||
+  act = act_fn(x @ w_gate) * (x @ w_up) (silu for Llama, tanh-GELU for Gemma; Gemma's
+  post-MLP norm acts on the whole D-vector, so it is kept as is). Its importance is mean_t |act_j| * ||w_down[j, :]||
   (activation-weighted, as in LLM-Pruner / Minitron's activation scores). The kept channels
   slice w_gate[:, keep], w_up[:, keep] and w_down[keep, :].
 - Query head n contributes o_n @ wo[n] (its attention output times its rows of wo); its
@@ -15,6 +16,12 @@ already pruned layers 0..i-1, pruned, and its pruned output feeds layer i+1.
 
 Every layer keeps the same number of channels and heads (different ones per layer), so the
 config stays one number per field: `intermediate_size`, `num_heads`, `num_kv_heads`.
+Gemma's per-head q/k norms (over H) and its attention scale (`query_pre_attn_scalar`, not N)
+do not depend on how many heads remain, so the same slices apply to it.
+
+A fraction that rounds to removing nothing is refused, naming the parameter: e.g.
+Gemma-3-270M has one KV head, so `head_mode="kv_groups"` has no group it could drop (use
+`"per_group"`, which drops query heads of that one group).
 """
 
 from __future__ import annotations
@@ -103,6 +110,29 @@ def choose_heads(
     return np.asarray(heads), np.arange(num_kv_heads)
 
 
+def _check_heads_removable(config: ModelConfig, fraction: float, mode: str) -> None:
+    """Refuse a head pruning that would remove nothing (the model cannot lose the unit that
+    `mode` removes), rather than returning the model unchanged under a pruned name."""
+    k, g = config.num_kv_heads, config.num_heads // config.num_kv_heads
+    if mode == "kv_groups" and kept_count(k, fraction) == k:
+        hint = (
+            "; with one KV head use head_mode='per_group' (drops query heads of the group)"
+            if k == 1 and g > 1
+            else ""
+        )
+        raise ValueError(
+            f"head_fraction={fraction!r} with head_mode='kv_groups' removes no KV group: the "
+            f"model has num_kv_heads={k}, and at least one group stays{hint}"
+        )
+    if mode == "per_group" and kept_count(g, fraction) == g:
+        raise ValueError(
+            f"head_fraction={fraction!r} with head_mode='per_group' removes no query head: "
+            f"each KV group has num_heads // num_kv_heads={g} query head(s) "
+            f"(num_heads={config.num_heads}, num_kv_heads={k}), and at least one stays"
+            + ("; use head_mode='kv_groups'" if g == 1 and k > 1 else "")
+        )
+
+
 def prune_width(
     params: dict,
     config: ModelConfig,
@@ -125,6 +155,14 @@ def prune_width(
         raise ValueError(f"mlp_multiple={mlp_multiple!r} is invalid: must be an int >= 1")
     c = config
     f_keep = kept_count(c.intermediate_size, mlp_fraction, min(mlp_multiple, c.intermediate_size))
+    if mlp_fraction > 0 and f_keep == c.intermediate_size:
+        raise ValueError(
+            f"mlp_fraction={mlp_fraction!r} removes no MLP channel: intermediate_size="
+            f"{c.intermediate_size} rounded to a multiple of mlp_multiple={mlp_multiple} keeps "
+            "all of them; give a larger fraction or a smaller mlp_multiple"
+        )
+    if head_fraction > 0:
+        _check_heads_removable(c, head_fraction, head_mode)
     runner = LayerwiseRunner(params, config, tokens, batch_size=batch_size)
     out = dict(params)
     num_heads, num_kv = c.num_heads, c.num_kv_heads
