@@ -7,8 +7,8 @@ Workload: the same 32 prompts as `scripts/benchmark_serving.py --scenarios=decod
 random token ids each, same seed), greedy, 128 new tokens each (eos ignored), one padded
 batch through `model.generate` with its KV cache, SmolLM2-135M-Instruct at f32 (--hf_dtype)
 from the same GGUF file (transformers' own GGUF loader), torch on all cores (--threads).
-Output tokens/s = generated tokens / wall time of the generate call (prefill included), after one short warm-up call
-(scripts/hf_static.py). `benchmark_serving.py --scenarios=decode32 --compare_hf` runs the same
+Output tokens/s = generated tokens / wall time of the generate call (prefill included), after
+one short warm-up call (scripts/hf_static.py). `benchmark_serving.py --scenarios=decode32 --compare_hf` runs the same
 in the same process as the engine, for a ratio measured under one machine load.
 
 Needs the test extras (torch, transformers); nothing here is used by jax_infer itself.
