@@ -110,6 +110,22 @@ flags.DEFINE_bool(
     "With decode32: also run its workload through scripts/serve.py started as a subprocess "
     "(same model and engine flags), and report HTTP against in-process output tokens/s.",
 )
+flags.DEFINE_bool(
+    "compare_hf",
+    False,
+    "With decode32: also run its prompts through HF transformers static batching "
+    "(scripts/hf_static.py: one padded greedy batch, --hf_threads torch threads) in the same "
+    "process, and report the engine's output tokens/s against it.",
+)
+flags.DEFINE_integer("hf_threads", None, "--compare_hf: torch threads (default: every core).")
+flags.DEFINE_enum("hf_dtype", "float32", ["float32", "bfloat16"], "--compare_hf: torch dtype.")
+flags.DEFINE_integer(
+    "check_single",
+    0,
+    "With decode32: generate this many of its prompts again one request at a time (same "
+    "engine, greedy) and check the batched run's tokens are identical.",
+    lower_bound=0,
+)
 # Client mode: any OpenAI-compatible server.
 flags.DEFINE_string("url", None, "Benchmark the server at this base URL instead of in process.")
 flags.DEFINE_string("api_key", None, "Bearer key for --url.")
@@ -163,7 +179,7 @@ def serve(llm: LLM, prompts, max_tokens, arrive, structured=None) -> dict:
         for m, so in zip(max_tokens, structured)
     ]
     n = len(prompts)
-    first, last, counts = {}, {}, {}
+    first, last, counts, tokens = {}, {}, {}, {}
     start = time.perf_counter()
     peak_kv = 0.0
     if llm.engine_kind == "static":
@@ -173,6 +189,7 @@ def serve(llm: LLM, prompts, max_tokens, arrive, structured=None) -> dict:
             first.setdefault(chunk.request_id, now)
             last[chunk.request_id] = now
             counts[chunk.request_id] = len(chunk.token_ids)
+            tokens[chunk.request_id] = chunk.token_ids
         ids = sorted(first, key=int)
         submit = dict.fromkeys(ids, 0.0)
     else:
@@ -195,6 +212,7 @@ def serve(llm: LLM, prompts, max_tokens, arrive, structured=None) -> dict:
                     first.setdefault(chunk.request_id, t)
                     last[chunk.request_id] = t
                     counts[chunk.request_id] = len(chunk.token_ids)
+                    tokens[chunk.request_id] = chunk.token_ids
             peak_kv = max(peak_kv, engine.scheduler.kv_usage())
     wall = time.perf_counter() - start
     total = sum(counts.values())
@@ -208,6 +226,7 @@ def serve(llm: LLM, prompts, max_tokens, arrive, structured=None) -> dict:
         "ttft_s": percentiles(ttft),
         "tpot_s": percentiles(tpot),
         "peak_kv_usage": peak_kv,
+        "_token_ids": [list(tokens[i]) for i in ids],  # in submission order; not in --json
     }
 
 
@@ -273,10 +292,44 @@ def scenario_decode32(results):
     serve(llm, warm, [128] * 32, np.zeros(32))
     results["decode32"] = serve(llm, prompts, [128] * 32, np.zeros(32))
     results["decode32"]["attention_backend"] = llm.engine.backend
-    if FLAGS.compare_http:
-        del llm  # its weights, page pool and threads go before the server loads its own
+    batched = results["decode32"].pop("_token_ids")
+    if FLAGS.check_single:
+        check_single_requests(results, llm, prompts, batched)
+    if FLAGS.compare_hf or FLAGS.compare_http:
+        del llm  # its weights, page pool and threads go before HF or the server load theirs
         gc.collect()
+    if FLAGS.compare_hf:
+        compare_hf_decode32(results, prompts, batched)
+    if FLAGS.compare_http:
         compare_http_decode32(results, prompts, warm)
+
+
+def check_single_requests(results, llm, prompts, batched):
+    """The first --check_single prompts again, each alone through the same engine: greedy
+    tokens must equal the batched run's."""
+    params = SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True)
+    n = min(FLAGS.check_single, len(prompts))
+    differ = []
+    for i in range(n):
+        alone = llm.generate([prompts[i]], params)[0].token_ids
+        if list(alone) != batched[i]:
+            differ.append(i)
+    results["decode32"]["single_request_check"] = {"checked": n, "differ": differ}
+
+
+def compare_hf_decode32(results, prompts, batched):
+    """decode32's prompts through HF transformers static batching, in this process."""
+    from hf_static import hf_static_generate
+
+    hf = hf_static_generate(prompts, 128, threads=FLAGS.hf_threads, dtype=FLAGS.hf_dtype)
+    hf_ids = hf.pop("token_ids")
+    # Information only: two f32 implementations may round differently and part ways.
+    same = sum(a == b for a, b in zip(hf_ids, batched))
+    hf["sequences_identical_to_engine"] = same
+    results["hf_decode32"] = hf
+    results["hf_decode32_ratio"] = (
+        results["decode32"]["output_tokens_per_s"] / hf["output_tokens_per_s"]
+    )
 
 
 # Objects of a few fields (strings, bounded integers, enum arrays), at least 64 of them: no
@@ -739,6 +792,18 @@ def print_table(results):
         )
     if "poisson" in results:
         print_poisson(results["poisson"])
+    if "single_request_check" in results.get("decode32", {}):
+        c = results["decode32"]["single_request_check"]
+        verdict = "identical" if not c["differ"] else f"DIFFER at {c['differ']}"
+        print(f"decode32 greedy vs single-request generation ({c['checked']} prompts): {verdict}")
+    if "hf_decode32" in results:
+        h = results["hf_decode32"]
+        print(
+            f"HF static batching ({h['engine']}, {h['dtype']}, {h['torch_threads']} threads): "
+            f"{h['output_tokens_per_s']:.1f} out tok/s; engine / HF: "
+            f"{results['hf_decode32_ratio']:.2f}x (HF sequences identical to the engine's: "
+            f"{h['sequences_identical_to_engine']}/{h['batch']})"
+        )
     if "http_decode32" in results:
         d, h = results["decode32"], results["http_decode32"]
         rows = [
@@ -795,7 +860,8 @@ def main(argv):
         return
     names = ["model", "dtype", "quantization", "scenarios", "num_requests", "request_rate"]
     names += [*shared_flags.ENGINE_FLAGS, "max_model_len", "seed", "mesh_data", "mesh_model"]
-    names += ["compare_http", "structured_fraction"]
+    names += ["compare_http", "structured_fraction", "compare_hf", "hf_threads", "hf_dtype"]
+    names += ["check_single"]
     if "poisson" in FLAGS.scenarios.split(","):
         names += ["poisson_rates", "poisson_requests", "poisson_prompt_len", "poisson_output_len"]
         names += ["ttft_target_ms", "tpot_target_ms"]
@@ -805,6 +871,9 @@ def main(argv):
             raise app.UsageError("--compare_http compares decode32: add it to --scenarios")
         if FLAGS.mesh_data * FLAGS.mesh_model != 1:
             raise app.UsageError("--compare_http: scripts/serve.py runs on one device (no mesh)")
+    for flag in ("compare_hf", "check_single"):
+        if FLAGS[flag].value and "decode32" not in FLAGS.scenarios.split(","):
+            raise app.UsageError(f"--{flag} works on decode32: add it to --scenarios")
     for name in FLAGS.scenarios.split(","):
         if name not in SCENARIOS:
             raise app.UsageError(f"--scenarios: {name!r} is not one of {sorted(SCENARIOS)}")

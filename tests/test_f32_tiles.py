@@ -44,7 +44,10 @@ def _product_bound(x, w):
         (13, 576, 576),  # 2 row slices of 12 and 1 rows
         (13, 576, 1536),  # 2 blocks + 1 row (speculative verification of 12 drafts)
         (9, 64, 4096),
-        (32, 1536, 576),
+        (32, 1536, 576),  # blocks of 6, 6, 5, 5, 5, 5
+        (10, 576, 1536),  # 5 + 5
+        (16, 64, 4096),  # 6 + 5 + 5
+        (23, 128, 640),  # 6 + 6 + 6 + 5
         (67, 40, 192),  # K not a multiple of anything; row slices across threads
         (300, 576, 1024),
     ],
@@ -70,7 +73,7 @@ def test_each_row_is_independent_of_the_batch():
     for n in (192, 1536):
         t = tile_f32(jnp.asarray(rng.standard_normal((576, n)).astype(np.float32))).values
         full = np.asarray(mm(x, t))
-        for lo, hi in [(0, 1), (7, 8), (3, 16), (20, 33), (39, 40), (10, 40)]:
+        for lo, hi in [(0, 1), (7, 8), (3, 16), (20, 33), (39, 40), (10, 40), (4, 14), (8, 40)]:
             np.testing.assert_array_equal(np.asarray(mm(x[lo:hi], t)), full[lo:hi])
 
 

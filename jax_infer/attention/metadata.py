@@ -104,9 +104,11 @@ def build_metadata(
         )
     decode = [i for i in range(n) if q_lens[i] == 1]
     prefill = [i for i in range(n) if q_lens[i] > 1]
-    # Decode rows grow by 4x steps (capped at max_decode_rows): at batch sizes where decode
-    # is weight-bound a few padded rows cost little, and each distinct shape is a compile.
-    d_pad = bucket(len(decode), 1, 4) if decode else 0
+    # Decode rows grow by 2x steps (capped at max_decode_rows): each distinct shape is a
+    # compile, but a padded row is not free. The CPU f32 kernel's step time grows with rows
+    # from ~4 rows on (SmolLM2: ~7 ms of projections at 1 row, ~14 at 8, ~30 at 32), so 4x
+    # buckets made e.g. 5 running requests pay for 16 rows, 1.4x their 8-row step.
+    d_pad = bucket(len(decode), 1) if decode else 0
     if max_decode_rows is not None and decode:
         d_pad = max(len(decode), min(d_pad, max_decode_rows))
     p_pad = bucket(len(prefill), 1) if prefill else 0
