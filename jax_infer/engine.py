@@ -651,7 +651,9 @@ class LLMEngine:
         host, and left in flight: one fused program (no logits back) whose sampling needs
         no output token values (no penalties: they count them; no grammar: its mask follows
         the last token; no forks, no prompt logprobs)."""
-        if not self.async_scheduling:
+        # self.spec is checked here too, not only at construction: a decoder attached to a
+        # built engine (tests, tools) must never see a step left in flight.
+        if not self.async_scheduling or self.spec is not None:
             return False
         for s in out.scheduled:
             req = s.request
