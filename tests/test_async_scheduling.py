@@ -200,3 +200,24 @@ def test_smollm2_async_matches_sync(smollm2):
             assert engine.num_async_steps > before
     engine.async_scheduling = True
     assert results[True] == results[False]
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3(tmp_path_factory):
+    from jax_infer import LLM
+    from tests.test_multiprocess import write_tokenizer
+    from tests.tiny_models import make_hf_model
+
+    path = tmp_path_factory.mktemp("async") / "gemma3"
+    make_hf_model("gemma3", path, vocab_size=VOCAB)
+    write_tokenizer(path, VOCAB)
+    return LLM(str(path), max_model_len=MAX_LEN, progress=False)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"num_pages": 17, "page_size": 8}])
+def test_window_page_groups_async_matches_sync(tiny_gemma3, kwargs):
+    """A model with sliding-window page groups (one metadata per group) overlaps its steps
+    too, with the same outputs; the small pool forces preemptions and window page freeing."""
+    got, want, stats = both(tiny_gemma3, prompts(6, seed=3), GREEDY, **kwargs)
+    assert got == want
+    assert stats["num_async_steps"] > 0

@@ -193,7 +193,10 @@ def build_metadata(
 
 def flat_tokens(meta: AttentionMetadata, rows: Sequence[Sequence[int]], offsets: list[int]):
     """The step's token ids i32[T]: input row i's tokens at flat_offsets[i] (from
-    `build_metadata`), zeros (padding) elsewhere."""
+    `build_metadata`), zeros (padding) elsewhere. meta may be the tuple of a model with
+    several page groups: they share one layout, so the first gives the token count."""
+    if not isinstance(meta, AttentionMetadata):
+        meta = meta[0]
     tokens = np.zeros(len(meta.positions), np.int32)
     for row, off in zip(rows, offsets):
         tokens[off : off + len(row)] = row
