@@ -44,8 +44,12 @@ def tiny(tmp_path_factory):
 
 
 def make_engine(tiny, batch_invariant=True, **kwargs) -> LLMEngine:
+    """Synchronous steps by default: `run_target` reads each step's logits, which the fused
+    (and async) step never brings back; `fast=True` runs the default fused async path."""
     _, config, params, tok = tiny
+    fast = kwargs.pop("fast", False)
     ec = dict(
+        async_scheduling=fast,
         max_num_seqs=40,
         page_size=8,
         num_pages=700,
@@ -57,13 +61,16 @@ def make_engine(tiny, batch_invariant=True, **kwargs) -> LLMEngine:
     return LLMEngine(config, params, tok, max_model_len=MAX_LEN, engine_config=EngineConfig(**ec))
 
 
-def run_target(engine, target, companions=(), preempt_after=None, max_new=MAX_NEW):
+def run_target(engine, target, companions=(), preempt_after=None, max_new=MAX_NEW, record=True):
     """Runs the target request beside companions [(join step, prompt, max_tokens)] to the
     end; preempt_after: preempt every running request (the target among them) after that
     step (the scheduler recomputes them from their tokens). Returns the
-    target's logits at each sampled step {outputs so far: f32[V]} and its output ids."""
+    target's logits at each sampled step {outputs so far: f32[V]} and its output ids.
+    record=False: no logits (the fused step keeps them on the device), only the output ids."""
     logits: dict[int, np.ndarray] = {}
     execute = engine.runner.execute
+    if not record:
+        execute = None
 
     def recording(batch):
         result = execute(batch)
@@ -74,7 +81,10 @@ def run_target(engine, target, companions=(), preempt_after=None, max_new=MAX_NE
                 logits[req.num_output_tokens] = rows[r].copy()
         return result
 
-    engine.runner.execute = recording
+    if record:
+        engine.runner.execute = recording
+        # Forward and sampler as two programs, so the step hands its logits back.
+        engine.runner.can_fuse = lambda batch: False
     params = SamplingParams(temperature=0.0, max_tokens=max_new, ignore_eos=True)
     engine.add_request(target, params, request_id=TARGET)
     pending = sorted(companions, key=lambda c: c[0])
@@ -93,8 +103,11 @@ def run_target(engine, target, companions=(), preempt_after=None, max_new=MAX_NE
                 preempted = engine.scheduler.preempt_all()
                 assert TARGET in preempted, f"the target was not running at step {step}"
     finally:
-        engine.runner.execute = execute
-    assert sorted(logits) == list(range(max_new))
+        if record:
+            engine.runner.execute = execute
+            del engine.runner.can_fuse
+    if record:
+        assert sorted(logits) == list(range(max_new))
     return logits, out
 
 
@@ -160,6 +173,13 @@ def test_mixes_chunks_and_preemption_fast(tiny, target, alone):
     got, out = run_target(engine, target, comps, preempt_after=5)
     assert_bitwise(base, got, "preempted")
     assert out == tokens
+    # The default fused, async step gives the same greedy outputs beside companions.
+    fast = make_engine(tiny, fast=True)
+    for n in (3, 12):
+        comps = random_companions(rng, tiny[1].vocab_size, n)
+        _, out = run_target(fast, target, comps, record=False)
+        assert out == tokens, f"fused async step beside {n} companions"
+    assert fast.stats()["num_async_steps"] > 0
 
 
 @pytest.mark.slow
@@ -199,6 +219,7 @@ def test_bfloat16_with_a_float32_kv_cache(tiny, target):
 
     def engine(**kw):
         ec = dict(
+            async_scheduling=False,
             max_num_seqs=40,
             page_size=8,
             num_pages=700,
@@ -268,7 +289,9 @@ def test_smollm2_invariant(smollm2, hf_smollm2):
     """SmolLM2-135M (every projection on the tiled kernel): a lean version of the must-show
     (3 mixes, a 16-token chunk, a preemption) and its logits against HF transformers."""
     tok = smollm2.tokenizer
-    engine_kwargs = dict(max_num_seqs=16, num_pages=400, enable_prefix_caching=False)
+    engine_kwargs = dict(
+        max_num_seqs=16, num_pages=400, enable_prefix_caching=False, async_scheduling=False
+    )
 
     def engine(**kw):
         ec = EngineConfig(batch_invariant=True, **{**engine_kwargs, **kw})
