@@ -175,10 +175,19 @@ def precompile(
     bar = _Progress(len(shapes), progress)
     for i, (_, d, q, kv_len) in enumerate(shapes):
         batch = dummy_batch(d, q, kv_len, runner.page_size, len(runner.groups), sampling[0])
-        result = runner.execute(batch)
-        for params in sampling[1:]:
-            reqs = [_dummy_request(j, params) for j in range(len(batch.rows))]
-            runner._sample(result.logits, result.order, reqs)
+        if runner.can_fuse(batch):
+            # One program per step and sampler variant (forward + sampler fused): each
+            # variant is its own dummy step. Its prev-token input has a fixed length
+            # (ModelRunner.prev_rows), so async steps reuse these programs.
+            for params in sampling:
+                runner.execute(
+                    dummy_batch(d, q, kv_len, runner.page_size, len(runner.groups), params)
+                )
+        else:
+            result = runner.execute(batch)
+            for params in sampling[1:]:
+                reqs = [_dummy_request(j, params) for j in range(len(batch.rows))]
+                runner._sample(result.logits, result.order, reqs)
         bar.update(i + 1)
     seconds = time.perf_counter() - t0
     after = compile_cache.stats()

@@ -136,7 +136,9 @@ def _copy_pages(pool, src, dst):
 
 
 @functools.partial(
-    jax.jit, static_argnames=("config", "dtype", "backend", "flags"), donate_argnames=("cache",)
+    jax.jit,
+    static_argnames=("config", "dtype", "backend", "flags", "prev_rows"),
+    donate_argnames=("cache",),
 )
 def forward_and_sample(
     params,
@@ -156,6 +158,7 @@ def forward_and_sample(
     dtype,
     backend: str,
     flags: SamplerFlags,
+    prev_rows: int | None = None,
 ):
     """One step as one program: the ragged forward (`paged_forward`) and the sampler
     (`sampling.sample`; greedy is an argmax on the device), so a step is one dispatch and only
@@ -163,8 +166,10 @@ def forward_and_sample(
 
     Async scheduling feeds the previous step's sampled tokens in on the device:
     tokens[gather_dst[j]] = prev_tokens[gather_src[j]] (prev_tokens: the previous step's
-    token_ids i32[S']; gather_dst padded with T, which is dropped). Returns (SamplerOutput,
-    cache)."""
+    token_ids i32[S']; gather_dst padded with T, which is dropped). prev_rows (static): the
+    fixed length of prev_tokens, so that the program's shapes never depend on the previous
+    step's rows (each pairing of shapes would be one more compile, which precompile could
+    not foresee). Returns (SamplerOutput, cache, this step's token ids padded to prev_rows)."""
     tokens = tokens.at[gather_dst].set(prev_tokens[gather_src], mode="drop")
     logits, cache = paged_forward(
         params, tokens, meta, cache, config=config, dtype=dtype, backend=backend
@@ -178,7 +183,12 @@ def forward_and_sample(
         banned_ids=banned_ids,
         logit_bias=logit_bias,
     )
-    return res, cache
+    rows = res.token_ids.shape[0]
+    if prev_rows is None:
+        return res, cache, res.token_ids
+    if rows > prev_rows:
+        raise ValueError(f"a step of {rows} sequence rows exceeds prev_rows={prev_rows}")
+    return res, cache, jnp.zeros((prev_rows,), jnp.int32).at[:rows].set(res.token_ids)
 
 
 @dataclasses.dataclass
@@ -191,12 +201,14 @@ class PendingStep:
     order: np.ndarray  # sequence row -> input row (-1: padding)
     requests: Sequence[Request | None]  # StepBatch.sample
     num_logprobs: int  # SamplerFlags.num_logprobs (-1: none asked)
+    next_prev: jax.Array  # the token ids padded to the runner's prev_rows (forward_and_sample)
     _result: StepResult | None = None
 
     @property
     def token_ids(self) -> jax.Array:
-        """i32[S] on the device: what the next step gathers its decode inputs from."""
-        return self.output.token_ids
+        """i32[prev_rows] on the device (sequence-row order, padded): what the next step
+        gathers its decode inputs from."""
+        return self.next_prev
 
     def sequence_row(self) -> dict[int, int]:
         """Input row -> sequence row (index into `token_ids`)."""
@@ -306,6 +318,10 @@ class ModelRunner:
         self.backend = backend
         self.page_size = page_size
         self.max_decode_rows = max_decode_rows
+        # The fixed length of a fused step's previous-token input (forward_and_sample): at
+        # most max_decode_rows decode rows plus prompt rows padded to a power of two, so
+        # 3x bounds a step's sequence rows. None (no bound known): per-step shapes.
+        self.prev_rows = None if max_decode_rows is None else 3 * max(int(max_decode_rows), 1)
         self.eos_token_ids = sorted(eos_token_ids)
         self.num_pages = num_pages
         self.groups = tuple(groups)
@@ -389,7 +405,7 @@ class ModelRunner:
         meta, order, offsets = self._layout(batch)
         tokens = flat_tokens(meta, batch.rows, offsets)
         by_row, flags, inputs = self._sampler_inputs(order, batch.sample)
-        size = bucket(max(len(gathers), 1), 8)
+        size = self.prev_rows or bucket(max(len(gathers), 1), 8)
         src = np.zeros(size, np.int32)
         dst = np.full(size, len(tokens), np.int32)  # out of range: dropped
         for j, (i, k, r) in enumerate(gathers):
@@ -398,7 +414,7 @@ class ModelRunner:
         if flags is None:  # nothing to sample: any flags (the tokens are not read)
             flags = SamplerFlags(True, False, False, -1, 0)
             inputs = self._sampler_inputs_none(len(order))
-        res, self.pool = forward_and_sample(
+        res, self.pool, next_prev = forward_and_sample(
             self.params,
             tokens,
             meta,
@@ -411,8 +427,9 @@ class ModelRunner:
             dtype=self.dtype,
             backend=self.backend,
             flags=flags,
+            prev_rows=self.prev_rows,
         )
-        return PendingStep(res, order, batch.sample, flags.num_logprobs)
+        return PendingStep(res, order, batch.sample, flags.num_logprobs, next_prev)
 
     def _layout(self, batch: StepBatch):
         """(metadata, order, flat offsets) of a one-replica step; a tuple of metadata, one per
@@ -628,7 +645,7 @@ class ModelRunner:
     @functools.cached_property
     def _no_prev(self) -> jax.Array:
         """prev_tokens of a step with no previous step to gather from."""
-        return jnp.zeros((1,), jnp.int32)
+        return jnp.zeros((self.prev_rows or 1,), jnp.int32)
 
     def _sample(self, logits, order, requests, token_bitmask=None):
         """Sample the sequence rows whose input row names a request (logits f32[S, V]);
