@@ -205,7 +205,7 @@ def test_command_line_errors_name_the_problem(tmp_path):
     cases = [
         (
             [preset, "--config.engine.max_num_seq=4"],
-            "config.engine has no key 'max_num_seq': allowed are ['attention_backend'",
+            "config.engine has no key 'max_num_seq': allowed are ['async_scheduling', 'attention_backend'",
         ),
         ([preset, "--config.engin.page_size=4"], "config has no section 'engin'"),
         (
