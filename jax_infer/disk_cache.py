@@ -35,8 +35,9 @@ _STALE_TMP_SECONDS = 3600.0
 
 @functools.cache
 def source_fingerprint() -> str:
-    """sha256 (16 hex digits) of every .py file of the jax_infer package, by relative path
-    and content, plus the jax and jaxlib versions. Read once per process (a few ms)."""
+    """sha256 (16 hex digits) of every source file of the jax_infer package (.py, and the C++
+    kernels' .cc/.h), by relative path and content, plus the jax and jaxlib versions. Read
+    once per process (a few ms)."""
     import jax
     import jaxlib
 
@@ -44,7 +45,7 @@ def source_fingerprint() -> str:
     for root, dirs, files in os.walk(_PACKAGE):
         dirs[:] = sorted(d for d in dirs if d != "__pycache__")
         for name in sorted(files):
-            if name.endswith(".py"):
+            if name.endswith((".py", ".cc", ".h")):
                 path = os.path.join(root, name)
                 h.update(os.path.relpath(path, _PACKAGE).encode() + b"\0")
                 with open(path, "rb") as f:

@@ -37,6 +37,7 @@ from jax_infer.model.invariant import check_batch_invariant
 from jax_infer.model.llama import untie_lm_head
 from jax_infer.model.step import paged_forward
 from jax_infer.outputs import host_logprob_rows, logprob_entry
+from jax_infer.program_store import StoredFunction
 from jax_infer.sampling import (
     SamplerFlags,
     SamplingMetadata,
@@ -336,6 +337,8 @@ class ModelRunner:
         if mesh is not None and data_parallel:
             self.num_replicas = mesh.shape[sharding.DATA]
         self.pool = self._new_pool()
+        # The fused step through stored programs: a second start loads it, never traces it.
+        self._fused_step = StoredFunction(forward_and_sample, "forward_and_sample", fixed=(0,))
         if mesh is None:
             self._forward = paged_forward
         else:
@@ -414,7 +417,7 @@ class ModelRunner:
         if flags is None:  # nothing to sample: any flags (the tokens are not read)
             flags = SamplerFlags(True, False, False, -1, 0)
             inputs = self._sampler_inputs_none(len(order))
-        res, self.pool, next_prev = forward_and_sample(
+        res, self.pool, next_prev = self._fused_step(
             self.params,
             tokens,
             meta,
