@@ -12,8 +12,10 @@ tree structure, shapes and dtypes, the jax_infer source fingerprint (disk_cache.
 to the model code misses), jax's trace context (x64, matmul precision...), and the device
 (platform, kind, count; on a CPU the C++ kernel families registered, and the CPU's flags).
 A hit deserializes the very executable the first process compiled, so outputs are the same
-bits. A miss traces, lowers and compiles as `jax.jit` would (the XLA cache still answers the
-compile), and a background thread serializes the executable into the store.
+bits. A miss traces, lowers and compiles as `jax.jit` would, but bypassing jax's persistent cache
+(on a CPU an executable loaded from there serializes without its compiled functions, and
+the copy fails when run: so a stored program is always one compiled afresh), and a
+background thread serializes the executable into the store.
 
 In memory, each program is looked up per call by the static arguments and the shapes of the
 arguments; a params pytree (hundreds of leaves) is read once per object (`fixed`: argument
@@ -156,6 +158,7 @@ def _write(path: str, compiled, directory: str, max_bytes: int) -> None:
     blob = pickle.dumps(serialize_executable.serialize(compiled), pickle.HIGHEST_PROTOCOL)
     crc = zlib.crc32(blob).to_bytes(4, "little")
     disk_cache.write_atomic(path, lambda f: f.write(MAGIC + crc + blob))
+    compile_cache.count_stored_write()
     disk_cache.evict(directory, max_bytes, keep=path)
 
 
@@ -237,7 +240,14 @@ class StoredFunction:
                     disk_cache.touch(path)
                     compile_cache.count_stored_program(time.perf_counter() - t0)
                     return program
-        program = self.fn.lower(*args, **static).compile()
+        lowered = self.fn.lower(*args, **static)
+        if path is None:
+            return lowered.compile()
+        # Compiled afresh, bypassing jax's persistent cache: on a CPU an executable loaded
+        # from there serializes without its compiled functions ("Function ... not found" when
+        # the copy runs). The store is this program's cache instead.
+        with compile_cache.bypassed():
+            program = lowered.compile()
         if path is not None:
             max_bytes = disk_cache.env_bytes(MAX_ENV_VAR, DEFAULT_MAX_GB)
             _writer.submit(functools.partial(_write, path, program, directory, max_bytes))
