@@ -130,6 +130,11 @@ def data_parallel_step(step, mesh: jax.sharding.Mesh):
     return call
 
 
+# The page pool as one program (zeros for every layer's K and V), not one eager op per leaf:
+# one program for a start to load, dispatched once (cold start, compile_cache.py).
+_init_pool = jax.jit(init_paged_cache, static_argnums=(0, 1, 2, 3, 4))
+
+
 @functools.partial(jax.jit, donate_argnums=(0,))
 def _copy_pages(pool, src, dst):
     """pool leaves [P, ...] (page axis first, int8 scales included): leaf[dst] = leaf[src]."""
@@ -352,7 +357,7 @@ class ModelRunner:
 
     def _new_pool(self):
         if self.mesh is None:
-            return init_paged_cache(
+            return _init_pool(
                 self.config, self.num_pages, self.page_size, self.cache_dtype, self.groups
             )
         rules = self.rules
@@ -647,8 +652,9 @@ class ModelRunner:
 
     @functools.cached_property
     def _no_prev(self) -> jax.Array:
-        """prev_tokens of a step with no previous step to gather from."""
-        return jnp.zeros((self.prev_rows or 1,), jnp.int32)
+        """prev_tokens of a step with no previous step to gather from (a host copy: no
+        program to compile or load at start)."""
+        return jax.device_put(np.zeros((self.prev_rows or 1,), np.int32))
 
     def _sample(self, logits, order, requests, token_bitmask=None):
         """Sample the sequence rows whose input row names a request (logits f32[S, V]);
