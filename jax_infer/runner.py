@@ -343,7 +343,9 @@ class ModelRunner:
             self.num_replicas = mesh.shape[sharding.DATA]
         self.pool = self._new_pool()
         # The fused step through stored programs: a second start loads it, never traces it.
-        self._fused_step = StoredFunction(forward_and_sample, "forward_and_sample", fixed=(0,))
+        self._fused_step = StoredFunction(
+            forward_and_sample, "forward_and_sample", fixed=(0,), stable=(3,)
+        )
         if mesh is None:
             self._forward = paged_forward
         else:
