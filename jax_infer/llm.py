@@ -199,8 +199,13 @@ class LLM:
             config, params, self.tokenizer, _ = cached
             draft = None
         else:
+            # The path resolved once (a named model's may be assembled or checked on resolve).
             config, params, fmt, path, reader = weights.load(
-                model, self.dtype, progress, mesh=mesh, rules=sharding_rules
+                path if wcache is not None else model,
+                self.dtype,
+                progress,
+                mesh=mesh,
+                rules=sharding_rules,
             )
             params = jax.tree.map(self._cast_float, params)
             float_params = params
