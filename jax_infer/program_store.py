@@ -84,8 +84,6 @@ def _stable_repr(x) -> str:
 
 @functools.cache
 def _device_key() -> str:
-    from jax._src import config as jax_config
-
     dev = jax.devices()[0]
     parts = [
         dev.platform,
@@ -96,8 +94,9 @@ def _device_key() -> str:
     if dev.platform == "cpu":
         from jax_infer.cpu import build
 
+        # features() also registers the C++ kernels' custom-call targets, which a stored
+        # program calls: a hit is read only after this key, hence after them.
         parts += [str(build.features()), " ".join(sorted(build.cpu_features().flags))]
-    del jax_config
     return "\0".join(parts)
 
 
