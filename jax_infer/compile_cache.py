@@ -25,11 +25,15 @@ Counters (from `jax.monitoring`, process totals since the listeners were install
 jax asked the backend for (`programs`), of them loaded from the persistent cache
 (`cache_hits`) or compiled now (`compiled`, written to the cache when it is on: `cache_writes`),
 and the seconds spent in backend compilation (`compile_seconds`, cache loads included) and in
-tracing and lowering to HLO (`trace_seconds`, paid on every start: the cache key is the HLO).
+tracing and lowering to HLO (`trace_seconds`: the cache key is the HLO). Step programs loaded
+whole from the program store (program_store.py, no trace at all) count as programs and cache
+hits too, and on their own as `stored_programs`; programs written there, `stored_writes` (they
+are compiled bypassing jax's cache, so not in `cache_writes`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -51,7 +55,13 @@ _HIT = "/jax/compilation_cache/cache_hits"
 _WRITE = "/jax/compilation_cache/cache_misses"  # recorded when an entry is written
 
 _lock = threading.Lock()
-_counts = {"programs": 0, "cache_hits": 0, "cache_writes": 0}
+_counts = {
+    "programs": 0,
+    "cache_hits": 0,
+    "cache_writes": 0,
+    "stored_programs": 0,
+    "stored_writes": 0,
+}
 _seconds = {"compile_seconds": 0.0, "trace_seconds": 0.0}
 _installed = False
 _enabled_dir: str | None = None
@@ -76,6 +86,22 @@ def _on_duration(event: str, seconds: float, **_) -> None:
             _seconds["trace_seconds"] += seconds
 
 
+def count_stored_program(seconds: float) -> None:
+    """One program loaded from the program store (program_store.py): a program and a cache
+    hit, with no trace or XLA compile."""
+    with _lock:
+        _counts["programs"] += 1
+        _counts["cache_hits"] += 1
+        _counts["stored_programs"] += 1
+        _seconds["compile_seconds"] += seconds
+
+
+def count_stored_write() -> None:
+    """One program written to the program store (compiled afresh, not to jax's cache)."""
+    with _lock:
+        _counts["stored_writes"] += 1
+
+
 def install_listeners() -> None:
     """Start counting (idempotent; `enable` calls it)."""
     global _installed
@@ -89,7 +115,8 @@ def install_listeners() -> None:
 
 def stats() -> dict:
     """Process totals: programs, cache_hits, compiled (= programs - cache_hits), cache_writes,
-    compile_seconds, trace_seconds, and cache_dir (None: the persistent cache is off)."""
+    stored_programs, stored_writes, compile_seconds, trace_seconds, and cache_dir (None: the
+    persistent cache is off)."""
     with _lock:
         out = {**_counts, **{k: round(v, 3) for k, v in _seconds.items()}}
     out["compiled"] = out["programs"] - out["cache_hits"]
@@ -124,6 +151,23 @@ def resolve_cache_dir(cache_dir: str | None = "auto") -> str | None:
     if given:
         return given
     return default_cache_dir()
+
+
+@contextlib.contextmanager
+def bypassed():
+    """Compiles inside skip the persistent cache (neither read nor written): the one way to
+    get an executable compiled afresh when the cache holds it. jax's switch is process-wide,
+    so a compile on another thread meanwhile skips it too (it then just compiles)."""
+    on = jax.config.jax_enable_compilation_cache and _enabled_dir is not None
+    if on:
+        jax.config.update("jax_enable_compilation_cache", False)
+        _jax_cache.reset_cache()
+    try:
+        yield
+    finally:
+        if on:
+            jax.config.update("jax_enable_compilation_cache", True)
+            _jax_cache.reset_cache()
 
 
 def cache_dir() -> str | None:
@@ -163,6 +207,7 @@ def enable(cache_dir: str | None = "auto") -> str | None:
 
 __all__ = [
     "ENV_VAR",
+    "bypassed",
     "MAX_CACHE_BYTES",
     "cache_dir",
     "default_cache_dir",

@@ -31,6 +31,8 @@ from jax_infer.sampling import SamplingParams
 from jax_infer.scheduler.request import Request
 from jax_infer.speculative import config as spec_config
 from jax_infer.tokenizer import Tokenizer
+from jax_infer.weights import cache as weights_cache
+from jax_infer.weights.cache import WeightsCache
 
 DTYPES = {
     "float32": jnp.float32,
@@ -110,6 +112,12 @@ class LLM:
     compilation_cache_dir: jax's persistent compilation cache, so a second start loads compiled
         programs instead of compiling: "auto" ($JAX_INFER_COMPILATION_CACHE_DIR, else
         ~/.cache/jax_infer/xla), a directory, or None/"off" (`compile_cache`; one per process).
+        The step programs themselves are stored there too (program_store.py).
+    weights_cache_dir: the cache of converted weights (weights/cache.py), so a second start
+        maps the weights in their final layout instead of reading and converting the file:
+        "auto" ($JAX_INFER_WEIGHTS_CACHE_DIR, else `weights/` in the compilation cache
+        directory; off when that is off), a directory, or None/"off". Used on one device
+        without speculative decoding, for the continuous engine.
     speculative_config: speculative decoding (speculative/config.py): a dict like vLLM's
         ({"method": "ngram" | "draft_model", "num_speculative_tokens": k, "model": draft path,
         "quantization": scheme for a self-draft, ...}) or "ngram", "self-int4", "self-int8",
@@ -142,6 +150,7 @@ class LLM:
         async_scheduling: bool = EngineConfig.async_scheduling,
         precompile: bool | None = EngineConfig.precompile,
         compilation_cache_dir: str | None = EngineConfig.compilation_cache_dir,
+        weights_cache_dir: str | None = "auto",
         progress: bool = True,
         mesh=None,
         sharding_rules=None,
@@ -168,22 +177,49 @@ class LLM:
         # In a multi-process job every process loads; only process 0 shows progress.
         progress = progress and jax.process_index() == 0
         self.sharding_rules = sharding_rules
-        config, params, fmt, path, reader = weights.load(
-            model, self.dtype, progress, mesh=mesh, rules=sharding_rules
-        )
-        params = jax.tree.map(self._cast_float, params)
+        # A second start maps the converted weights (and tokenizer) from the weights cache.
+        wcache = wkey = None
+        if mesh is None and spec is None and engine == "continuous" and jax.process_count() == 1:
+            wcache = WeightsCache.resolve(weights_cache_dir)
+        else:
+            weights_cache.resolve_dir(weights_cache_dir)  # raises on a bad value
+        cached = None
+        if wcache is not None:
+            fmt, path = weights.resolve(model)
+            wkey = wcache.key(
+                path,
+                dtype=str(self.dtype),
+                quantization=quantization,
+                batch_invariant=batch_invariant,
+            )
+            cached = wcache.load(wkey)
+        self.weights_cache_hit = cached is not None
+        if cached is not None:
+            # Params already in the runner's layout (laying out again is a no-op).
+            config, params, self.tokenizer, _ = cached
+            draft = None
+        else:
+            # The path resolved once (a named model's may be assembled or checked on resolve).
+            config, params, fmt, path, reader = weights.load(
+                path if wcache is not None else model,
+                self.dtype,
+                progress,
+                mesh=mesh,
+                rules=sharding_rules,
+            )
+            params = jax.tree.map(self._cast_float, params)
+            float_params = params
+            if quantization is not None:
+                params = quantize(params, quantization)
+            # A quantized self-draft starts from the target's float weights (`quantize`
+            # refuses quantized ones), so an int8 target can have an int4 self-draft; an
+            # unquantized one is the target's weights as served.
+            quantized_draft = spec is not None and spec["quantization"] is not None
+            draft = self._draft_model(spec, float_params if quantized_draft else params, progress)
+            del float_params
+            self.tokenizer = load_tokenizer(fmt, path, reader)
         self.config = config
-        float_params = params
-        if quantization is not None:
-            params = quantize(params, quantization)
-        # A quantized self-draft starts from the target's float weights (`quantize` refuses
-        # quantized ones), so an int8 target can have an int4 self-draft; an unquantized one
-        # is the target's weights as served.
-        quantized_draft = spec is not None and spec["quantization"] is not None
-        draft = self._draft_model(spec, float_params if quantized_draft else params, progress)
-        del float_params
         self.model_path = path
-        self.tokenizer = load_tokenizer(fmt, path, reader)
         if max_model_len is None:
             max_model_len = min(config.max_position_embeddings, 4096)
         if (
@@ -241,6 +277,8 @@ class LLM:
                 draft_model=draft,
                 progress=progress,
             )
+            if wkey is not None and cached is None:
+                wcache.store(wkey, config, self.engine.params, self.tokenizer)
         else:
             self.generator = StaticBatchGenerator(
                 config,

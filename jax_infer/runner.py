@@ -37,6 +37,7 @@ from jax_infer.model.invariant import check_batch_invariant
 from jax_infer.model.llama import untie_lm_head
 from jax_infer.model.step import paged_forward
 from jax_infer.outputs import host_logprob_rows, logprob_entry
+from jax_infer.program_store import StoredFunction
 from jax_infer.sampling import (
     SamplerFlags,
     SamplingMetadata,
@@ -127,6 +128,11 @@ def data_parallel_step(step, mesh: jax.sharding.Mesh):
         return mapped(params, tokens, meta, cache)
 
     return call
+
+
+# The page pool as one program (zeros for every layer's K and V), not one eager op per leaf:
+# one program for a start to load, dispatched once (cold start, compile_cache.py).
+_init_pool = jax.jit(init_paged_cache, static_argnums=(0, 1, 2, 3, 4))
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
@@ -336,6 +342,10 @@ class ModelRunner:
         if mesh is not None and data_parallel:
             self.num_replicas = mesh.shape[sharding.DATA]
         self.pool = self._new_pool()
+        # The fused step through stored programs: a second start loads it, never traces it.
+        self._fused_step = StoredFunction(
+            forward_and_sample, "forward_and_sample", fixed=(0,), stable=(3,)
+        )
         if mesh is None:
             self._forward = paged_forward
         else:
@@ -349,7 +359,7 @@ class ModelRunner:
 
     def _new_pool(self):
         if self.mesh is None:
-            return init_paged_cache(
+            return _init_pool(
                 self.config, self.num_pages, self.page_size, self.cache_dtype, self.groups
             )
         rules = self.rules
@@ -414,7 +424,7 @@ class ModelRunner:
         if flags is None:  # nothing to sample: any flags (the tokens are not read)
             flags = SamplerFlags(True, False, False, -1, 0)
             inputs = self._sampler_inputs_none(len(order))
-        res, self.pool, next_prev = forward_and_sample(
+        res, self.pool, next_prev = self._fused_step(
             self.params,
             tokens,
             meta,
@@ -644,8 +654,9 @@ class ModelRunner:
 
     @functools.cached_property
     def _no_prev(self) -> jax.Array:
-        """prev_tokens of a step with no previous step to gather from."""
-        return jnp.zeros((self.prev_rows or 1,), jnp.int32)
+        """prev_tokens of a step with no previous step to gather from (a host copy: no
+        program to compile or load at start)."""
+        return jax.device_put(np.zeros((self.prev_rows or 1,), np.int32))
 
     def _sample(self, logits, order, requests, token_bitmask=None):
         """Sample the sequence rows whose input row names a request (logits f32[S, V]);

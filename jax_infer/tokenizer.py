@@ -34,10 +34,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import jinja2
-import jinja2.ext
 import tokenizers
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
 __all__ = ["IncrementalDetokenizer", "Tokenizer", "TokenizerError"]
@@ -803,22 +800,35 @@ def _template_processor(bos: tuple[str, int] | None, eos: tuple[str, int] | None
 # ---- chat template rendering ------------------------------------------------------------
 
 
-class _GenerationTag(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` marks assistant text for HF's training masks;
-    for inference it renders its body unchanged, but templates using it must still parse."""
+# jinja2 is imported on the first chat template, not with the package: ~0.2 s of every
+# process start (cold start, compile_cache.py) that plain generate never needs.
+@functools.cache
+def _generation_tag():
+    import jinja2.ext
+    import jinja2.nodes
 
-    tags = {"generation"}
+    class _GenerationTag(jinja2.ext.Extension):
+        """`{% generation %}...{% endgeneration %}` marks assistant text for HF's training
+        masks; for inference it renders its body unchanged, but templates using it must still
+        parse."""
 
-    def parse(self, parser):
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+        tags = {"generation"}
 
-    def _render(self, caller):
-        return caller()
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            call = jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body)
+            return call.set_lineno(lineno)
+
+        def _render(self, caller):
+            return caller()
+
+    return _GenerationTag
 
 
 def _raise_exception(message):
+    import jinja2.exceptions
+
     raise jinja2.exceptions.TemplateError(message)
 
 
@@ -835,13 +845,17 @@ def _strftime_now(fmt):
 
 
 @functools.lru_cache(maxsize=16)
-def _compile_chat_template(template: str) -> jinja2.Template:
+def _compile_chat_template(template: str):
+    """The jinja2.Template of a chat template."""
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
     # Chat templates come from model files, i.e. are untrusted: sandboxed, immutable env,
     # with the same whitespace settings and helpers as HF so output is byte-identical.
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True,
         lstrip_blocks=True,
-        extensions=[_GenerationTag, jinja2.ext.loopcontrols],
+        extensions=[_generation_tag(), jinja2.ext.loopcontrols],
     )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception

@@ -5,14 +5,20 @@
 
 Each run is a fresh Python process that imports jax_infer, builds `LLM(model=--model)` and
 generates one greedy token for --prompt (`max_tokens=1`): what a user or a server pays before
-the first token. The first run gets an empty persistent compilation cache (a new temporary
-directory, or --cache_dir emptied), the next --warm_runs the same directory (the second start
-of the same program), and with --compare_off one more runs with the cache off. Reported per
-run: seconds from spawning the process to the interpreter running the child (`python`),
-imports (`import`), LLM() (`load`: weights, layout, page pool, and the precompile when on),
-the first generate (`first token`), and the total; from `compile_cache.stats()` the programs
-jax asked for, how many came from the cache, how many were compiled, and the seconds in
-backend compiles and in tracing/lowering. `ratio` is each run's total over the first's.
+the first token. The first run gets empty caches (a new temporary directory, or --cache_dir
+emptied: jax's compilation cache, and in it the program store, programs/, and the weights
+cache, weights/), the next --warm_runs the same directory (the second start of the same
+program), and with --compare_off one more runs with the caches off. Reported per run: seconds
+from spawning the process to the interpreter running the child (`python`), imports
+(`import`), LLM() (`load`: weights read and converted or mapped from the weights cache,
+layout, page pool, and the precompile when on), the first generate (`first token`), and the
+total; whether the weights came from the weights cache (`weights`); from
+`compile_cache.stats()` the programs asked for, how many came from a cache (jax's, or whole
+from the program store: `stored`), how many were compiled, and the seconds in backend
+compiles (cache loads included) and in tracing/lowering. `ratio` is each run's total over the
+first's. The caches are written on background threads (the first start's first token does
+not wait for them; its process does, before it exits). The load average is printed before
+and after: other processes on the machine skew every number.
 """
 
 from __future__ import annotations
@@ -66,7 +72,7 @@ t_first = time.time()
 print("RESULT " + json.dumps({
     "python": t_python, "import": t_import, "load": t_load, "first_token": t_first,
     "token_ids": list(out[0].token_ids), "compile": compile_cache.stats(),
-    "backend": jax.default_backend(),
+    "backend": jax.default_backend(), "weights_cache_hit": llm.weights_cache_hit,
 }))
 """
 
@@ -98,6 +104,7 @@ def run_child(label: str, cache_dir: str | None) -> dict:
         "first_token_s": r["first_token"] - r["load"],
         "total_s": r["first_token"] - t0,
         "token_ids": r["token_ids"],
+        "weights_cache_hit": r["weights_cache_hit"],
         "compile": r["compile"],
         "backend": r["backend"],
     }
@@ -105,6 +112,7 @@ def run_child(label: str, cache_dir: str | None) -> dict:
 
 def main(argv):
     del argv
+    load_before = os.getloadavg()
     cache_dir = FLAGS.cache_dir
     temporary = cache_dir is None
     if temporary:
@@ -137,8 +145,10 @@ def main(argv):
                 f"{r['first_token_s']:.2f}",
                 f"{r['total_s']:.2f}",
                 f"{r['ratio']:.2f}",
+                "hit" if r["weights_cache_hit"] else "miss",
                 c["programs"],
                 c["cache_hits"],
+                c.get("stored_programs", 0),
                 c["compiled"],
                 f"{c['compile_seconds']:.2f}",
                 f"{c['trace_seconds']:.2f}",
@@ -146,8 +156,9 @@ def main(argv):
         )
     print(
         f"{FLAGS.model} on {runs[0]['backend']}, precompile={FLAGS.precompile}, load average "
-        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; cache {cache_bytes / 2**20:.1f} MiB "
-        f"(default dir {compile_cache.default_cache_dir()})"
+        f"{' '.join(f'{x:.2f}' for x in load_before)} before, "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} after; caches "
+        f"{cache_bytes / 2**20:.1f} MiB (default dir {compile_cache.default_cache_dir()})"
     )
     report.print_table(
         [
@@ -158,8 +169,10 @@ def main(argv):
             "1st token s",
             "total s",
             "ratio",
+            "weights",
             "programs",
             "cache hits",
+            "stored",
             "compiled",
             "compile s",
             "trace s",
@@ -183,6 +196,7 @@ def main(argv):
                     "warm_runs",
                 )
             },
+            "load_average_before": load_before,
             "load_average": os.getloadavg(),
             "cache_bytes": cache_bytes,
             "same_first_token": same,

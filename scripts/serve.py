@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 
 import shared_flags
-from absl import app, flags
+from absl import app, flags, logging
 
 from jax_infer import LLM
 from jax_infer.server import ServerConfig, run_server
@@ -28,8 +28,11 @@ from jax_infer.server import ServerConfig, run_server
 FLAGS = flags.FLAGS
 shared_flags.define_model_flags()
 shared_flags.define_engine_flags()
-# A server compiles every step bucket before it reports healthy (--noprecompile: on first use).
-FLAGS.set_default("precompile", True)
+# A server compiles every step bucket before it reports healthy (--noprecompile: on first use),
+# by default on a TPU or GPU only: on a CPU every bucket of SmolLM2 took over 8 minutes on two
+# cores, while one bucket compiles in seconds on first use and is stored for the next start
+# (program_store.py). --precompile forces it on a CPU too.
+FLAGS.set_default("precompile", None)
 shared_flags.define_config_flags()
 shared_flags.define_mesh_flags()
 flags.adopt_module_key_flags(shared_flags)
@@ -55,11 +58,27 @@ flags.DEFINE_integer("max_request_bytes", 2 * 2**20, "Largest request body (413 
 flags.DEFINE_enum("log_level", "info", ["debug", "info", "warning", "error"], "uvicorn log level.")
 
 
+def default_precompile() -> bool:
+    """--precompile's default: on, except on a CPU (a log line says so)."""
+    import jax
+
+    if jax.default_backend() == "cpu":
+        logging.info(
+            "precompile off on the CPU (every step bucket takes minutes there): each step "
+            "shape compiles on first use and is stored for the next start; --precompile to "
+            "compile them all now"
+        )
+        return False
+    return True
+
+
 def main(argv):
     del argv
     cfg = shared_flags.apply_config()
     if FLAGS.dry_run:
         return shared_flags.dry_run(cfg)
+    if FLAGS.precompile is None:
+        FLAGS.precompile = default_precompile()
     kwargs = {
         **shared_flags.llm_kwargs(config=cfg),
         "max_model_len": FLAGS.max_model_len,

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import tokenizers
 
-from jax_infer import SamplingParams, compile_cache
+from jax_infer import SamplingParams, compile_cache, program_store
 from jax_infer.config import ModelConfig
 from jax_infer.engine import EngineConfig, LLMEngine
 from jax_infer.model.llama import init_params
@@ -77,6 +77,7 @@ def main(cache_dir: str, precompile: bool) -> None:
     engine = make_engine(cache_dir, precompile=precompile)
     after_precompile = compile_cache.stats()
     tokens = run(engine)
+    program_store.flush()  # the stored programs written (counted in stored_writes)
     print(
         json.dumps(
             {

@@ -18,6 +18,9 @@ if "JAX_INFER_COMPILATION_CACHE_DIR" not in os.environ:
     _CACHE = tempfile.mkdtemp(prefix="jax_infer_xla_")
     os.environ["JAX_INFER_COMPILATION_CACHE_DIR"] = _CACHE
     atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+# Nor do they store converted weights (hundreds of MB per model and option set, written on a
+# background thread) unless a test names a directory (tests/test_weights_cache.py does).
+os.environ.setdefault("JAX_INFER_WEIGHTS_CACHE_DIR", "off")
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ compiles nothing. Speed itself is scripts/benchmark_cold_start.py's.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_infer import compile_cache
+from jax_infer import compile_cache, program_store
 from jax_infer.attention.metadata import build_metadata, step_shape
 from jax_infer.engine import EngineConfig
 from jax_infer.precompile import step_shapes
@@ -120,8 +121,8 @@ def test_step_shapes_cover_every_scheduled_step(max_num_seqs, budget, page_size,
 # -- a second process compiles nothing --------------------------------------------------------
 
 
-def _child(cache_dir, *args) -> dict:
-    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+def _child(cache_dir, *args, env=None) -> dict:
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", **(env or {})}
     proc = subprocess.run(
         [sys.executable, CHILD, str(cache_dir), *args],
         env=env,
@@ -141,7 +142,10 @@ def test_second_process_compiles_no_new_program(tmp_path):
     assert pre["cache_dir"] == str(cache)
     assert first["shapes"] >= 8
     assert pre["compiled"] > 0 and pre["cache_hits"] == 0
-    assert pre["cache_writes"] == pre["compiled"]
+    # Every compiled program written: to jax's cache, or (the steps) to the program store
+    # (on a background thread: counted by the end, after the child's flush).
+    assert end["cache_writes"] + end["stored_writes"] == end["compiled"]
+    assert end["stored_writes"] >= first["shapes"]
     # Serving after the precompile needed no program the precompile had not made.
     assert end["programs"] == pre["programs"]
 
@@ -149,6 +153,7 @@ def test_second_process_compiles_no_new_program(tmp_path):
     s_pre, s_end = second["precompile"], second["end"]
     assert s_end["programs"] == end["programs"]
     assert s_end["cache_hits"] == s_end["programs"]  # every program from the cache
+    assert s_end["stored_programs"] >= first["shapes"]  # the steps not even traced
     assert s_end["compiled"] == 0 and s_end["cache_writes"] == 0
     assert s_pre["compile_seconds"] < pre["compile_seconds"]
     assert second["tokens"] == first["tokens"]
@@ -158,3 +163,50 @@ def test_second_process_compiles_no_new_program(tmp_path):
     lazy = _child(cache, "--no-precompile")
     assert lazy["tokens"] == first["tokens"]
     assert lazy["end"]["compiled"] == 0 and lazy["end"]["cache_hits"] > 0
+    assert lazy["end"]["stored_programs"] > 0
+
+    # Stored step programs (program_store.py) switched off: every step traced again (the
+    # XLA cache still answers its compile), and the same tokens as the stored programs gave.
+    assert any(f.endswith(program_store.SUFFIX) for f in os.listdir(cache / "programs"))
+    traced = _child(cache, "--no-precompile", env={program_store.SWITCH_ENV: "0"})
+    assert traced["end"]["stored_programs"] == 0 and traced["end"]["stored_writes"] == 0
+    assert traced["tokens"] == first["tokens"]
+
+
+# -- stored step programs (program_store.py) ------------------------------------------------
+
+
+def test_stored_function_keys_loads_and_recovers(tmp_path, caplog):
+    """In one process: a new StoredFunction (empty memory) loads the stored program, bitwise
+    the same result; another static argument or shape is another entry; a corrupted entry
+    is recompiled with a warning."""
+
+    @functools.partial(jax.jit, static_argnames="scale")
+    def f(x, *, scale):
+        return jnp.sin(x) * scale + 0.125
+
+    try:
+        compile_cache.enable(str(tmp_path))
+        directory = program_store.store_dir()
+        x = jnp.arange(13.0)
+        want = np.asarray(program_store.StoredFunction(f, "f")(x, scale=3.0))
+        program_store.flush()
+        (entry,) = os.listdir(directory)
+        before = compile_cache.stats()
+        got = program_store.StoredFunction(f, "f")(x, scale=3.0)
+        assert compile_cache.stats()["stored_programs"] == before["stored_programs"] + 1
+        np.testing.assert_array_equal(np.asarray(got), want)
+        program_store.StoredFunction(f, "f")(x, scale=2.0)
+        program_store.StoredFunction(f, "f")(jnp.arange(7.0), scale=3.0)
+        program_store.flush()
+        assert len(os.listdir(directory)) == 3
+        path = os.path.join(directory, entry)
+        data = bytearray(open(path, "rb").read())
+        data[len(data) // 2] ^= 0xFF
+        open(path, "wb").write(bytes(data))
+        got = program_store.StoredFunction(f, "f")(x, scale=3.0)
+        np.testing.assert_array_equal(np.asarray(got), want)
+        assert "does not load" in caplog.text
+        program_store.flush()
+    finally:
+        compile_cache.enable("auto")
