@@ -379,7 +379,7 @@ struct Int4Mat {
   const float* mstep;
   float* y;
   int64_t N, group;
-  std::vector<float> xsum;  // f32[M, G]: per-row group sums of x (see below)
+  const float* xsum;  // f32[M, G]: per-row group sums of x (see below)
 };
 #endif
 
@@ -416,15 +416,29 @@ ffi::Error Int4MatvecImpl(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args,
     const int64_t group = K / G;
     if (group % 8 != 0)
       return ffi::Error::InvalidArgument("int4 matvec: groups must be a multiple of 8 rows");
-    // Per-row group sums of x carry the block minimums: sum_k x_k (d u_k + m) = d sum x u + m
-    // sum x.
-    std::vector<float> xsum(M * G, 0.0f);
-    for (int64_t r = 0; r < M; ++r)
-      for (int64_t k = 0; k < K; ++k) xsum[r * G + k / group] += xp[r * K + k];
     mats.push_back({packed->typed_data(), bscale->typed_data(), bmin->typed_data(),
                     sstep->typed_data(), mstep->typed_data(), (*y)->typed_data(), N, group,
-                    std::move(xsum)});
+                    nullptr});
   }
+  // Per-row group sums of x carry the block minimums: sum_k x_k (d u_k + m) = d sum x u + m
+  // sum x. One f32[M, G] per distinct group size (the fused matrices usually share one).
+  std::vector<std::pair<int64_t, std::vector<float>>> sums;
+  for (const Int4Mat& mat : mats) {
+    if (std::any_of(sums.begin(), sums.end(), [&](const auto& e) { return e.first == mat.group; }))
+      continue;
+    const int64_t G = K / mat.group;
+    std::vector<float> xsum(M * G);
+    for (int64_t r = 0; r < M; ++r)
+      for (int64_t j = 0; j < G; ++j) {
+        float total = 0.0f;
+        for (int64_t k = j * mat.group; k < (j + 1) * mat.group; ++k) total += xp[r * K + k];
+        xsum[r * G + j] = total;
+      }
+    sums.emplace_back(mat.group, std::move(xsum));
+  }
+  for (Int4Mat& mat : mats)
+    for (const auto& e : sums)
+      if (e.first == mat.group) mat.xsum = e.second.data();
   const Segments seg = segments(mats);
   const QuantizedRows a = quantize_rows(xp, M, K);
   const QuantizedRows* ap = &a;
@@ -435,7 +449,7 @@ ffi::Error Int4MatvecImpl(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args,
     const Int4Mat& m = mp[at.first];
     const int64_t tile = at.second;
     vnni_rows(M, [&](auto rows, int64_t m0) {
-      int4_tile_vnni<decltype(rows)::value>(*ap, m.xsum.data(), m.packed, m.bscale, m.bmin,
+      int4_tile_vnni<decltype(rows)::value>(*ap, m.xsum, m.packed, m.bscale, m.bmin,
                                             m.sstep, m.mstep, m.y, K, m.N, m.group,
                                             tile * kTile, m0);
     });
