@@ -14,8 +14,9 @@ prefill tokens/s (prompt tokens / time to the first token), decode tokens/s afte
 the median of per-round ratios, and how many greedy tokens agree.
 
 Matching precision: our `LLM` dequantizes the file to float32 on load, then quantizes the
-layer weights to the precision nearest the file's (F32/F16: none; Q8_0: int8; Q4_0, Q4_1,
-Q4_K: int4; embedding and head stay float32 in ours, while llama.cpp keeps them as stored).
+weights to the precision nearest the file's (F32/F16: none; Q8_0: int8+embed; Q4_0, Q4_1,
+Q4_K: int4+embed, the embedding and tied head at int4-g16; llama.cpp keeps them as stored:
+Q8_0, Q4_0/Q4_1 or Q6_K).
 llama.cpp runs with --n_threads threads and, for quantized files, without its extra
 (repacked) weight buffers (`use_extra_bufts=False`: its AMX repack path crashed on this
 machine). The JSON records the CPU flags (`lscpu`) and the load average before and after.

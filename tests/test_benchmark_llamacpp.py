@@ -37,8 +37,8 @@ def q8_file(tmp_path_factory):
 @pytest.mark.real_model
 def test_file_types_match_our_precisions(q8_file):
     src, q8 = q8_file
-    assert lr.ours_for(src) == ("Q4_1", "int4")
-    assert lr.ours_for(q8) == ("Q8_0", "int8")
+    assert lr.ours_for(src) == ("Q4_1", "int4+embed")
+    assert lr.ours_for(q8) == ("Q8_0", "int8+embed")
     mtime = os.path.getmtime(q8)
     assert lr.requantized(src, "Q8_0", os.path.dirname(q8)) == q8  # cached, not rebuilt
     assert os.path.getmtime(q8) == mtime

@@ -70,7 +70,9 @@ __all__ = [
     "f32_tiles_matmul",
     "features",
     "int4_matvec",
+    "int4_matvec_multi",
     "int8_matvec",
+    "int8_matvec_multi",
     "supports",
     "tiled_matmul",
 ]
@@ -104,18 +106,31 @@ def _require(bits: int) -> None:
 
 def int8_matvec(x, values, scales):
     """x f32[M, K] @ the Int8Array format (values s8[N/64, K, 64]) -> f32[M, N]."""
+    return int8_matvec_multi(x, [(values, scales)])[0]
+
+
+def int8_matvec_multi(x, mats):
+    """x f32[M, K] @ each of several Int8Array matrices, mats [(values, scales), ...] -> a
+    list of f32[M, N_i]: one kernel call, x quantized once, every matrix's column tiles one
+    job for the worker pool (a layer's q/k/v or gate/up projections)."""
     _require(8)
-    out = jax.ShapeDtypeStruct((x.shape[0], values.shape[0] * TILE), jnp.float32)
-    return jax.ffi.ffi_call(build.INT8_TARGET, out, vmap_method="broadcast_all")(x, values, scales)
+    outs = [jax.ShapeDtypeStruct((x.shape[0], v.shape[0] * TILE), jnp.float32) for v, _ in mats]
+    args = [a for mat in mats for a in mat]
+    return list(jax.ffi.ffi_call(build.INT8_TARGET, outs, vmap_method="broadcast_all")(x, *args))
 
 
 def int4_matvec(x, packed, block_scale, block_min, scale_step, min_step):
     """x f32[M, K] @ the Int4Array format (packed u8[N/64, K/8, 256]) -> f32[M, N]."""
+    return int4_matvec_multi(x, [(packed, block_scale, block_min, scale_step, min_step)])[0]
+
+
+def int4_matvec_multi(x, mats):
+    """`int8_matvec_multi` for Int4Array matrices: mats [(packed, block_scale, block_min,
+    scale_step, min_step), ...] -> a list of f32[M, N_i]."""
     _require(4)
-    out = jax.ShapeDtypeStruct((x.shape[0], packed.shape[0] * TILE), jnp.float32)
-    return jax.ffi.ffi_call(build.INT4_TARGET, out, vmap_method="broadcast_all")(
-        x, packed, block_scale, block_min, scale_step, min_step
-    )
+    outs = [jax.ShapeDtypeStruct((x.shape[0], m[0].shape[0] * TILE), jnp.float32) for m in mats]
+    args = [a for mat in mats for a in mat]
+    return list(jax.ffi.ffi_call(build.INT4_TARGET, outs, vmap_method="broadcast_all")(x, *args))
 
 
 def f32_tiles_matmul(x, tiles):

@@ -41,6 +41,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -287,74 +288,170 @@ ffi::Error check_shapes(int64_t M, int64_t K, int64_t N, int64_t G) {
   return ffi::Error::Success();
 }
 
-ffi::Error Int8MatvecImpl(ffi::Buffer<ffi::F32> x,
-                          ffi::Buffer<ffi::S8> values, ffi::Buffer<ffi::F32> scales,
-                          ffi::ResultBuffer<ffi::F32> y) {
+// One call takes several matrices that share the input x (a layer's q, k and v, or its gate
+// and up projections): x is quantized once, and the column tiles of all of them are one job
+// for the worker pool. Per matrix that saves a pool hand-off and an FFI call, and it evens
+// out the split: SmolLM2's k and v have 3 tiles each, which two threads share 2:1, while q,
+// k and v together have 15.
+struct Segments {
+  std::vector<int64_t> start;  // first global tile of each matrix, then the total
+  int64_t total() const { return start.back(); }
+  // (matrix, its tile) of global tile t; a linear scan, as there are at most a few matrices.
+  std::pair<int64_t, int64_t> find(int64_t t) const {
+    int64_t i = 0;
+    while (start[i + 1] <= t) ++i;
+    return {i, t - start[i]};
+  }
+};
+
+template <typename Mat>
+Segments segments(const std::vector<Mat>& mats) {
+  Segments s{{0}};
+  for (const Mat& m : mats) s.start.push_back(s.start.back() + m.N / kTile);
+  return s;
+}
+
+struct Int8Mat {
+  const int8_t* q;
+  const float* scales;
+  float* y;
+  int64_t N, group;
+};
+
+// Variadic: x, then (values, scales) per matrix; one output per matrix.
+ffi::Error Int8MatvecImpl(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args,
+                          ffi::RemainingRets rets) {
   const auto xd = x.dimensions();
-  const auto vd = values.dimensions();
-  const auto sd = scales.dimensions();
-  if (xd.size() != 2 || vd.size() != 3 || sd.size() != 2 || vd[2] != kTile || xd[1] != vd[1] ||
-      sd[1] != vd[0] * kTile)
+  if (xd.size() != 2 || rets.size() < 1 || args.size() != 2 * rets.size())
     return ffi::Error::InvalidArgument(
-        "int8 matvec: expected x[M,K], values[N/64,K,64], scales[G,N]");
-  const int64_t M = xd[0], K = xd[1], N = vd[0] * kTile, G = sd[0];
-  if (auto err = check_shapes(M, K, N, G); err.failure()) return err;
+        "int8 matvec: expected x[M,K], then values and scales per matrix, one output each");
+  const int64_t M = xd[0], K = xd[1];
+  std::vector<Int8Mat> mats;
+  for (size_t i = 0; i < rets.size(); ++i) {
+    auto values = args.get<ffi::Buffer<ffi::S8>>(2 * i);
+    auto scales = args.get<ffi::Buffer<ffi::F32>>(2 * i + 1);
+    auto y = rets.get<ffi::Buffer<ffi::F32>>(i);
+    if (values.has_error() || scales.has_error() || y.has_error())
+      return ffi::Error::InvalidArgument("int8 matvec: expected s8 values, f32 scales, f32 y");
+    const auto vd = values->dimensions();
+    const auto sd = scales->dimensions();
+    if (vd.size() != 3 || sd.size() != 2 || vd[2] != kTile || vd[1] != K ||
+        sd[1] != vd[0] * kTile)
+      return ffi::Error::InvalidArgument(
+          "int8 matvec: expected x[M,K], values[N/64,K,64], scales[G,N]");
+    const int64_t N = vd[0] * kTile, G = sd[0];
+    if (auto err = check_shapes(M, K, N, G); err.failure()) return err;
+    mats.push_back({values->typed_data(), scales->typed_data(), (*y)->typed_data(), N, K / G});
+  }
+  const Segments seg = segments(mats);
   const float* xp = x.typed_data();
-  const int8_t* qp = values.typed_data();
-  const float* sp = scales.typed_data();
-  float* yp = y->typed_data();
-  const int64_t group = K / G;
+  const Int8Mat* mp = mats.data();
+  const Segments* sp = &seg;
 #ifdef JAX_INFER_VNNI
   const QuantizedRows a = quantize_rows(xp, M, K);
   const QuantizedRows* ap = &a;
-  parallel_tiles(N / kTile, [=](int64_t t) {
+  parallel_tiles(seg.total(), [=](int64_t t) {
+    const std::pair<int64_t, int64_t> at = sp->find(t);
+    const Int8Mat& m = mp[at.first];
+    const int64_t tile = at.second;
     vnni_rows(M, [&](auto rows, int64_t m0) {
-      int8_tile_vnni<decltype(rows)::value>(*ap, qp, sp, yp, K, N, group, t * kTile, m0);
+      int8_tile_vnni<decltype(rows)::value>(*ap, m.q, m.scales, m.y, K, m.N, m.group,
+                                            tile * kTile, m0);
     });
   });
 #else
-  parallel_tiles(N / kTile, [=](int64_t t) {
-    all_rows<Int8Tile>(M, xp, qp, sp, yp, K, N, group, t * kTile);
+  parallel_tiles(seg.total(), [=](int64_t t) {
+    const std::pair<int64_t, int64_t> at = sp->find(t);
+    const Int8Mat& m = mp[at.first];
+    const int64_t tile = at.second;
+    all_rows<Int8Tile>(M, xp, m.q, m.scales, m.y, K, m.N, m.group, tile * kTile);
   });
 #endif
   return ffi::Error::Success();
 }
 
-ffi::Error Int4MatvecImpl(ffi::Buffer<ffi::F32> x,
-                          ffi::Buffer<ffi::U8> packed, ffi::Buffer<ffi::U8> block_scale,
-                          ffi::Buffer<ffi::S8> block_min, ffi::Buffer<ffi::F32> scale_step,
-                          ffi::Buffer<ffi::F32> min_step, ffi::ResultBuffer<ffi::F32> y) {
+#ifdef JAX_INFER_VNNI
+struct Int4Mat {
+  const uint8_t* packed;
+  const uint8_t* bscale;
+  const int8_t* bmin;
+  const float* sstep;
+  const float* mstep;
+  float* y;
+  int64_t N, group;
+  const float* xsum;  // f32[M, G]: per-row group sums of x (see below)
+};
+#endif
+
+// Variadic: x, then (packed, block_scale, block_min, scale_step, min_step) per matrix.
+ffi::Error Int4MatvecImpl(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args,
+                          ffi::RemainingRets rets) {
 #ifdef JAX_INFER_VNNI
   const auto xd = x.dimensions();
-  const auto pd = packed.dimensions();
-  const auto bd = block_scale.dimensions();
-  if (xd.size() != 2 || pd.size() != 3 || bd.size() != 2 || pd[2] != 4 * kTile ||
-      xd[1] != 8 * pd[1] || bd[1] != pd[0] * kTile)
+  if (xd.size() != 2 || rets.size() < 1 || args.size() != 5 * rets.size())
     return ffi::Error::InvalidArgument(
-        "int4 matvec: expected x[M,K], packed[N/64,K/8,256], block_scale[G,N]");
-  const int64_t M = xd[0], K = xd[1], N = pd[0] * kTile, G = bd[0];
-  if (auto err = check_shapes(M, K, N, G); err.failure()) return err;
-  const int64_t group = K / G;
-  if (group % 8 != 0)
-    return ffi::Error::InvalidArgument("int4 matvec: groups must be a multiple of 8 rows");
+        "int4 matvec: expected x[M,K], then five arrays per matrix, one output each");
+  const int64_t M = xd[0], K = xd[1];
   const float* xp = x.typed_data();
-  // Per-row group sums of x carry the block minimums: sum_k x_k (d u_k + m) = d sum x u + m sum x.
-  std::vector<float> xsum(M * G, 0.0f);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) xsum[m * G + k / group] += xp[m * K + k];
-  const float* xs = xsum.data();
-  const uint8_t* pp = packed.typed_data();
-  const uint8_t* bs = block_scale.typed_data();
-  const int8_t* bm = block_min.typed_data();
-  const float* ss = scale_step.typed_data();
-  const float* ms = min_step.typed_data();
-  float* yp = y->typed_data();
+  std::vector<Int4Mat> mats;
+  for (size_t i = 0; i < rets.size(); ++i) {
+    auto packed = args.get<ffi::Buffer<ffi::U8>>(5 * i);
+    auto bscale = args.get<ffi::Buffer<ffi::U8>>(5 * i + 1);
+    auto bmin = args.get<ffi::Buffer<ffi::S8>>(5 * i + 2);
+    auto sstep = args.get<ffi::Buffer<ffi::F32>>(5 * i + 3);
+    auto mstep = args.get<ffi::Buffer<ffi::F32>>(5 * i + 4);
+    auto y = rets.get<ffi::Buffer<ffi::F32>>(i);
+    if (packed.has_error() || bscale.has_error() || bmin.has_error() || sstep.has_error() ||
+        mstep.has_error() || y.has_error())
+      return ffi::Error::InvalidArgument(
+          "int4 matvec: expected u8 packed, u8 block_scale, s8 block_min, f32 steps, f32 y");
+    const auto pd = packed->dimensions();
+    const auto bd = bscale->dimensions();
+    if (pd.size() != 3 || bd.size() != 2 || pd[2] != 4 * kTile || K != 8 * pd[1] ||
+        bd[1] != pd[0] * kTile)
+      return ffi::Error::InvalidArgument(
+          "int4 matvec: expected x[M,K], packed[N/64,K/8,256], block_scale[G,N]");
+    const int64_t N = pd[0] * kTile, G = bd[0];
+    if (auto err = check_shapes(M, K, N, G); err.failure()) return err;
+    const int64_t group = K / G;
+    if (group % 8 != 0)
+      return ffi::Error::InvalidArgument("int4 matvec: groups must be a multiple of 8 rows");
+    mats.push_back({packed->typed_data(), bscale->typed_data(), bmin->typed_data(),
+                    sstep->typed_data(), mstep->typed_data(), (*y)->typed_data(), N, group,
+                    nullptr});
+  }
+  // Per-row group sums of x carry the block minimums: sum_k x_k (d u_k + m) = d sum x u + m
+  // sum x. One f32[M, G] per distinct group size (the fused matrices usually share one).
+  std::vector<std::pair<int64_t, std::vector<float>>> sums;
+  for (const Int4Mat& mat : mats) {
+    if (std::any_of(sums.begin(), sums.end(), [&](const auto& e) { return e.first == mat.group; }))
+      continue;
+    const int64_t G = K / mat.group;
+    std::vector<float> xsum(M * G);
+    for (int64_t r = 0; r < M; ++r)
+      for (int64_t j = 0; j < G; ++j) {
+        float total = 0.0f;
+        for (int64_t k = j * mat.group; k < (j + 1) * mat.group; ++k) total += xp[r * K + k];
+        xsum[r * G + j] = total;
+      }
+    sums.emplace_back(mat.group, std::move(xsum));
+  }
+  for (Int4Mat& mat : mats)
+    for (const auto& e : sums)
+      if (e.first == mat.group) mat.xsum = e.second.data();
+  const Segments seg = segments(mats);
   const QuantizedRows a = quantize_rows(xp, M, K);
   const QuantizedRows* ap = &a;
-  parallel_tiles(N / kTile, [=](int64_t t) {
+  const Int4Mat* mp = mats.data();
+  const Segments* sp = &seg;
+  parallel_tiles(seg.total(), [=](int64_t t) {
+    const std::pair<int64_t, int64_t> at = sp->find(t);
+    const Int4Mat& m = mp[at.first];
+    const int64_t tile = at.second;
     vnni_rows(M, [&](auto rows, int64_t m0) {
-      int4_tile_vnni<decltype(rows)::value>(*ap, xs, pp, bs, bm, ss, ms, yp, K, N, group,
-                                            t * kTile, m0);
+      int4_tile_vnni<decltype(rows)::value>(*ap, m.xsum, m.packed, m.bscale, m.bmin,
+                                            m.sstep, m.mstep, m.y, K, m.N, m.group,
+                                            tile * kTile, m0);
     });
   });
   return ffi::Error::Success();
@@ -379,16 +476,11 @@ extern "C" int JaxInferQuantMatmulFeatures() {
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxInferInt8Matvec, jax_infer::Int8MatvecImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .RemainingArgs()
+                                  .RemainingRets());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxInferInt4Matvec, jax_infer::Int4MatvecImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .RemainingArgs()
+                                  .RemainingRets());

@@ -22,7 +22,7 @@ from jax_infer.cpu.layout import as_tiled
 from jax_infer.cpu.matmul import tiled_matmul
 from jax_infer.model.invariant import fixed_order_matmul
 from jax_infer.quant.arrays import as_quantized
-from jax_infer.quant.matmul import quantized_matmul, quantized_take
+from jax_infer.quant.matmul import quantized_matmul, quantized_matmul_many, quantized_take
 
 
 def linear(x, w, *, batch_invariant: bool = False):
@@ -41,6 +41,17 @@ def linear(x, w, *, batch_invariant: bool = False):
     if batch_invariant:
         return fixed_order_matmul(x, w)
     return jnp.matmul(x, w.astype(x.dtype))
+
+
+def linear_many(x, ws, *, batch_invariant: bool = False):
+    """(x @ w for w in ws): the projections of one input (a layer's q/k/v, its gate/up).
+    Quantized matrices of one format go to the kernels in one call, which quantizes x once
+    and spreads all their column tiles over the threads at once; anything else is one
+    `linear` per matrix, with the same results."""
+    qs = [as_quantized(w) for w in ws]
+    if not batch_invariant and len(ws) > 1 and all(q is not None for q in qs):
+        return quantized_matmul_many(x, qs)
+    return tuple(linear(x, w, batch_invariant=batch_invariant) for w in ws)
 
 
 def linear_transposed(x, w, *, batch_invariant: bool = False):

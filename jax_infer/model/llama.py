@@ -251,7 +251,8 @@ class DecoderLayer(nn.Module):
             return layers.linear(value, w, batch_invariant=bi)
 
         y = norm(x, "attn_norm")
-        q, k, v = linear(y, p["wq"]), linear(y, p["wk"]), linear(y, p["wv"])
+        # One call for the three projections of y: quantized weights then take one kernel call.
+        q, k, v = layers.linear_many(y, (p["wq"], p["wk"], p["wv"]), batch_invariant=bi)
         if c.attention_bias:
             q = q + p["bq"].astype(q.dtype)
             k = k + p["bk"].astype(k.dtype)
@@ -277,8 +278,9 @@ class DecoderLayer(nn.Module):
         # The gated activation in f32, rounded once to the compute dtype: in bf16 each op of
         # silu would round (and XLA:CPU's cost model, counting those converts as work, splits
         # the tiny decode fusion over threads, 30x slower than running it on one).
-        gate = ACTIVATIONS[c.hidden_act](linear(y2, p["w_gate"]).astype(jnp.float32))
-        act = (gate * linear(y2, p["w_up"]).astype(jnp.float32)).astype(self.dtype)  # [B, T, F]
+        gate, up = layers.linear_many(y2, (p["w_gate"], p["w_up"]), batch_invariant=bi)
+        gate = ACTIVATIONS[c.hidden_act](gate.astype(jnp.float32))
+        act = (gate * up.astype(jnp.float32)).astype(self.dtype)  # [B, T, F]
         out = linear(act, p["w_down"])
         x = x + (norm(out, "post_mlp_norm") if c.post_norms else out)
 

@@ -44,13 +44,18 @@ def xla_matmul(x, q: QuantizedArray):
 
 def kernel_matmul(x, q: QuantizedArray):
     """x f32[M, K] @ q -> f32[M, N] by the CPU kernels (jax_infer/cpu/matmul_quant.cc)."""
-    if isinstance(q, Int8Array):
-        return cpu_matmul.int8_matvec(x, q.values, q.scales)
-    if isinstance(q, Int4Array):
-        return cpu_matmul.int4_matvec(
-            x, q.packed, q.block_scale, q.block_min, q.scale_step, q.min_step
+    return kernel_matmul_many(x, (q,))[0]
+
+
+def kernel_matmul_many(x, qs):
+    """x f32[M, K] @ each of qs (one format) -> a list of f32[M, N_i], in one kernel call."""
+    if all(isinstance(q, Int8Array) for q in qs):
+        return cpu_matmul.int8_matvec_multi(x, [(q.values, q.scales) for q in qs])
+    if all(isinstance(q, Int4Array) for q in qs):
+        return cpu_matmul.int4_matvec_multi(
+            x, [(q.packed, q.block_scale, q.block_min, q.scale_step, q.min_step) for q in qs]
         )
-    raise TypeError(f"no kernel for {type(q).__name__}")
+    raise TypeError(f"no kernel for {[type(q).__name__ for q in qs]} in one call")
 
 
 def use_kernel(q: QuantizedArray) -> bool:
@@ -76,6 +81,39 @@ def quantized_matmul(x, q: QuantizedArray, *, force_xla: bool = False):
     else:
         y = xla_matmul(x2, q)
     return y.reshape(*lead, n).astype(x.dtype)
+
+
+def quantized_matmul_many(x, qs, *, force_xla: bool = False):
+    """x [..., K] @ each stored [K, N_i] matrix of qs -> a tuple of [..., N_i] in x's dtype.
+    Where the kernels take every matrix and they share one format, it is one kernel call
+    (x quantized once, all column tiles one job; see jax_infer/cpu/matmul_quant.cc);
+    otherwise one `quantized_matmul` each. The results are the same either way: the kernel
+    computes each matrix's tiles exactly as it does alone."""
+    qs = tuple(qs)
+    k = x.shape[-1]
+    for q in qs:
+        if q.stored_shape[0] != k:
+            raise ValueError(
+                f"x has {k} features but a quantized matrix expects K={q.stored_shape[0]}"
+            )
+    lead = x.shape[:-1]
+    rows = math.prod(lead)
+    fused = (
+        len(qs) > 1
+        and rows > 0
+        and not force_xla
+        and len({type(q) for q in qs}) == 1
+        and all(use_kernel(q) for q in qs)
+    )
+    if not fused:
+        return tuple(quantized_matmul(x, q, force_xla=force_xla) for q in qs)
+    x2 = x.reshape(rows, k).astype(jnp.float32)
+    ys = jax.lax.platform_dependent(
+        x2,
+        cpu=lambda a: tuple(kernel_matmul_many(a, qs)),
+        default=lambda a: tuple(xla_matmul(a, q) for q in qs),
+    )
+    return tuple(y.reshape(*lead, q.stored_shape[1]).astype(x.dtype) for y, q in zip(ys, qs))
 
 
 def quantized_take(q: QuantizedArray, tokens, dtype):
