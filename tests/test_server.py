@@ -913,7 +913,9 @@ def test_sigterm_drains_then_exits_0(http, server):
     r = http.post("/v1/completions", json=short_body)
     assert r.status_code == 503 and "shutting down" in r.json()["error"]["message"]
     assert http.get("/health").status_code == 503
-    assert server.proc.wait(SHUTDOWN_TIMEOUT + 20) == 0
+    # Generous bounds: on 2 cores shared with another test worker, the short request's first
+    # steps may compile new shapes; what is checked is exit 0 after the drain, not speed.
+    assert server.proc.wait(SHUTDOWN_TIMEOUT + 60) == 0
     elapsed = time.monotonic() - t0
     for t in threads:
         t.join(10)
@@ -927,7 +929,7 @@ def test_sigterm_drains_then_exits_0(http, server):
     events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
     assert events[-1]["choices"][0]["finish_reason"] == "abort"
     assert lines[-1] == "" and "data: [DONE]" in lines
-    assert SHUTDOWN_TIMEOUT - 1 < elapsed < SHUTDOWN_TIMEOUT + 15
+    assert SHUTDOWN_TIMEOUT - 1 < elapsed < SHUTDOWN_TIMEOUT + 55
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{server.url}/health", timeout=5)
 
