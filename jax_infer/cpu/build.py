@@ -72,12 +72,14 @@ DECODE_TARGET = "jax_infer_paged_decode_attention"
 PREFILL_TARGET = "jax_infer_paged_prefill_attention"
 BF16_TARGET = "jax_infer_bf16_tiles_matmul"
 BF16_DOT_TARGET = "jax_infer_bf16_dot_matmul"
+BF16_DOT_BF16_TARGET = "jax_infer_bf16_dot_matmul_bf16"  # the same, bf16 output
 _TARGETS = (
     ("JaxInferInt8Matvec", INT8_TARGET, INT8_MATMUL),
     ("JaxInferInt4Matvec", INT4_TARGET, INT4_MATMUL),
     ("JaxInferF32TilesMatmul", F32_TARGET, F32_TILES_MATMUL),
     ("JaxInferBf16TilesMatmul", BF16_TARGET, BF16_TILES_MATMUL),
     ("JaxInferBf16DotMatmul", BF16_DOT_TARGET, BF16_DOT_MATMUL),
+    ("JaxInferBf16DotMatmulBf16", BF16_DOT_BF16_TARGET, BF16_DOT_MATMUL),
     ("JaxInferPagedDecodeAttention", DECODE_TARGET, PAGED_ATTENTION),
     ("JaxInferPagedPrefillAttention", PREFILL_TARGET, PAGED_ATTENTION),
 )
