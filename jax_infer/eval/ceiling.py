@@ -9,9 +9,9 @@ Why measure rather than look up: the benchmarks run on shared, virtualised machi
 feature flags (AVX2, AVX512-BF16, AMX, VNNI) and load change from run to run; a ceiling taken
 in the same process, minutes before or after the result, is the fair yardstick.
 
-Read bandwidth is a streaming sum over buffers far larger than the caches, on the C++
-kernels' worker pool (what batch-1 decode does to the weights, with the same threads), the
-best of several passes at two sizes, every pass kept for the spread (a jitted XLA sum where
+Read bandwidth is a streaming sum of memory the caches do not hold, on the C++ kernels'
+worker pool (what batch-1 decode does to the weights, with the same threads), the best of
+many passes at two sizes over windows of a larger buffer, every pass kept for the spread (a jitted XLA sum where
 the kernels are not built: it ran on one thread in some runs and two in others). The matmul ceiling is the faster of XLA's dot and this
 project's C++ kernel for the dtype (where built), [M, K] @ [K, N] with K = N = 2048, at M in
 `rows` (the best over them; each M is kept too, since small-M dots reach a smaller share of
@@ -109,18 +109,18 @@ def probe(
     k: int = 2048,
     n: int = 2048,
     repeats: int = 5,
-    read_bytes: int = 512 * 2**20,
-    read_repeats: int = 7,
+    read_bytes: int = 256 * 2**20,
+    read_repeats: int = 12,
 ) -> Ceiling:
-    """Measure this machine's ceilings now (see the module docstring). read_bytes: the largest
-    buffer the read bandwidth streams (far larger than the caches for a true figure; half of
-    it is streamed too), read_repeats passes each, the best kept."""
+    """Measure this machine's ceilings now (see the module docstring). read_bytes: the longest
+    pass of the read probe (far larger than the caches for a true figure; passes of a quarter
+    of it too, over a buffer of 3x it), read_repeats passes each, the best kept."""
     unknown = sorted(set(dtypes) - set(DTYPES))
     if unknown:
         raise ValueError(f"dtypes={unknown}: allowed are {list(DTYPES)}")
     by_rows = {d: {m: matmul_gflops(d, m, k, n, repeats) for m in rows} for d in dtypes}
-    sizes = (read_bytes // 2, read_bytes) if read_bytes >= 2**21 else (read_bytes,)
-    read = measure_read_bandwidth(sizes, repeats=read_repeats)
+    sizes = (read_bytes // 4, read_bytes) if read_bytes >= 2**22 else (read_bytes,)
+    read = measure_read_bandwidth(sizes, repeats=read_repeats, buffer_bytes=3 * read_bytes)
     return Ceiling(
         read_gb_per_s=read.best_gb_per_s,
         read=read,

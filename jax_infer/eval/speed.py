@@ -63,15 +63,20 @@ def _kernel_pass(lib, buffer: np.ndarray, chunk_floats: int):
 
 
 def measure_read_bandwidth(
-    sizes: tuple[int, ...] = (256 * 2**20, 512 * 2**20),
-    repeats: int = 7,
+    sizes: tuple[int, ...] = (64 * 2**20, 256 * 2**20),
+    repeats: int = 12,
     chunk_bytes: int = 2**20,
+    buffer_bytes: int = 768 * 2**20,
 ) -> ReadBandwidth:
-    """Bytes/s of streaming reads over buffers far larger than the caches (each size in
-    `sizes`, a few x the last-level cache), `repeats` timed passes per size after one
-    untimed: with the C++ kernels, a vectorized sum on their worker pool, the threads a decode
-    step's matmuls read the weights with (chunks of chunk_bytes handed out as the kernels
-    hand out tiles); without them, a jitted XLA sum. The best pass is the ceiling."""
+    """Bytes/s of streaming reads of memory the caches do not hold: passes of each size in
+    `sizes` (a few x the last-level cache) over consecutive windows of one buffer of
+    buffer_bytes, so each pass reads what the last (buffer - size) bytes of reads pushed out,
+    as a decode step reads weights that the previous step's other layers pushed out.
+    `repeats` timed passes per size after one untimed. With the C++ kernels, a vectorized sum
+    on their worker pool, the threads a decode step's matmuls read the weights with (chunks of
+    chunk_bytes handed out as the kernels hand out tiles); without them, a jitted XLA sum over
+    an array of the size. The best pass is the ceiling: on a shared machine a long pass is
+    more likely to lose its cores for a while, so smaller windows, many of them, find it."""
     if not sizes or min(sizes) < 2**20:
         raise ValueError(f"sizes={sizes!r} is invalid: give sizes of at least 1 MiB")
     if not isinstance(repeats, int) or repeats < 1:
@@ -81,18 +86,23 @@ def measure_read_bandwidth(
     lib = build.library()
     runs = []
     if lib is not None:
-        buffer = np.ones(max(sizes) // 4 // 128 * 128, np.float32)
+        total = max(buffer_bytes, 2 * max(sizes)) // 4 // 128 * 128
+        buffer = np.ones(total, np.float32)
         method = f"kernel pool, {os.cpu_count()} threads"
     else:
         method = "xla sum"
+    chunk = max(128, chunk_bytes // 4 // 128 * 128)
     for nbytes in sizes:
         if lib is not None:
             n = nbytes // 4 // 128 * 128
-            one = _kernel_pass(lib, buffer[:n], max(128, chunk_bytes // 4 // 128 * 128))
+            windows = [
+                _kernel_pass(lib, buffer[i * n : (i + 1) * n], chunk) for i in range(total // n)
+            ]
+            passes = [windows[i % len(windows)] for i in range(repeats + 1)]
         else:
-            one = _xla_sum_pass(nbytes)
-        one()
-        for _ in range(repeats):
+            passes = [_xla_sum_pass(nbytes)] * (repeats + 1)
+        passes[0]()
+        for one in passes[1:]:
             t0 = time.perf_counter()
             one()
             runs.append(nbytes / (time.perf_counter() - t0) / 1e9)
