@@ -87,7 +87,9 @@ def measure_read_bandwidth(
     runs = []
     if lib is not None:
         total = max(buffer_bytes, 2 * max(sizes)) // 4 // 128 * 128
-        buffer = np.ones(total, np.float32)
+        # Distinct values on every page: a host that merges identical pages (a buffer of ones
+        # is one page repeated) would serve the reads from one cached page.
+        buffer = np.arange(total, dtype=np.float32)
         method = f"kernel pool, {os.cpu_count()} threads"
     else:
         method = "xla sum"
