@@ -24,8 +24,10 @@ from jax_infer.cpu.build import cpu_features
 from jax_infer.cpu.layout import tile_f32
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("rows", ["1", "4", "16", "32", "64", "128", "512"], "Row counts M.")
-flags.DEFINE_list("shapes", ["576x1536", "1536x576", "576x49152"], "KxN weight shapes.")
+flags.DEFINE_list("rows", ["1", "8", "32", "128", "512"], "Row counts M.")
+flags.DEFINE_list(
+    "shapes", ["576x576", "576x192", "576x1536", "1536x576", "576x49152"], "KxN weight shapes."
+)
 flags.DEFINE_integer("repeats", 10, "Timed calls (the fastest is kept).")
 flags.DEFINE_string("json", None, "Write the results here.")
 
@@ -63,6 +65,9 @@ def main(argv):
             if kernels.bf16_dot_available():
                 dot = jax.jit(kernels.bf16_dot_matmul)
                 paths["bf16 dot kernel"] = (dot, (x16, t16.values), "bfloat16")
+                # The model's path: the same kernel writing a bf16 product.
+                dot16 = jax.jit(lambda x, t: kernels.bf16_dot_matmul(x, t, jnp.bfloat16))
+                paths["bf16 dot, bf16 out"] = (dot16, (x16, t16.values), "bfloat16")
             flops = 2.0 * m * k * n
             entry = {"k": k, "n": n, "rows": m}
             for name, (fn, args, dtype) in paths.items():

@@ -89,6 +89,25 @@ def test_dot_rows_are_independent_of_the_batch():
 
 
 @needs_dot
+@pytest.mark.parametrize("rows,k,n", [(1, 576, 192), (7, 63, 128), (131, 577, 64)])
+def test_dot_kernel_bf16_output_is_the_f32_output_rounded_once(rows, k, n):
+    """out_dtype=bfloat16: the kernel's own f32 sums, rounded to nearest even (numpy's
+    ml_dtypes cast), bit for bit; and every row still independent of the batch."""
+    rng = np.random.default_rng(rows + k)
+    x, w = jnp.asarray(_bf16(rng, rows, k)), tile_f32(jnp.asarray(_bf16(rng, k, n))).values
+    f32 = np.asarray(jax.jit(kernels.bf16_dot_matmul)(x, w))
+    got = np.asarray(jax.jit(lambda a, b: kernels.bf16_dot_matmul(a, b, jnp.bfloat16))(x, w))
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(
+        got.view(np.uint16), f32.astype(ml_dtypes.bfloat16).view(np.uint16)
+    )
+    one = np.asarray(kernels.bf16_dot_matmul(x[rows - 1 :], w, jnp.bfloat16))
+    np.testing.assert_array_equal(one.view(np.uint16), got[rows - 1 :].view(np.uint16))
+    with pytest.raises(ValueError, match="out_dtype"):
+        kernels.bf16_dot_matmul(x, w, jnp.float16)
+
+
+@needs_dot
 def test_dot_kernel_rejects_f32_activations():
     t = tile_f32(jnp.zeros((8, 64), jnp.bfloat16)).values
     with pytest.raises(ValueError, match="x must be bfloat16"):

@@ -34,6 +34,9 @@ def test_probe_on_small_shapes(tmp_path):
         assert all(math.isfinite(g) and g > 0 for g in by_rows.values())
         assert c.matmul_gflops[dtype] == max(by_rows.values())
     assert c.read_gb_per_s > 0
+    assert c.read is not None and c.read.best_gb_per_s == c.read_gb_per_s
+    assert len(c.read.runs_gb_per_s) == 2 * 12  # two sizes, 12 passes each
+    assert c.read.spread[0] <= c.read.spread[1] <= c.read.spread[2] == c.read_gb_per_s
     assert c.matmul_share(c.matmul_gflops["bfloat16"] / 2, "bfloat16") == pytest.approx(0.5)
     assert c.read_share(c.read_gb_per_s) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="float16"):
@@ -50,3 +53,32 @@ def test_probe_on_small_shapes(tmp_path):
         assert "cpu_features" in machine
     finally:
         report._CEILING.clear()
+
+
+def test_read_probe_sums_every_chunk_and_rejects_bad_sizes():
+    """The native probe (probe.cc) must read the whole buffer: its sum of a known array,
+    split in uneven chunks across the pool, is checked; and bad arguments name themselves."""
+    import ctypes
+
+    import numpy as np
+
+    from jax_infer.cpu import build
+    from jax_infer.eval import speed
+
+    lib = build.library()
+    if lib is None:
+        pytest.skip("the C++ kernels are not built here")
+    fn = lib.JaxInferReadSum
+    fn.restype = ctypes.c_float
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+    x = np.zeros(128 * 1000, np.float32)
+    x[::997] = 1.0  # 129 ones, in every chunk
+    for chunk in (128, 128 * 3, 128 * 1000, 128 * 5000):
+        assert fn(x.ctypes.data, x.size, chunk) == float(np.sum(x))
+    with pytest.raises(ValueError, match="sizes"):
+        speed.measure_read_bandwidth(sizes=(1000,))
+    with pytest.raises(ValueError, match="repeats"):
+        speed.measure_read_bandwidth(sizes=(2**20,), repeats=0)
+    r = speed.measure_read_bandwidth(sizes=(2**20, 2**21), repeats=3, buffer_bytes=2**23)
+    assert len(r.runs_gb_per_s) == 6 and r.best_gb_per_s == max(r.runs_gb_per_s)
+    assert "kernel pool" in r.method and "GB/s" in r.describe()

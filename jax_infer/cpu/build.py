@@ -2,8 +2,9 @@
 
 The sources, by concern: `matmul_f32.cc` (f32 matrices in column tiles), `matmul_bf16.cc`
 (bf16 matrices in the same tiles, widened to f32 in registers), `matmul_quant.cc`
-(int8/int4 weight products), `attention.cc` (paged decode and prefill attention), and
-`common.h` (vector types, the worker pool, feature macros). They are compiled into ONE shared
+(int8/int4 weight products), `attention.cc` (paged decode and prefill attention),
+`common.h` (vector types, the worker pool, feature macros), and `probe.cc` (the read-bandwidth
+probe of jax_infer/eval/speed.py, on the same worker pool). They are compiled into ONE shared
 library, not one per concern: the kernels share one worker pool (`Workers` in common.h), which
 serializes concurrent calls from XLA's threads onto the cores, and two libraries would each
 start a pool whose spinning threads fight over the same two cores. One library is also one
@@ -48,6 +49,7 @@ SOURCES = (
     HERE / "matmul_bf16.cc",
     HERE / "matmul_quant.cc",
     HERE / "attention.cc",
+    HERE / "probe.cc",
 )
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 MARCH_ENV = "JAX_INFER_CPU_MARCH"
@@ -70,12 +72,14 @@ DECODE_TARGET = "jax_infer_paged_decode_attention"
 PREFILL_TARGET = "jax_infer_paged_prefill_attention"
 BF16_TARGET = "jax_infer_bf16_tiles_matmul"
 BF16_DOT_TARGET = "jax_infer_bf16_dot_matmul"
+BF16_DOT_BF16_TARGET = "jax_infer_bf16_dot_matmul_bf16"  # the same, bf16 output
 _TARGETS = (
     ("JaxInferInt8Matvec", INT8_TARGET, INT8_MATMUL),
     ("JaxInferInt4Matvec", INT4_TARGET, INT4_MATMUL),
     ("JaxInferF32TilesMatmul", F32_TARGET, F32_TILES_MATMUL),
     ("JaxInferBf16TilesMatmul", BF16_TARGET, BF16_TILES_MATMUL),
     ("JaxInferBf16DotMatmul", BF16_DOT_TARGET, BF16_DOT_MATMUL),
+    ("JaxInferBf16DotMatmulBf16", BF16_DOT_BF16_TARGET, BF16_DOT_MATMUL),
     ("JaxInferPagedDecodeAttention", DECODE_TARGET, PAGED_ATTENTION),
     ("JaxInferPagedPrefillAttention", PREFILL_TARGET, PAGED_ATTENTION),
 )
@@ -215,6 +219,7 @@ def features() -> int:
     cache_dir = Path(os.environ.get("JAX_INFER_CACHE", Path.home() / ".cache" / "jax_infer"))
     try:
         lib = ctypes.CDLL(str(build(cache_dir)))
+        _LIBRARY.append(lib)
         bits = 0
         for name in _FEATURE_FUNCTIONS:
             bits |= int(getattr(lib, name)())
@@ -228,6 +233,15 @@ def features() -> int:
             f"jax_infer CPU kernels unavailable, using the XLA formulations: {e}", stacklevel=2
         )
         return 0
+
+
+_LIBRARY: list[ctypes.CDLL] = []
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library (for its plain C entry points, e.g. the read-bandwidth probe
+    `JaxInferReadSum` of probe.cc), or None where the kernels are unavailable."""
+    return _LIBRARY[0] if features() and _LIBRARY else None
 
 
 def has(family: int) -> bool:

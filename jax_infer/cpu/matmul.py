@@ -50,6 +50,9 @@ BF16_KERNEL_MAX_ROWS: int | None = None
 # kernel and level with or above XLA's bf16 dot, and at 1-4 rows it is no slower than the
 # widening kernel. False sends them to the widening kernel (tests of that path).
 BF16_DOT = True
+# The VDPBF16PS kernel writes a bf16 product itself where the activations are bf16 (False:
+# f32, converted by XLA after it; for comparisons, scripts/bench_bf16_matmul.py).
+BF16_DOT_BF16_OUT = True
 
 
 def bf16_kernel_max_rows() -> int:
@@ -61,6 +64,7 @@ def bf16_kernel_max_rows() -> int:
 
 __all__ = [
     "BF16_DOT",
+    "BF16_DOT_BF16_OUT",
     "BF16_KERNEL_MAX_ROWS",
     "available",
     "bf16_dot_available",
@@ -154,9 +158,11 @@ def bf16_dot_available() -> bool:
     return build.has(build.BF16_DOT_MATMUL)
 
 
-def bf16_dot_matmul(x, tiles):
-    """x bf16[M, K] @ a bf16 matrix in column tiles (tiles bf16[N/64, K, 64]) -> f32[M, N] by
-    bf16 pair dot products with f32 accumulation (matmul_bf16.cc, AVX512-BF16)."""
+def bf16_dot_matmul(x, tiles, out_dtype=jnp.float32):
+    """x bf16[M, K] @ a bf16 matrix in column tiles (tiles bf16[N/64, K, 64]) -> [M, N] by
+    bf16 pair dot products with f32 accumulation (matmul_bf16.cc, AVX512-BF16). out_dtype
+    float32, or bfloat16: the f32 sums rounded once to nearest even by the kernel, so no
+    separate convert pass follows (an f32 denormal rounds to zero there)."""
     if not bf16_dot_available():
         raise RuntimeError(
             f"the bf16 dot-product CPU kernel needs AVX512-BF16 (features={features()}); "
@@ -164,8 +170,15 @@ def bf16_dot_matmul(x, tiles):
         )
     if x.dtype != jnp.bfloat16:
         raise ValueError(f"bf16_dot_matmul: x must be bfloat16, got {x.dtype}")
-    out = jax.ShapeDtypeStruct((x.shape[0], tiles.shape[0] * TILE), jnp.float32)
-    return jax.ffi.ffi_call(build.BF16_DOT_TARGET, out, vmap_method="broadcast_all")(x, tiles)
+    out_dtype = jnp.dtype(out_dtype)
+    targets = {jnp.dtype(jnp.float32): build.BF16_DOT_TARGET}
+    targets[jnp.dtype(jnp.bfloat16)] = build.BF16_DOT_BF16_TARGET
+    if out_dtype not in targets:
+        raise ValueError(
+            f"bf16_dot_matmul: out_dtype={out_dtype} is not supported: float32 or bfloat16"
+        )
+    out = jax.ShapeDtypeStruct((x.shape[0], tiles.shape[0] * TILE), out_dtype)
+    return jax.ffi.ffi_call(targets[out_dtype], out, vmap_method="broadcast_all")(x, tiles)
 
 
 def _xla_tiled_matmul(x, t: TiledF32Array):
@@ -187,8 +200,11 @@ def _tiled_bf16_matmul(x2, t: TiledF32Array, force_xla: bool, batch_invariant: b
         # The pair-dot kernel's invariance is not checked: batch-invariant mode keeps the
         # widening kernel (tests/test_batch_invariant.py covers bf16 that way).
         if not batch_invariant and x2.dtype == jnp.bfloat16 and BF16_DOT and bf16_dot_available():
-            # bf16 activations: pair dot products, no widening (and no f32 copy of x).
+            # bf16 activations: pair dot products, no widening (and no f32 copy of x),
+            # and a bf16 result written by the kernel (no convert pass after it).
             def kernel(x):
+                if BF16_DOT_BF16_OUT:
+                    return bf16_dot_matmul(x, t.values, out_dtype=jnp.bfloat16)
                 return bf16_dot_matmul(x, t.values).astype(x.dtype)
 
             return jax.lax.platform_dependent(x2, cpu=kernel, default=xla)

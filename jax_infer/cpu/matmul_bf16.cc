@@ -132,11 +132,22 @@ inline void store_pairs(float* y, __m512 lo, __m512 hi) {
   _mm512_storeu_ps(y + 16, _mm512_permutex2var_ps(lo, second, hi));
 }
 
+// The same, rounded to bf16 (to nearest even, as XLA's convert; VCVTNEPS2BF16 reads an f32
+// denormal as zero, which only a |value| < 1.2e-38 can tell).
+inline void store_pairs(uint16_t* y, __m512 lo, __m512 hi) {
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second =
+      _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  const __m512bh both = _mm512_cvtne2ps_pbh(_mm512_permutex2var_ps(lo, second, hi),
+                                            _mm512_permutex2var_ps(lo, first, hi));
+  _mm512_storeu_si512(y, (__m512i)both);
+}
+
 constexpr int64_t kDpRows = 6;  // rows per register block: 6 x 4 accumulators
 constexpr int64_t kPrefetch = 16 * kTile;  // bf16 values ahead (8 pairs of rows, 2 KiB)
 
-template <int R>
-inline void dp_block(const uint16_t* x, const uint16_t* tile, float* y, int64_t K, int64_t N,
+template <int R, typename Out>
+inline void dp_block(const uint16_t* x, const uint16_t* tile, Out* y, int64_t K, int64_t N,
                      int64_t n0, int64_t m0) {
   __m512 acc[R][4];
   for (int r = 0; r < R; ++r)
@@ -171,28 +182,30 @@ inline void dp_block(const uint16_t* x, const uint16_t* tile, float* y, int64_t 
     }
   }
   for (int r = 0; r < R; ++r) {
-    float* yr = y + (m0 + r) * N + n0;
+    Out* yr = y + (m0 + r) * N + n0;
     store_pairs(yr, acc[r][0], acc[r][1]);
     store_pairs(yr + 32, acc[r][2], acc[r][3]);
   }
 }
 
-void dp_rows(const uint16_t* x, const uint16_t* tile, float* y, int64_t K, int64_t N, int64_t n0,
+template <typename Out>
+void dp_rows(const uint16_t* x, const uint16_t* tile, Out* y, int64_t K, int64_t N, int64_t n0,
              int64_t m0, int64_t m1) {
   int64_t m = m0;
-  for (; m + kDpRows <= m1; m += kDpRows) dp_block<kDpRows>(x, tile, y, K, N, n0, m);
+  for (; m + kDpRows <= m1; m += kDpRows) dp_block<kDpRows, Out>(x, tile, y, K, N, n0, m);
   switch (m1 - m) {
-    case 5: dp_block<5>(x, tile, y, K, N, n0, m); break;
-    case 4: dp_block<4>(x, tile, y, K, N, n0, m); break;
-    case 3: dp_block<3>(x, tile, y, K, N, n0, m); break;
-    case 2: dp_block<2>(x, tile, y, K, N, n0, m); break;
-    case 1: dp_block<1>(x, tile, y, K, N, n0, m); break;
+    case 5: dp_block<5, Out>(x, tile, y, K, N, n0, m); break;
+    case 4: dp_block<4, Out>(x, tile, y, K, N, n0, m); break;
+    case 3: dp_block<3, Out>(x, tile, y, K, N, n0, m); break;
+    case 2: dp_block<2, Out>(x, tile, y, K, N, n0, m); break;
+    case 1: dp_block<1, Out>(x, tile, y, K, N, n0, m); break;
     default: break;
   }
 }
 
-ffi::Error Bf16DpMatmulImpl(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> tiles,
-                            ffi::ResultBuffer<ffi::F32> y) {
+// y = x @ tiles; Out: float (f32 y) or uint16_t (bf16 y, rounded once from the f32 sums).
+template <typename Out, typename YBuffer>
+ffi::Error Bf16DpMatmul(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> tiles, YBuffer y) {
   const auto xd = x.dimensions();
   const auto td = tiles.dimensions();
   if (xd.size() != 2 || td.size() != 3 || td[2] != kTile || xd[1] != td[1])
@@ -201,7 +214,7 @@ ffi::Error Bf16DpMatmulImpl(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> til
   if (M <= 0) return ffi::Error::Success();
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.untyped_data());
   const uint16_t* tp = reinterpret_cast<const uint16_t*>(tiles.untyped_data());
-  float* yp = y->typed_data();
+  Out* yp = reinterpret_cast<Out*>(y->untyped_data());
   const int64_t blocks = (M + kDpRows - 1) / kDpRows;
   const int64_t slices = std::min<int64_t>(blocks, std::max<int64_t>(1, (16 + T - 1) / T));
   const int64_t per = (blocks + slices - 1) / slices * kDpRows;
@@ -210,6 +223,18 @@ ffi::Error Bf16DpMatmulImpl(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> til
     if (m0 < M) dp_rows(xp, tp + t * K * kTile, yp, K, N, t * kTile, m0, std::min(M, m0 + per));
   });
   return ffi::Error::Success();
+}
+
+ffi::Error Bf16DpMatmulImpl(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> tiles,
+                            ffi::ResultBuffer<ffi::F32> y) {
+  return Bf16DpMatmul<float>(x, tiles, y);
+}
+
+// bf16 y: the model's activations in dtype="bfloat16" are bf16, and an f32 y fed to another
+// kernel (attention, the next projection) costs XLA a separate convert pass over it.
+ffi::Error Bf16DpMatmulBf16Impl(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> tiles,
+                                ffi::ResultBuffer<ffi::BF16> y) {
+  return Bf16DpMatmul<uint16_t>(x, tiles, y);
 }
 #endif  // JAX_INFER_DPBF16
 
@@ -238,4 +263,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxInferBf16DotMatmul, jax_infer::Bf16DpMatmulImpl
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxInferBf16DotMatmulBf16, jax_infer::Bf16DpMatmulBf16Impl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>());
 #endif

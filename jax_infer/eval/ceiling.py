@@ -9,8 +9,10 @@ Why measure rather than look up: the benchmarks run on shared, virtualised machi
 feature flags (AVX2, AVX512-BF16, AMX, VNNI) and load change from run to run; a ceiling taken
 in the same process, minutes before or after the result, is the fair yardstick.
 
-Read bandwidth is a jitted f32 sum over an array far larger than the caches (what batch-1
-decode does to the weights). The matmul ceiling is the faster of XLA's dot and this
+Read bandwidth is a streaming sum of memory the caches do not hold, on the C++ kernels'
+worker pool (what batch-1 decode does to the weights, with the same threads), the best of
+many passes at two sizes over windows of a larger buffer, every pass kept for the spread (a jitted XLA sum where
+the kernels are not built: it ran on one thread in some runs and two in others). The matmul ceiling is the faster of XLA's dot and this
 project's C++ kernel for the dtype (where built), [M, K] @ [K, N] with K = N = 2048, at M in
 `rows` (the best over them; each M is kept too, since small-M dots reach a smaller share of
 peak): float32, bfloat16 (f32 accumulation, as the model does) and int8 (XLA's dot with
@@ -29,7 +31,7 @@ import jax.numpy as jnp
 from jax_infer.config import ModelConfig
 from jax_infer.cpu import matmul as cpu_matmul
 from jax_infer.cpu.layout import tile_f32
-from jax_infer.eval.speed import read_bandwidth_gbs
+from jax_infer.eval.speed import ReadBandwidth, measure_read_bandwidth
 
 DTYPES = ("float32", "bfloat16", "int8")
 
@@ -43,6 +45,7 @@ class Ceiling:
     matmul_gflops: dict[str, float]
     matmul_by_rows: dict[str, dict[int, float]]
     shape_kn: tuple[int, int]
+    read: ReadBandwidth | None = None  # every pass of the read probe (its spread)
 
     def read_share(self, gb_per_s: float) -> float:
         return gb_per_s / self.read_gb_per_s
@@ -55,6 +58,8 @@ class Ceiling:
     def as_dict(self) -> dict:
         return {
             "read_gb_per_s": self.read_gb_per_s,
+            "read_runs_gb_per_s": list(self.read.runs_gb_per_s) if self.read else [],
+            "read_method": self.read.method if self.read else None,
             "matmul_gflops": dict(self.matmul_gflops),
             "matmul_gflops_by_rows": {
                 d: {str(m): v for m, v in by.items()} for d, by in self.matmul_by_rows.items()
@@ -104,16 +109,21 @@ def probe(
     k: int = 2048,
     n: int = 2048,
     repeats: int = 5,
-    read_bytes: int = 512 * 2**20,
+    read_bytes: int = 256 * 2**20,
+    read_repeats: int = 12,
 ) -> Ceiling:
-    """Measure this machine's ceilings now (see the module docstring). read_bytes: the array
-    the read bandwidth streams (far larger than the caches for a true figure)."""
+    """Measure this machine's ceilings now (see the module docstring). read_bytes: the longest
+    pass of the read probe (far larger than the caches for a true figure; passes of a quarter
+    of it too, over a buffer of 3x it), read_repeats passes each, the best kept."""
     unknown = sorted(set(dtypes) - set(DTYPES))
     if unknown:
         raise ValueError(f"dtypes={unknown}: allowed are {list(DTYPES)}")
     by_rows = {d: {m: matmul_gflops(d, m, k, n, repeats) for m in rows} for d in dtypes}
+    sizes = (read_bytes // 4, read_bytes) if read_bytes >= 2**22 else (read_bytes,)
+    read = measure_read_bandwidth(sizes, repeats=read_repeats, buffer_bytes=3 * read_bytes)
     return Ceiling(
-        read_gb_per_s=read_bandwidth_gbs(read_bytes, repeats=repeats),
+        read_gb_per_s=read.best_gb_per_s,
+        read=read,
         matmul_gflops={d: max(by.values()) for d, by in by_rows.items()},
         matmul_by_rows=by_rows,
         shape_kn=(k, n),
