@@ -215,7 +215,9 @@ class LLM:
             # refuses quantized ones), so an int8 target can have an int4 self-draft; an
             # unquantized one is the target's weights as served.
             quantized_draft = spec is not None and spec["quantization"] is not None
-            draft = self._draft_model(spec, float_params if quantized_draft else params, progress)
+            draft = self._draft_model(
+                spec, config, float_params if quantized_draft else params, progress
+            )
             del float_params
             self.tokenizer = load_tokenizer(fmt, path, reader)
         self.config = config
@@ -291,13 +293,12 @@ class LLM:
                 attention_backend=self.engine_config.attention_backend,
             )
 
-    def _draft_model(self, spec, params, progress):
-        """(config, canonical params) of the draft for speculative_config, or None."""
+    def _draft_model(self, spec, config, params, progress):
+        """(config, canonical params) of the draft for speculative_config, or None (config,
+        params: the target's, for a self-draft)."""
         if spec is None or spec["method"] != "draft_model":
             return None
-        if spec["model"] is None:  # self-draft: the target's weights, quantized
-            config = self.config
-        else:
+        if spec["model"] is not None:  # else a self-draft: the target's weights, quantized
             config, params, *_ = weights.load(spec["model"], self.dtype, progress)
             params = jax.tree.map(self._cast_float, params)
         if spec["quantization"] is not None:

@@ -49,9 +49,9 @@ log = logging.getLogger(__name__)
 SWITCH_ENV = "JAX_INFER_STORED_PROGRAMS"
 MAX_ENV_VAR = "JAX_INFER_PROGRAMS_MAX_GB"
 DEFAULT_MAX_GB = 1.0
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SUFFIX = ".program"
-MAGIC = b"JIPROG01"
+MAGIC = b"JIPROG02"
 
 
 def store_dir() -> str | None:
@@ -153,7 +153,12 @@ def flush() -> None:
 def _write(path: str, compiled, directory: str, max_bytes: int) -> None:
     from jax.experimental import serialize_executable
 
-    blob = pickle.dumps(serialize_executable.serialize(compiled), pickle.HIGHEST_PROTOCOL)
+    # The devices the program runs on, by id: a load must name them (deserialize_and_load
+    # otherwise spreads it over every device of the process, and a one-device program then
+    # wants 8 shards in a process with 8 CPU devices).
+    ids = sorted({d.id for s in jax.tree.leaves(compiled.input_shardings) for d in s.device_set})
+    payload = (*serialize_executable.serialize(compiled), ids)
+    blob = pickle.dumps(payload, pickle.HIGHEST_PROTOCOL)
     crc = zlib.crc32(blob).to_bytes(4, "little")
     disk_cache.write_atomic(path, lambda f: f.write(MAGIC + crc + blob))
     compile_cache.count_stored_write()
@@ -170,8 +175,13 @@ def _read(path: str):
     crc, blob = data[len(MAGIC) : len(MAGIC) + 4], data[len(MAGIC) + 4 :]
     if zlib.crc32(blob).to_bytes(4, "little") != crc:
         raise ValueError("checksum mismatch (truncated or corrupted)")
-    serialized, in_tree, out_tree = pickle.loads(blob)
-    return serialize_executable.deserialize_and_load(serialized, in_tree, out_tree)
+    serialized, in_tree, out_tree, ids = pickle.loads(blob)
+    by_id = {d.id: d for d in jax.devices()}
+    if not ids or any(i not in by_id for i in ids):
+        raise ValueError(f"stored for devices {ids}, not all present here")
+    return serialize_executable.deserialize_and_load(
+        serialized, in_tree, out_tree, execution_devices=[by_id[i] for i in ids]
+    )
 
 
 class StoredFunction:

@@ -77,14 +77,13 @@ def main(argv):
     cfg = shared_flags.apply_config()
     if FLAGS.dry_run:
         return shared_flags.dry_run(cfg)
-    if FLAGS.precompile is None:
-        FLAGS.precompile = default_precompile()
-    kwargs = {
-        **shared_flags.llm_kwargs(config=cfg),
-        "max_model_len": FLAGS.max_model_len,
-        # Progress bars (loading, then precompiling) only for a start that precompiles.
-        "progress": bool(FLAGS.precompile),
-    }
+    # llm_kwargs first: with mesh flags it starts jax.distributed, which must come before
+    # anything that initializes the backend (default_precompile asks for it).
+    kwargs = {**shared_flags.llm_kwargs(config=cfg), "max_model_len": FLAGS.max_model_len}
+    if kwargs.get("precompile") is None:
+        kwargs["precompile"] = default_precompile()
+    # Progress bars (loading, then precompiling) only for a start that precompiles.
+    kwargs["progress"] = bool(kwargs["precompile"])
     config = ServerConfig(
         model_name=FLAGS.served_model_name or FLAGS.model,
         api_key=FLAGS.api_key or os.environ.get("JAX_INFER_API_KEY") or None,
