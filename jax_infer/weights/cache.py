@@ -241,7 +241,8 @@ def write_entry(f, config, params, tokenizer, extra=None) -> None:
     pos = 0
     for a, spec in zip(arrays, specs):
         f.write(b"\0" * (spec["offset"] - pos))
-        f.write(memoryview(np.ascontiguousarray(a)).cast("B"))
+        # Bytes through a uint8 view: the buffer protocol has no bfloat16 (ml_dtypes) format.
+        f.write(memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8)))
         pos = spec["offset"] + a.nbytes
     f.write(b"\0" * (data_bytes - pos))
     f.write(blob)
