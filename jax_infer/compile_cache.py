@@ -130,23 +130,38 @@ def default_cache_dir() -> str:
     return os.path.join(base, "jax_infer", "xla")
 
 
-def resolve_cache_dir(cache_dir: str | None = "auto") -> str | None:
-    """The directory `enable(cache_dir)` uses (None: off); see the module docstring."""
-    if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
+def resolve_dir_setting(value, *, param: str, env_var: str, off_means: str) -> str | None:
+    """The directory a cache setting names (shared by this cache and the weights cache): None
+    (off), an absolute path, or "auto" where neither `value` nor $env_var decides. Anything
+    but a string/path/None raises a ValueError naming `param`."""
+    if value is not None and not isinstance(value, (str, os.PathLike)):
         raise ValueError(
-            f"compilation_cache_dir={cache_dir!r} is invalid: allowed are 'auto', a directory "
-            "path, or None/'off' (no persistent cache)"
+            f"{param}={value!r} is invalid: allowed are 'auto', a directory path, or "
+            f"None/'off' ({off_means})"
         )
-    if cache_dir is None:
+    if value is None:
         return None
-    cache_dir = os.fspath(cache_dir)
-    if cache_dir.strip().lower() in OFF:
+    value = os.fspath(value)
+    if value.strip().lower() in OFF:
         return None
-    if cache_dir != "auto":
-        return os.path.abspath(os.path.expanduser(cache_dir))
-    env = os.environ.get(ENV_VAR)
+    if value != "auto":
+        return os.path.abspath(os.path.expanduser(value))
+    env = os.environ.get(env_var)
     if env is not None and env.strip().lower() != "auto":
         return None if env.strip().lower() in OFF else os.path.abspath(os.path.expanduser(env))
+    return "auto"
+
+
+def resolve_cache_dir(cache_dir: str | None = "auto") -> str | None:
+    """The directory `enable(cache_dir)` uses (None: off); see the module docstring."""
+    chosen = resolve_dir_setting(
+        cache_dir,
+        param="compilation_cache_dir",
+        env_var=ENV_VAR,
+        off_means="no persistent cache",
+    )
+    if chosen != "auto":
+        return chosen
     given = jax.config.jax_compilation_cache_dir
     if given:
         return given

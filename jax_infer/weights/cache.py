@@ -69,21 +69,14 @@ def resolve_dir(weights_cache_dir="auto") -> str | None:
     """The directory for `weights_cache_dir` (None: off): "auto" is $JAX_INFER_WEIGHTS_CACHE_DIR
     (a path or "off"), else `weights/` in this process's compilation cache directory (off
     when that is off); a path; None or "off"."""
-    if weights_cache_dir is not None and not isinstance(weights_cache_dir, (str, os.PathLike)):
-        raise ValueError(
-            f"weights_cache_dir={weights_cache_dir!r} is invalid: allowed are 'auto', a "
-            "directory path, or None/'off' (no weights cache)"
-        )
-    if weights_cache_dir is None:
-        return None
-    value = os.fspath(weights_cache_dir)
-    if value.strip().lower() in compile_cache.OFF:
-        return None
-    if value != "auto":
-        return os.path.abspath(os.path.expanduser(value))
-    env = os.environ.get(ENV_VAR)
-    if env is not None and env.strip().lower() != "auto":
-        return None if env.strip().lower() in compile_cache.OFF else os.path.abspath(env)
+    chosen = compile_cache.resolve_dir_setting(
+        weights_cache_dir,
+        param="weights_cache_dir",
+        env_var=ENV_VAR,
+        off_means="no weights cache",
+    )
+    if chosen != "auto":
+        return chosen
     xla = compile_cache.cache_dir()
     return None if xla is None else os.path.join(xla, "weights")
 
