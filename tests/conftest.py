@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import ctypes
 import os
 import shutil
 import tempfile
@@ -10,6 +11,16 @@ import tempfile
 import pytest
 
 from jax_infer.weights import default_gguf_path
+
+# glibc serves an allocation from mmap only above a threshold that it raises to the size of
+# each mmapped block freed (up to 32 MiB): after the first page pool is freed, the next pools'
+# per-layer buffers (~18 MiB each for SmolLM2) come from the heap and stay in the process when
+# freed. One worker then held 14 GB after test_engine.py's engines. A fixed 4 MiB threshold
+# (which also turns the adjustment off) hands every large buffer back on free.
+try:
+    ctypes.CDLL("libc.so.6").mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD
+except (OSError, AttributeError):  # not glibc: nothing to tune
+    pass
 
 # Tests never read or write the user's compilation cache (~/.cache/jax_infer/xla): this
 # session's engines, and the servers and scripts it starts (they inherit the environment),
