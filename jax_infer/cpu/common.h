@@ -19,6 +19,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -173,6 +174,65 @@ class Workers {
 template <typename Body>
 void parallel_tiles(int64_t num_tiles, const Body& body) {
   Workers::get().run(num_tiles, body);
+}
+
+// One matrix of a float kernel call (matmul_f32.cc, matmul_bf16.cc): T column tiles of the
+// [K, N = 64 T] matrix, and its output rows y[M, N].
+template <typename W, typename Out>
+struct TiledMat {
+  const W* tiles;
+  Out* y;
+  int64_t T, N;
+};
+
+// rows(mat, tile, m0, m1) for every column tile of every matrix in one job on the pool: the
+// products of one input (a layer's q, k and v, or its gate and up) are one FFI call and one
+// pool hand-off instead of one each, and the split evens out (SmolLM2's k and v have 3 tiles
+// each). With few tiles in all the rows are split too, into whole register blocks of
+// block_rows, so both threads have work. How the tasks fall never changes an output: each
+// is one multiply-add chain over k whatever the rows and matrices beside it.
+template <typename Mat, typename Rows>
+void parallel_tiled(const std::vector<Mat>& mats, int64_t M, int64_t block_rows,
+                    const Rows& rows) {
+  std::vector<int64_t> start{0};  // first task tile of each matrix, then the total
+  for (const Mat& m : mats) start.push_back(start.back() + m.T);
+  const int64_t T = start.back();
+  if (M <= 0 || T <= 0) return;
+  const int64_t blocks = (M + block_rows - 1) / block_rows;
+  const int64_t slices = std::min<int64_t>(blocks, std::max<int64_t>(1, (16 + T - 1) / T));
+  const int64_t per = (blocks + slices - 1) / slices * block_rows;
+  parallel_tiles(T * slices, [&](int64_t task) {
+    const int64_t g = task / slices, m0 = (task % slices) * per;
+    if (m0 >= M) return;
+    size_t i = 0;
+    while (start[i + 1] <= g) ++i;
+    rows(mats[i], g - start[i], m0, std::min(M, m0 + per));
+  });
+}
+
+// The matrices of a variadic float kernel call: args are one tiles[N_i/64, K, 64] per
+// matrix, rets one y[M, N_i] each. `what` names the kernel in errors.
+template <ffi::DataType WT, ffi::DataType YT, typename W, typename Out>
+ffi::Error tiled_mats(const char* what, int64_t M, int64_t K, ffi::RemainingArgs& args,
+                      ffi::RemainingRets& rets, std::vector<TiledMat<W, Out>>* mats) {
+  if (rets.size() < 1 || args.size() != rets.size())
+    return ffi::Error::InvalidArgument(std::string(what) +
+                                       ": expected x[M,K], then one tiles array per output");
+  for (size_t i = 0; i < rets.size(); ++i) {
+    auto tiles = args.get<ffi::Buffer<WT>>(i);
+    auto y = rets.get<ffi::Buffer<YT>>(i);
+    if (tiles.has_error() || y.has_error())
+      return ffi::Error::InvalidArgument(std::string(what) + ": wrong tiles or output dtype");
+    const auto td = tiles->dimensions();
+    const auto yd = (*y)->dimensions();
+    if (td.size() != 3 || td[2] != kTile || td[1] != K || yd.size() != 2 || yd[0] != M ||
+        yd[1] != td[0] * kTile)
+      return ffi::Error::InvalidArgument(std::string(what) +
+                                         ": expected x[M,K], tiles[N/64,K,64], y[M,N]");
+    mats->push_back({reinterpret_cast<const W*>(tiles->untyped_data()),
+                     reinterpret_cast<Out*>((*y)->untyped_data()), td[0], td[0] * kTile});
+  }
+  return ffi::Error::Success();
 }
 
 }  // namespace jax_infer

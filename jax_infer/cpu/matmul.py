@@ -69,9 +69,12 @@ __all__ = [
     "available",
     "bf16_dot_available",
     "bf16_dot_matmul",
+    "bf16_dot_matmul_multi",
     "bf16_kernel_max_rows",
     "bf16_tiles_matmul",
+    "bf16_tiles_matmul_multi",
     "f32_tiles_matmul",
+    "f32_tiles_matmul_multi",
     "features",
     "int4_matvec",
     "int4_matvec_multi",
@@ -79,6 +82,7 @@ __all__ = [
     "int8_matvec_multi",
     "supports",
     "tiled_matmul",
+    "tiled_matmul_many",
 ]
 
 
@@ -140,17 +144,36 @@ def int4_matvec_multi(x, mats):
 def f32_tiles_matmul(x, tiles):
     """x f32[M, K] @ an f32 matrix stored in column tiles (tiles f32[N/64, K, 64], see
     cpu/layout.py TiledF32Array) -> f32[M, N]."""
+    return f32_tiles_matmul_multi(x, [tiles])[0]
+
+
+def _tiled_outs(x, tiles_list, dtype):
+    return [jax.ShapeDtypeStruct((x.shape[0], t.shape[0] * TILE), dtype) for t in tiles_list]
+
+
+def f32_tiles_matmul_multi(x, tiles_list):
+    """x f32[M, K] @ each of several f32 matrices in column tiles -> a list of f32[M, N_i]:
+    one kernel call, every matrix's column tiles one job for the worker pool (a layer's
+    q/k/v or gate/up projections). Each result equals `f32_tiles_matmul` of its matrix
+    bitwise."""
     _require(32)
-    out = jax.ShapeDtypeStruct((x.shape[0], tiles.shape[0] * TILE), jnp.float32)
-    return jax.ffi.ffi_call(build.F32_TARGET, out, vmap_method="broadcast_all")(x, tiles)
+    outs = _tiled_outs(x, tiles_list, jnp.float32)
+    call = jax.ffi.ffi_call(build.F32_TARGET, outs, vmap_method="broadcast_all")
+    return list(call(x, *tiles_list))
 
 
 def bf16_tiles_matmul(x, tiles):
     """x f32[M, K] @ a bf16 matrix stored in column tiles (tiles bf16[N/64, K, 64]) ->
     f32[M, N], f32 accumulation (matmul_bf16.cc)."""
+    return bf16_tiles_matmul_multi(x, [tiles])[0]
+
+
+def bf16_tiles_matmul_multi(x, tiles_list):
+    """`f32_tiles_matmul_multi` for bf16 tiles (x f32, f32 results)."""
     _require(16)
-    out = jax.ShapeDtypeStruct((x.shape[0], tiles.shape[0] * TILE), jnp.float32)
-    return jax.ffi.ffi_call(build.BF16_TARGET, out, vmap_method="broadcast_all")(x, tiles)
+    outs = _tiled_outs(x, tiles_list, jnp.float32)
+    call = jax.ffi.ffi_call(build.BF16_TARGET, outs, vmap_method="broadcast_all")
+    return list(call(x, *tiles_list))
 
 
 def bf16_dot_available() -> bool:
@@ -163,6 +186,12 @@ def bf16_dot_matmul(x, tiles, out_dtype=jnp.float32):
     bf16 pair dot products with f32 accumulation (matmul_bf16.cc, AVX512-BF16). out_dtype
     float32, or bfloat16: the f32 sums rounded once to nearest even by the kernel, so no
     separate convert pass follows (an f32 denormal rounds to zero there)."""
+    return bf16_dot_matmul_multi(x, [tiles], out_dtype)[0]
+
+
+def bf16_dot_matmul_multi(x, tiles_list, out_dtype=jnp.float32):
+    """`bf16_dot_matmul` of several matrices that share x, in one kernel call (as
+    `f32_tiles_matmul_multi`) -> a list of [M, N_i]."""
     if not bf16_dot_available():
         raise RuntimeError(
             f"the bf16 dot-product CPU kernel needs AVX512-BF16 (features={features()}); "
@@ -177,8 +206,9 @@ def bf16_dot_matmul(x, tiles, out_dtype=jnp.float32):
         raise ValueError(
             f"bf16_dot_matmul: out_dtype={out_dtype} is not supported: float32 or bfloat16"
         )
-    out = jax.ShapeDtypeStruct((x.shape[0], tiles.shape[0] * TILE), out_dtype)
-    return jax.ffi.ffi_call(targets[out_dtype], out, vmap_method="broadcast_all")(x, tiles)
+    outs = _tiled_outs(x, tiles_list, out_dtype)
+    call = jax.ffi.ffi_call(targets[out_dtype], outs, vmap_method="broadcast_all")
+    return list(call(x, *tiles_list))
 
 
 def _xla_tiled_matmul(x, t: TiledF32Array):
@@ -248,3 +278,72 @@ def tiled_matmul(x, t: TiledF32Array, *, force_xla: bool = False, batch_invarian
     else:
         y = _xla_tiled_matmul(x2, t)
     return y.reshape(*lead, n).astype(x.dtype)
+
+
+def tiled_matmul_many(x, ts, *, force_xla: bool = False):
+    """(x @ t for t in ts) for tiled matrices that share the input x [..., K] (a layer's
+    q/k/v, its gate/up): where `tiled_matmul` would take a kernel for each, the matrices go
+    to it in one call (`f32_tiles_matmul_multi`, `bf16_dot_matmul_multi`,
+    `bf16_tiles_matmul_multi`), with results equal to `tiled_matmul`'s bitwise; otherwise
+    one `tiled_matmul` per matrix. Returns a tuple of [..., N_i] in x's dtype."""
+    ts = tuple(ts)
+    if not ts:
+        return ()
+    k = ts[0].stored_shape[0]
+    dtypes = {t.values.dtype for t in ts}
+    lead = x.shape[:-1]
+    rows = math.prod(lead)
+    bits = (
+        16
+        if dtypes == {jnp.dtype(jnp.bfloat16)}
+        else 32
+        if dtypes == {jnp.dtype(jnp.float32)}
+        else None
+    )
+    fits = (
+        not force_xla
+        and len(ts) > 1
+        and bits is not None
+        and x.shape[-1] == k
+        and all(t.stored_shape[0] == k and supports(k, t.stored_shape[1], 1, bits) for t in ts)
+    )
+    if not fits or rows <= 0:
+        return tuple(tiled_matmul(x, t, force_xla=force_xla) for t in ts)
+    values = [t.values for t in ts]
+
+    def xla(x2):
+        return tuple(_xla_tiled_matmul(x2.astype(jnp.float32), t).astype(x2.dtype) for t in ts)
+
+    if bits == 16:
+        if rows > bf16_kernel_max_rows():
+            return tuple(tiled_matmul(x, t) for t in ts)
+        x2 = x.reshape(rows, k)
+
+        def xla16(x):
+            return tuple(jnp.matmul(x, untile(t).astype(x.dtype)) for t in ts)
+
+        if x2.dtype == jnp.bfloat16 and BF16_DOT and bf16_dot_available():
+
+            def kernel(x):
+                if BF16_DOT_BF16_OUT:
+                    return tuple(bf16_dot_matmul_multi(x, values, out_dtype=jnp.bfloat16))
+                return tuple(y.astype(x.dtype) for y in bf16_dot_matmul_multi(x, values))
+
+        elif available(16):
+
+            def kernel(x):
+                ys = bf16_tiles_matmul_multi(x.astype(jnp.float32), values)
+                return tuple(y.astype(x.dtype) for y in ys)
+
+        else:
+            return tuple(tiled_matmul(x, t) for t in ts)
+        ys = jax.lax.platform_dependent(x2, cpu=kernel, default=xla16)
+    else:
+        if not available(32):
+            return tuple(tiled_matmul(x, t) for t in ts)
+        x2 = x.reshape(rows, k).astype(jnp.float32)
+        ys = jax.lax.platform_dependent(
+            x2, cpu=lambda a: tuple(f32_tiles_matmul_multi(a, values)), default=xla
+        )
+        ys = tuple(y.astype(x.dtype) for y in ys)
+    return tuple(y.reshape(*lead, y.shape[-1]) for y in ys)

@@ -76,24 +76,20 @@ void bf16_rows(const float* x, const uint16_t* tile, float* y, int64_t K, int64_
   }
 }
 
-ffi::Error Bf16TilesMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> tiles,
-                               ffi::ResultBuffer<ffi::F32> y) {
+// Variadic: x, then the tiles of each matrix; one output per matrix (`parallel_tiled`).
+ffi::Error Bf16TilesMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args,
+                               ffi::RemainingRets rets) {
   const auto xd = x.dimensions();
-  const auto td = tiles.dimensions();
-  if (xd.size() != 2 || td.size() != 3 || td[2] != kTile || xd[1] != td[1])
-    return ffi::Error::InvalidArgument("bf16 tiled matmul: expected x[M,K], tiles[N/64,K,64]");
-  const int64_t M = xd[0], K = xd[1], T = td[0], N = T * kTile;
-  if (M <= 0) return ffi::Error::Success();
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("bf16 tiled matmul: expected x[M,K]");
+  const int64_t M = xd[0], K = xd[1];
+  std::vector<TiledMat<uint16_t, float>> mats;
+  if (auto err = tiled_mats<ffi::BF16, ffi::F32>("bf16 tiled matmul", M, K, args, rets, &mats);
+      err.failure())
+    return err;
   const float* xp = x.typed_data();
-  const uint16_t* tp = reinterpret_cast<const uint16_t*>(tiles.untyped_data());
-  float* yp = y->typed_data();
-  // Tasks: tiles x row slices, as the f32 kernel (few tiles: split the rows too).
-  const int64_t blocks = (M + kBf16Rows - 1) / kBf16Rows;
-  const int64_t slices = std::min<int64_t>(blocks, std::max<int64_t>(1, (16 + T - 1) / T));
-  const int64_t per = (blocks + slices - 1) / slices * kBf16Rows;
-  parallel_tiles(T * slices, [=](int64_t task) {
-    const int64_t t = task / slices, m0 = (task % slices) * per;
-    if (m0 < M) bf16_rows(xp, tp + t * K * kTile, yp, K, N, t * kTile, m0, std::min(M, m0 + per));
+  parallel_tiled(mats, M, kBf16Rows, [&](const TiledMat<uint16_t, float>& m, int64_t t,
+                                         int64_t m0, int64_t m1) {
+    bf16_rows(xp, m.tiles + t * K * kTile, m.y, K, m.N, t * kTile, m0, m1);
   });
   return ffi::Error::Success();
 }
@@ -203,38 +199,36 @@ void dp_rows(const uint16_t* x, const uint16_t* tile, Out* y, int64_t K, int64_t
   }
 }
 
-// y = x @ tiles; Out: float (f32 y) or uint16_t (bf16 y, rounded once from the f32 sums).
-template <typename Out, typename YBuffer>
-ffi::Error Bf16DpMatmul(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> tiles, YBuffer y) {
+// y_i = x @ tiles_i for each matrix; Out: float (f32 y) or uint16_t (bf16 y, rounded once
+// from the f32 sums). Variadic as the other float kernels (`parallel_tiled`).
+template <typename Out, ffi::DataType YT>
+ffi::Error Bf16DpMatmul(ffi::Buffer<ffi::BF16> x, ffi::RemainingArgs args,
+                        ffi::RemainingRets rets) {
   const auto xd = x.dimensions();
-  const auto td = tiles.dimensions();
-  if (xd.size() != 2 || td.size() != 3 || td[2] != kTile || xd[1] != td[1])
-    return ffi::Error::InvalidArgument("bf16 dot matmul: expected x[M,K], tiles[N/64,K,64]");
-  const int64_t M = xd[0], K = xd[1], T = td[0], N = T * kTile;
-  if (M <= 0) return ffi::Error::Success();
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("bf16 dot matmul: expected x[M,K]");
+  const int64_t M = xd[0], K = xd[1];
+  std::vector<TiledMat<uint16_t, Out>> mats;
+  if (auto err = tiled_mats<ffi::BF16, YT>("bf16 dot matmul", M, K, args, rets, &mats);
+      err.failure())
+    return err;
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.untyped_data());
-  const uint16_t* tp = reinterpret_cast<const uint16_t*>(tiles.untyped_data());
-  Out* yp = reinterpret_cast<Out*>(y->untyped_data());
-  const int64_t blocks = (M + kDpRows - 1) / kDpRows;
-  const int64_t slices = std::min<int64_t>(blocks, std::max<int64_t>(1, (16 + T - 1) / T));
-  const int64_t per = (blocks + slices - 1) / slices * kDpRows;
-  parallel_tiles(T * slices, [=](int64_t task) {
-    const int64_t t = task / slices, m0 = (task % slices) * per;
-    if (m0 < M) dp_rows(xp, tp + t * K * kTile, yp, K, N, t * kTile, m0, std::min(M, m0 + per));
+  parallel_tiled(mats, M, kDpRows, [&](const TiledMat<uint16_t, Out>& m, int64_t t,
+                                       int64_t m0, int64_t m1) {
+    dp_rows(xp, m.tiles + t * K * kTile, m.y, K, m.N, t * kTile, m0, m1);
   });
   return ffi::Error::Success();
 }
 
-ffi::Error Bf16DpMatmulImpl(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> tiles,
-                            ffi::ResultBuffer<ffi::F32> y) {
-  return Bf16DpMatmul<float>(x, tiles, y);
+ffi::Error Bf16DpMatmulImpl(ffi::Buffer<ffi::BF16> x, ffi::RemainingArgs args,
+                            ffi::RemainingRets rets) {
+  return Bf16DpMatmul<float, ffi::F32>(x, args, rets);
 }
 
 // bf16 y: the model's activations in dtype="bfloat16" are bf16, and an f32 y fed to another
 // kernel (attention, the next projection) costs XLA a separate convert pass over it.
-ffi::Error Bf16DpMatmulBf16Impl(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> tiles,
-                                ffi::ResultBuffer<ffi::BF16> y) {
-  return Bf16DpMatmul<uint16_t>(x, tiles, y);
+ffi::Error Bf16DpMatmulBf16Impl(ffi::Buffer<ffi::BF16> x, ffi::RemainingArgs args,
+                                ffi::RemainingRets rets) {
+  return Bf16DpMatmul<uint16_t, ffi::BF16>(x, args, rets);
 }
 #endif  // JAX_INFER_DPBF16
 
@@ -254,18 +248,18 @@ extern "C" int JaxInferBf16MatmulFeatures() {
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxInferBf16TilesMatmul, jax_infer::Bf16TilesMatmulImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .RemainingArgs()
+                                  .RemainingRets());
 
 #if defined(JAX_INFER_DPBF16)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxInferBf16DotMatmul, jax_infer::Bf16DpMatmulImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .RemainingArgs()
+                                  .RemainingRets());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxInferBf16DotMatmulBf16, jax_infer::Bf16DpMatmulBf16Impl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::BF16>>());
+                                  .RemainingArgs()
+                                  .RemainingRets());
 #endif

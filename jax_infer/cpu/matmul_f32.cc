@@ -80,25 +80,20 @@ void f32_rows(const float* x, const float* tile, float* y, int64_t K, int64_t N,
   f32_block_of(x, tile, y, K, N, n0, m, m1 - m);
 }
 
-ffi::Error F32TilesMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> tiles,
-                              ffi::ResultBuffer<ffi::F32> y) {
+// Variadic: x, then the tiles of each matrix; one output per matrix (`parallel_tiled`).
+ffi::Error F32TilesMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::RemainingArgs args,
+                              ffi::RemainingRets rets) {
   const auto xd = x.dimensions();
-  const auto td = tiles.dimensions();
-  if (xd.size() != 2 || td.size() != 3 || td[2] != kTile || xd[1] != td[1])
-    return ffi::Error::InvalidArgument("f32 tiled matmul: expected x[M,K], tiles[N/64,K,64]");
-  const int64_t M = xd[0], K = xd[1], T = td[0], N = T * kTile;
-  if (M <= 0) return ffi::Error::Success();
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("f32 tiled matmul: expected x[M,K]");
+  const int64_t M = xd[0], K = xd[1];
+  std::vector<TiledMat<float, float>> mats;
+  if (auto err = tiled_mats<ffi::F32, ffi::F32>("f32 tiled matmul", M, K, args, rets, &mats);
+      err.failure())
+    return err;
   const float* xp = x.typed_data();
-  const float* tp = tiles.typed_data();
-  float* yp = y->typed_data();
-  // Tasks: tiles x row slices. With few tiles (a [576, 192] projection has 3) the rows are
-  // split too, so both threads have work; a slice is a whole number of register blocks.
-  const int64_t blocks = (M + kF32Rows - 1) / kF32Rows;
-  const int64_t slices = std::min<int64_t>(blocks, std::max<int64_t>(1, (16 + T - 1) / T));
-  const int64_t per = (blocks + slices - 1) / slices * kF32Rows;
-  parallel_tiles(T * slices, [=](int64_t task) {
-    const int64_t t = task / slices, m0 = (task % slices) * per;
-    if (m0 < M) f32_rows(xp, tp + t * K * kTile, yp, K, N, t * kTile, m0, std::min(M, m0 + per));
+  parallel_tiled(mats, M, kF32Rows, [&](const TiledMat<float, float>& m, int64_t t, int64_t m0,
+                                        int64_t m1) {
+    f32_rows(xp, m.tiles + t * K * kTile, m.y, K, m.N, t * kTile, m0, m1);
   });
   return ffi::Error::Success();
 }
@@ -120,6 +115,6 @@ extern "C" int JaxInferF32MatmulFeatures() {
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxInferF32TilesMatmul, jax_infer::F32TilesMatmulImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .RemainingArgs()
+                                  .RemainingRets());
 #endif

@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jax_infer.cpu.layout import as_tiled
-from jax_infer.cpu.matmul import tiled_matmul
+from jax_infer.cpu.matmul import tiled_matmul, tiled_matmul_many
 from jax_infer.model.invariant import fixed_order_matmul
 from jax_infer.quant.arrays import as_quantized
 from jax_infer.quant.matmul import quantized_matmul, quantized_matmul_many, quantized_take
@@ -46,11 +46,17 @@ def linear(x, w, *, batch_invariant: bool = False):
 def linear_many(x, ws, *, batch_invariant: bool = False):
     """(x @ w for w in ws): the projections of one input (a layer's q/k/v, its gate/up).
     Quantized matrices of one format go to the kernels in one call, which quantizes x once
-    and spreads all their column tiles over the threads at once; anything else is one
-    `linear` per matrix, with the same results."""
-    qs = [as_quantized(w) for w in ws]
-    if not batch_invariant and len(ws) > 1 and all(q is not None for q in qs):
-        return quantized_matmul_many(x, qs)
+    and spreads all their column tiles over the threads at once; column-tiled f32 or bf16
+    matrices likewise (`tiled_matmul_many`); anything else is one `linear` per matrix, with
+    the same results."""
+    if not batch_invariant and len(ws) > 1:
+        qs = [as_quantized(w) for w in ws]
+        if all(q is not None for q in qs):
+            return quantized_matmul_many(x, qs)
+        ts = [as_tiled(w) for w in ws]
+        if all(t is not None for t in ts):
+            # Column-tiled f32/bf16 matrices: one kernel call where each would take one.
+            return tiled_matmul_many(x, ts)
     return tuple(linear(x, w, batch_invariant=batch_invariant) for w in ws)
 
 
