@@ -679,6 +679,17 @@ def _categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
     return jax.random.categorical(key, logits)
 
 
+def argmax_last(x):
+    """jnp.argmax(x, axis=-1) as i32, ties and NaN alike (the lowest index of the maximum; a
+    NaN counts as the maximum), by two plain reductions: a max, then the smallest index
+    holding it. XLA:CPU runs jnp.argmax's (value, index) reduction as scalar code, ~5x slower
+    on a [1, 49152] row (0.2 ms of every decode step) and ~3x at 32 rows."""
+    m = jnp.max(x, axis=-1, keepdims=True)
+    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    hit = (x == m) | jnp.isnan(x)
+    return jnp.min(jnp.where(hit, iota, x.shape[-1]), axis=-1)
+
+
 @functools.partial(jax.jit, static_argnames=("flags",))
 def sample(
     logits: jax.Array,
@@ -727,7 +738,7 @@ def sample(
             meta.presence_penalty,
             meta.frequency_penalty,
         )
-    greedy_ids = jnp.argmax(x, axis=-1).astype(jnp.int32)  # i32[B]
+    greedy_ids = argmax_last(x)  # i32[B]
 
     if flags.all_greedy:
         token_ids = greedy_ids

@@ -16,6 +16,7 @@ import math
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -622,3 +623,24 @@ def test_sample_composes_under_outer_jit():
         outer(logits, meta, zeros, prompt).token_ids,
         sample(logits, meta, zeros, prompt, flags=flags).token_ids,
     )
+
+
+def test_argmax_last_equals_numpy_argmax_with_ties_nan_and_inf():
+    """`argmax_last` (the greedy pick: a max, then the smallest index holding it) against
+    numpy's argmax: lowest index on ties, the first NaN where there is one, -inf rows."""
+    from jax_infer.sampling import argmax_last
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((9, 1000)).astype(np.float32)
+    x[1, [7, 300, 999]] = 50.0  # ties: lowest index
+    x[2, :] = -np.inf
+    x[3, [5, 600]] = np.nan  # numpy: the first NaN
+    x[4, :] = 3.0
+    x[5, 999] = np.inf
+    x[6] = np.round(x[6])  # many ties below the max
+    x[7, 0] = np.nan
+    got = np.asarray(jax.jit(argmax_last)(jnp.asarray(x)))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+    y = rng.standard_normal((2, 3, 4, 50)).astype(np.float32)  # any leading shape
+    np.testing.assert_array_equal(np.asarray(argmax_last(jnp.asarray(y))), np.argmax(y, -1))

@@ -46,6 +46,7 @@ from jax_infer.sampling import (
     SamplerFlags,
     SamplingMetadata,
     SamplingParams,
+    argmax_last,
     request_key,
 )
 from jax_infer.speculative.rejection import target_probs
@@ -185,7 +186,7 @@ def _draw(logits, where, meta: SamplingMetadata, position, *, flags: SamplerFlag
     index, so each draft of a (seed, step) gets its own random numbers."""
     probs = target_probs(logits[where], meta, flags)
     if flags.all_greedy:
-        return jnp.argmax(probs, axis=-1).astype(jnp.int32), probs
+        return argmax_last(probs), probs
 
     def key(seed, step):
         return request_key(seed, step, KeyPurpose.DRAFT, position)

@@ -37,6 +37,7 @@ from jax_infer.sampling import (
     SamplingParams,
     _filter_logits,
     apply_token_bitmask,
+    argmax_last,
     request_key,
 )
 
@@ -61,7 +62,7 @@ def target_probs(logits, meta: SamplingMetadata, flags: SamplerFlags):
     the argmax for greedy rows). `meta` and `flags` as for `sampling.sample` (no penalties)."""
     logits = logits.astype(jnp.float32)
     vocab = logits.shape[-1]
-    greedy = jax.nn.one_hot(jnp.argmax(logits, axis=-1), vocab, dtype=jnp.float32)
+    greedy = jax.nn.one_hot(argmax_last(logits), vocab, dtype=jnp.float32)
     if flags.all_greedy:
         return greedy
     is_greedy = meta.temperature < GREEDY_TEMPERATURE_EPS  # bool[R]
@@ -150,7 +151,7 @@ def verify(
         # p is one-hot at the argmax: a draft is accepted iff it is the argmax, and the token
         # after the accepted run (correction or bonus) is the argmax there, whatever q is. So
         # the argmaxes themselves are the emitted tokens (no softmax, no random draws).
-        target = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # i32[B, K+1]
+        target = argmax_last(logits)  # i32[B, K+1]
         valid = jnp.arange(k1 - 1)[None, :] < num_drafts[:, None]
         accept = (target[:, :-1] == draft_ids.astype(jnp.int32)) & valid
         num_accepted = jnp.sum(jnp.cumprod(accept.astype(jnp.int32), axis=1), axis=1)
