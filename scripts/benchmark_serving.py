@@ -71,7 +71,7 @@ import serving_client
 import shared_flags
 from absl import app, flags
 
-from jax_infer import LLM, SamplingParams
+from jax_infer import LLM, SamplingParams, compile_cache
 from jax_infer.sampling import StructuredOutputsParams
 
 FLAGS = flags.FLAGS
@@ -439,11 +439,16 @@ def length_range(name: str) -> tuple[int, int]:
     return lo, hi
 
 
-def poisson_workload(n: int, seed: int, prompt_len, output_len, vocab=(100, 20000)):
+def poisson_workload(
+    n: int, seed: int, prompt_len, output_len, vocab=(100, 20000), ids_seed: int | None = None
+):
+    """n prompts and output lengths drawn from seed; the prompts' token ids from ids_seed
+    (default: seed) in [vocab): the same lengths with other ids share no prefix."""
     rng = np.random.default_rng(seed)
     lens = rng.integers(prompt_len[0], prompt_len[1] + 1, size=n)
-    prompts = [rng.integers(vocab[0], vocab[1], size=int(k)).tolist() for k in lens]
     outputs = rng.integers(output_len[0], output_len[1] + 1, size=n).tolist()
+    ids = np.random.default_rng(seed if ids_seed is None else ids_seed)
+    prompts = [ids.integers(vocab[0], vocab[1], size=int(k)).tolist() for k in lens]
     return prompts, [int(o) for o in outputs]
 
 
@@ -540,22 +545,37 @@ def scenario_poisson(results):
         raise app.UsageError(f"--poisson_rates={FLAGS.poisson_rates}: need finite rates > 0")
     lens = length_range("poisson_prompt_len"), length_range("poisson_output_len")
     n, targets = FLAGS.poisson_requests, (FLAGS.ttft_target_ms, FLAGS.tpot_target_ms)
-    prompts, outs = poisson_workload(n, FLAGS.seed, *lens)
-    # Warm-up prompts: same lengths, other token ids (no prefix-cache hits carry over).
-    warm, _ = poisson_workload(n, FLAGS.seed, *lens, vocab=(20000, 40000))
+
+    # Every run (each rate's warm-up and timed run) gets the same lengths with token ids of
+    # its own: the engine keeps its prefix cache between runs, and a run that re-served an
+    # earlier run's prompts would skip their prefill (later rates once looked far better than
+    # the first for that reason alone).
+    def workload(run: int):
+        return poisson_workload(n, FLAGS.seed, *lens, ids_seed=FLAGS.seed * 1000 + run)
+
+    outs = workload(0)[1]
     out = {"targets_ms": {"ttft": targets[0], "tpot": targets[1]}, "rates": {}}
     for kind in ("continuous", "static"):
         llm = make_llm(kind)
         # Every rate's schedule once with other ids first, so the timed runs compile (almost)
         # nothing: the step shapes a schedule meets depend on how arrivals fall between steps.
-        for rate in sorted(rates):
-            serve_arrivals(llm, warm, outs, arrivals(n, rate, FLAGS.seed))
-        for rate in sorted(rates):
+        for i, rate in enumerate(sorted(rates)):
+            serve_arrivals(llm, workload(2 * i + 1)[0], outs, arrivals(n, rate, FLAGS.seed))
+        for i, rate in enumerate(sorted(rates)):
+            prompts = workload(2 * i + 2)[0]
+            before = compile_cache.stats()
             rec = serve_arrivals(llm, prompts, outs, arrivals(n, rate, FLAGS.seed))
+            after = compile_cache.stats()
             r = out["rates"].setdefault(str(rate), {})[kind] = goodput_summary(rec, *targets)
+            # Programs traced or compiled during the timed run (shapes the warm-up missed).
+            r["programs_during_run"] = after["programs"] - before["programs"]
+            r["compile_s_during_run"] = round(
+                after["compile_seconds"] - before["compile_seconds"], 2
+            )
             print(  # progress: a loaded machine can take minutes per rate
                 f"poisson {kind} at {rate:g}/s: {r['good_fraction']:.2f} met the targets, "
-                f"goodput {r['goodput_rps']:.3f}/s",
+                f"goodput {r['goodput_rps']:.3f}/s; {r['programs_during_run']} programs "
+                f"({r['compile_s_during_run']:.1f} s compiling) during the run",
                 flush=True,
             )
         del llm
