@@ -86,11 +86,30 @@ def softcap(x, cap: float | None):
     return cap * jnp.tanh(x / cap)
 
 
-def apply_rope(x, positions, inv_freq):
-    """Rotary embedding in HF's rotate-half convention.  x [B, T, heads, H], positions i32[B, T]."""
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # f32[B, T, H/2]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
+def rope_tables(positions, inv_freq):
+    """(cos, sin), each f32[B, T, 1, H/2], of the angles positions i32[B, T] x inv_freq [H/2].
+
+    The model computes them once per forward for all its layers, inside a conditional whose
+    predicate XLA cannot fold (every position is >= the smallest int32: always true). A
+    conditional's results are buffers that no fusion crosses: without it XLA:CPU fused the
+    cos and sin into each layer's rope fusion, whose loop recomputed them for every head of
+    every layer (8% of a 512-token bf16 prefill of SmolLM2). `optimization_barrier` does not
+    do this on the CPU, whose compiler removes barriers before fusion."""
+
+    def tables(p):
+        angles = p[..., None].astype(jnp.float32) * inv_freq  # f32[B, T, H/2]
+        return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+
+    if positions.size == 0:
+        return tables(positions)
+    always = positions.reshape(-1)[0] >= jnp.iinfo(jnp.int32).min
+    return jax.lax.cond(always, tables, tables, positions)
+
+
+def apply_rope(x, positions, inv_freq, tables=None):
+    """Rotary embedding in HF's rotate-half convention.  x [B, T, heads, H], positions i32[B, T].
+    tables: `rope_tables(positions, inv_freq)` when the caller has them already."""
+    cos, sin = rope_tables(positions, inv_freq) if tables is None else tables
     xf = x.astype(jnp.float32)
     half = x.shape[-1] // 2
     x1, x2 = xf[..., :half], xf[..., half:]
@@ -215,7 +234,9 @@ class DecoderLayer(nn.Module):
     batch_invariant: bool = False  # model/invariant.py
 
     @nn.compact
-    def __call__(self, x, positions, inv_freq, layer_cache, attend_fn, window=None):
+    def __call__(self, x, positions, inv_freq, layer_cache, attend_fn, window=None, rope=None):
+        """rope: this layer's `rope_tables(positions, inv_freq)`, shared by the model's
+        layers (None: computed here)."""
         c = self.config
         d, n, kh, h, f = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
         init = nn.initializers.normal(0.02)
@@ -260,8 +281,10 @@ class DecoderLayer(nn.Module):
         q, k, v = q.reshape(b, t, n, h), k.reshape(b, t, kh, h), v.reshape(b, t, kh, h)
         if c.qk_norm:
             q, k = norm(q, "q_norm"), norm(k, "k_norm")
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
+        if rope is None:
+            rope = rope_tables(positions, inv_freq)
+        q = apply_rope(q, positions, inv_freq, rope)
+        k = apply_rope(k, positions, inv_freq, rope)
         if c.query_scale != 1.0:
             q = q * jnp.asarray(c.query_scale, q.dtype)
         # The cache layout (contiguous rows or a page pool) is the attend_fn's business: it
@@ -317,10 +340,15 @@ class Llama(nn.Module):
             x = x * jnp.asarray(c.embed_scale, self.dtype)
         inv_freq = jnp.asarray(rope_frequencies(c))
         local_freq = jnp.asarray(rope_frequencies(c, local=True)) if c.rope_local_theta else None
+        # The rotary cos/sin, once for every layer (two sets where local layers have their own).
+        tables = {False: rope_tables(positions, inv_freq)}
+        if local_freq is not None:
+            tables[True] = rope_tables(positions, local_freq)
         new_cache = []
         for i, (window, local) in enumerate(zip(c.layer_windows, c.layer_rope_local)):
+            freq = local_freq if local else inv_freq
             x, layer_cache = DecoderLayer(c, self.dtype, self.batch_invariant, name=f"layers_{i}")(
-                x, positions, local_freq if local else inv_freq, cache[i], attend_fn, window
+                x, positions, freq, cache[i], attend_fn, window, tables[bool(local)]
             )
             new_cache.append(layer_cache)
         norm_init = nn.initializers.zeros if c.norm_offset else nn.initializers.ones
