@@ -151,6 +151,72 @@ def test_prefill_kernel_matches_numpy(heads, kv_heads, head_dim, page_size, wind
     np.testing.assert_array_equal(got[live], np.asarray(decode))
 
 
+@pytest.mark.parametrize("window", [0, 21])
+def test_prefill_kernel_rows_back_to_back(window):
+    """starts: rows of 45, 30 and 3 queries back to back in a flat run of 88 (the prefill
+    region of a ragged step, as the engine passes it), 10 padding queries after them at
+    position 0. Each row's outputs equal, bit for bit, the same queries laid out in padded
+    [3, 45] rows (checked against numpy above) and numpy here; the padding queries are zero."""
+    rng = np.random.default_rng(7 + window)
+    heads, kv_heads, head_dim, page_size, num_pages, q_pad = 9, 3, 64, 16, 80, 45
+    rows = [(0, 45), (70, 30), (5, 3)]
+    perm = rng.permutation(np.arange(1, num_pages))
+    tables = np.zeros((3, 8), np.int32)
+    for r, (s, n) in enumerate(rows):
+        need = -(-(s + n) // page_size)
+        tables[r, :need] = perm[r * 20 : r * 20 + need]
+    k_pages = rng.standard_normal((num_pages, page_size, kv_heads, head_dim)).astype(np.float32)
+    v_pages = rng.standard_normal((num_pages, page_size, kv_heads, head_dim)).astype(np.float32)
+    total = sum(n for _, n in rows)
+    q_flat = (2 * rng.standard_normal((total + 10, heads, head_dim))).astype(np.float32)
+    pos_flat = np.zeros(total + 10, np.int32)
+    starts = np.zeros(4, np.int32)
+    q_rows = np.zeros((3 * q_pad, heads, head_dim), np.float32)
+    pos_rows = np.full(3 * q_pad, -1, np.int32)
+    for r, (s, n) in enumerate(rows):
+        starts[r + 1] = starts[r] + n
+        pos_flat[starts[r] : starts[r + 1]] = np.arange(s, s + n)
+        q_rows[r * q_pad : r * q_pad + n] = q_flat[starts[r] : starts[r + 1]]
+        pos_rows[r * q_pad : r * q_pad + n] = np.arange(s, s + n)
+    pools = [jnp.asarray(k_pages), jnp.asarray(v_pages), jnp.asarray(tables)]
+    got = np.asarray(
+        kernels.paged_prefill_attention(
+            jnp.asarray(q_flat),
+            *pools,
+            jnp.asarray(pos_flat),
+            window=window,
+            starts=jnp.asarray(starts),
+        )
+    )
+    padded = np.asarray(
+        kernels.paged_prefill_attention(
+            jnp.asarray(q_rows), *pools, jnp.asarray(pos_rows), window=window
+        )
+    )
+    want = numpy_prefill(q_rows, k_pages, v_pages, tables, pos_rows, window)
+    for r, (_, n) in enumerate(rows):
+        np.testing.assert_array_equal(
+            got[starts[r] : starts[r + 1]], padded[r * q_pad : r * q_pad + n]
+        )
+        np.testing.assert_allclose(
+            got[starts[r] : starts[r + 1]], want[r * q_pad : r * q_pad + n], atol=2e-5, rtol=1e-5
+        )
+    assert not got[total:].any()
+
+
+def test_prefill_kernel_rejects_bad_starts():
+    q = jnp.ones((10, 9, 64), jnp.float32)
+    pool = jnp.zeros((4, 16, 3, 64), jnp.float32)
+    tables, pos = jnp.zeros((3, 2), jnp.int32), jnp.zeros(10, jnp.int32)
+    with pytest.raises(ValueError, match=r"starts has shape \(3,\), expected \(4,\)"):
+        kernels.paged_prefill_attention(q, pool, pool, tables, pos, starts=jnp.zeros(3))
+    for bad in ([0, 5, 3, 10], [0, 4, 8, 11], [-1, 2, 4, 6]):
+        with pytest.raises(Exception, match="starts must be nondecreasing within"):
+            kernels.paged_prefill_attention(
+                q, pool, pool, tables, pos, starts=jnp.asarray(bad, jnp.int32)
+            ).block_until_ready()
+
+
 def test_prefill_kernel_rejects_ragged_query_count():
     q = jnp.zeros((10, 9, 64), jnp.float32)
     pool = jnp.zeros((4, 16, 3, 64), jnp.float32)

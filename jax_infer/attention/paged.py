@@ -183,16 +183,32 @@ def xla_attention(
             )
         else:
             od = _xla_decode(q, k_pages, v_pages, meta, softcap=softcap, **static)
-        out = out.at[:d_pad].set(od)
+        out = out.at[:d_pad].set(od)  # od covers every decode row, padding ones included
     if p_pad:
         xla = functools.partial(
             _xla_chunks, d_pad=d_pad, sliding_window=sliding_window, softcap=softcap
         )
         if native and use_native_decode(k_pages, n):
-            native = functools.partial(_native_chunks, d_pad=d_pad, sliding_window=sliding_window)
-            op = jax.lax.platform_dependent(q, k_pages, v_pages, meta, cpu=native, default=xla)
-        else:
-            op = xla(q, k_pages, v_pages, meta)
+            # The kernel takes the flat prefill region as it lies: its output is the rows
+            # after the decode rows, with no scatter (and no zeroed [T, N, H] to scatter into).
+            def scatter(op):
+                return (
+                    jnp.zeros((t - d_pad, n, h), q.dtype)
+                    .at[meta.prefill_token_index - d_pad]
+                    .set(op, mode="drop")
+                )
+
+            def xla_flat(q, k_pages, v_pages, meta):
+                return scatter(xla(q, k_pages, v_pages, meta))
+
+            native_fn = functools.partial(
+                _native_prefill, d_pad=d_pad, sliding_window=sliding_window
+            )
+            flat = jax.lax.platform_dependent(
+                q, k_pages, v_pages, meta, cpu=native_fn, default=xla_flat
+            )
+            return jnp.concatenate([od, flat]) if d_pad else flat
+        op = xla(q, k_pages, v_pages, meta)
         out = out.at[meta.prefill_token_index].set(op, mode="drop")
     return out
 
@@ -230,21 +246,23 @@ def _xla_chunks(
     return out.astype(q.dtype)  # as the native branch (f32 pages under bf16 activations)
 
 
-def _native_chunks(q, k_pages, v_pages, meta: AttentionMetadata, d_pad: int, sliding_window):
-    """The prefill rows by the C++ causal kernel, reading pages in place -> [P, Q, N, H]
-    (each query's output equals a decode row's at its position: same loop, same order)."""
-    p_pad, q_pad = meta.prefill_token_index.shape
-    index = meta.prefill_token_index.reshape(-1)  # t for padding
-    positions = jnp.take(meta.positions, index, mode="fill", fill_value=-1)
+def _native_prefill(q, k_pages, v_pages, meta: AttentionMetadata, d_pad: int, sliding_window):
+    """The flat prefill region q[d_pad:] by the C++ causal kernel, reading pages in place and
+    the chunks where they lie (row r's at cu_q_lens[d_pad + r]..) -> [T - d_pad, N, H], zero
+    past the last chunk (each query's output equals a decode row's at its position: same
+    loop, same order). No gather of q into padded [P, Q] rows, no scatter back."""
+    starts = meta.cu_q_lens[d_pad:] - d_pad  # i32[P + 1]
+    # Positions past the last chunk are padding (0 in the metadata): the kernel zeroes them.
     out = cpu_kernels.paged_prefill_attention(
-        jnp.take(q, index, axis=0, mode="fill", fill_value=0),
+        q[d_pad:],
         k_pages,
         v_pages,
         meta.block_tables[d_pad:],
-        positions,  # padding: -1, a zero output (dropped)
+        meta.positions[d_pad:],
         window=sliding_window or 0,
+        starts=starts,
     )
-    return out.astype(q.dtype).reshape(p_pad, q_pad, *q.shape[1:])
+    return out.astype(q.dtype)
 
 
 def cpu_attention(q, k_pages, v_pages, meta: AttentionMetadata, sliding_window=None):

@@ -372,9 +372,14 @@ void prefill_heads(const float* q, const int32_t* pos, int64_t nq, const float* 
 // q[P * Q, N, H] (row r's queries at r * Q ..), pools [P_, L, K, H], tables[P, pages],
 // positions[P * Q] (-1: padding) -> out[P * Q, N, H]. Query i of row r sees keys 0..pos
 // (window > 0: only those at positions > pos - window).
+// Row r's queries are q[starts[r] .. starts[r + 1]) (starts i32[P + 1], nondecreasing, in
+// [0, T]): the flat prefill region of a ragged step as it is, chunks back to back, so the
+// caller neither gathers q into padded [P, Q] rows nor scatters the output back. Queries
+// outside every row get a zero output, as padding queries (position -1) do.
 ffi::Error PagedPrefillAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_pages,
                                      ffi::Buffer<ffi::F32> v_pages, ffi::Buffer<ffi::S32> tables,
-                                     ffi::Buffer<ffi::S32> positions, int64_t window,
+                                     ffi::Buffer<ffi::S32> positions,
+                                     ffi::Buffer<ffi::S32> starts, int64_t window,
                                      ffi::ResultBuffer<ffi::F32> out) {
   const auto qd = q.dimensions();
   const auto pd = k_pages.dimensions();
@@ -382,12 +387,22 @@ ffi::Error PagedPrefillAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F
   const auto td = tables.dimensions();
   if (const char* error = attention_shape_error(qd, pd, vd))
     return ffi::Error::InvalidArgument(std::string("paged prefill attention: ") + error);
-  if (td.size() != 2 || td[0] < 1 || qd[0] % td[0] != 0 || positions.dimensions().size() != 1 ||
-      positions.dimensions()[0] != qd[0])
+  if (td.size() != 2 || td[0] < 1 || positions.dimensions().size() != 1 ||
+      positions.dimensions()[0] != qd[0] || starts.dimensions().size() != 1 ||
+      starts.dimensions()[0] != td[0] + 1)
     return ffi::Error::InvalidArgument(
-        "paged prefill attention: expected q[P*Q,N,H], tables[P,pages], positions[P*Q]");
+        "paged prefill attention: expected q[T,N,H], tables[P,pages], positions[T], "
+        "starts[P+1]");
   const int64_t T = qd[0], N = qd[1], H = qd[2], L = pd[1], K = pd[2], P = td[0], pages = td[1];
-  const int64_t G = N / K, Q = T / P, blocks = (Q + kPrefillBlock - 1) / kPrefillBlock;
+  const int32_t* sp = starts.typed_data();
+  int64_t longest = 0;
+  for (int64_t r = 0; r < P; ++r) {
+    if (sp[r] < 0 || sp[r + 1] < sp[r] || sp[r + 1] > T)
+      return ffi::Error::InvalidArgument(
+          "paged prefill attention: starts must be nondecreasing within [0, T]");
+    longest = std::max<int64_t>(longest, sp[r + 1] - sp[r]);
+  }
+  const int64_t G = N / K, blocks = (longest + kPrefillBlock - 1) / kPrefillBlock;
   const float scale = 1.0f / std::sqrt(static_cast<float>(H));
   const float* qp = q.typed_data();
   const float* kp = k_pages.typed_data();
@@ -395,10 +410,15 @@ ffi::Error PagedPrefillAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F
   const int32_t* tp = tables.typed_data();
   const int32_t* pp = positions.typed_data();
   float* op = out->typed_data();
+  // Queries in no row: zero (the rows are back to back from starts[0] to starts[P]).
+  std::fill(op, op + sp[0] * N * H, 0.0f);
+  std::fill(op + sp[P] * N * H, op + T * N * H, 0.0f);
   // Later blocks see more keys: hand them out first, so the last tasks are the short ones.
   parallel_tiles(blocks * P * K, [=](int64_t t) {
     const int64_t b = blocks - 1 - t / (P * K), r = (t / K) % P, kh = t % K;
-    const int64_t i0 = r * Q + b * kPrefillBlock, nq = std::min(kPrefillBlock, Q - b * kPrefillBlock);
+    const int64_t i0 = sp[r] + b * kPrefillBlock;
+    const int64_t nq = std::min<int64_t>(kPrefillBlock, sp[r + 1] - i0);
+    if (nq <= 0) return;
     with_head_vectors<kAttnMaxDim / kLanes>(H / kLanes, [&](auto hv) {
       prefill_heads<decltype(hv)::value>(qp + i0 * N * H, pp + i0, nq, kp, vp, tp + r * pages,
                                          pages * L, window, K, kh, G, L, scale, op + i0 * N * H);
@@ -429,6 +449,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxInferPagedPrefillAttention, jax_infer::PagedPre
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Attr<int64_t>("window")

@@ -37,20 +37,29 @@ def paged_decode_attention(q, k_pages, v_pages, tables, kv_lens, positions, wind
     )
 
 
-def paged_prefill_attention(q, k_pages, v_pages, tables, positions, window: int = 0):
-    """Causal prefill rows: q f32[P * Q, N, H] holds row r's Q queries at r * Q.., read through
-    tables i32[P, pages]; positions i32[P * Q] (-1 for padding, whose output is zero). Query
-    at position p sees keys 0..p of its row (window > 0: those > p - window). Float pools
-    f32[P_, L, K, H] -> f32[P * Q, N, H]; each query's result equals `paged_decode_attention`
-    with kv_len = p + 1."""
+def paged_prefill_attention(q, k_pages, v_pages, tables, positions, window: int = 0, starts=None):
+    """Causal prefill rows: row r's queries are q[starts[r] .. starts[r + 1]) (q f32[T, N, H],
+    starts i32[P + 1] nondecreasing in [0, T]), read through tables i32[P, pages]; positions
+    i32[T] (-1 for padding, whose output is zero, as is any query outside every row). starts
+    None: T a multiple of P, row r's Q = T / P queries at r * Q. Query at position p sees keys
+    0..p of its row (window > 0: those > p - window). Float pools f32[P_, L, K, H] ->
+    f32[T, N, H]; each query's result equals `paged_decode_attention` with kv_len = p + 1."""
     _require()
-    if q.shape[0] % tables.shape[0]:
+    if starts is None:
+        if q.shape[0] % tables.shape[0]:
+            raise ValueError(
+                f"paged_prefill_attention: q has {q.shape[0]} queries, not a multiple of the "
+                f"{tables.shape[0]} table rows (give starts for rows of other lengths)"
+            )
+        per_row = q.shape[0] // tables.shape[0]
+        starts = np.arange(tables.shape[0] + 1, dtype=np.int32) * per_row
+    elif tuple(starts.shape) != (tables.shape[0] + 1,):
         raise ValueError(
-            f"paged_prefill_attention: q has {q.shape[0]} queries, not a multiple of the "
-            f"{tables.shape[0]} table rows"
+            f"paged_prefill_attention: starts has shape {tuple(starts.shape)}, expected "
+            f"({tables.shape[0] + 1},): one offset per table row and the end"
         )
     return _attention_call(
-        build.PREFILL_TARGET, q, k_pages, v_pages, tables, positions, window=window
+        build.PREFILL_TARGET, q, k_pages, v_pages, tables, positions, starts, window=window
     )
 
 
