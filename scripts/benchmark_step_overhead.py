@@ -71,7 +71,7 @@ def bare_step(llm: LLM, position: int, steps: int, fetch: bool) -> float:
     def run(n):
         nonlocal prev
         for _ in range(n):
-            res, runner.pool = forward_and_sample(
+            res, runner.pool, _ = forward_and_sample(
                 runner.params, tokens, meta, runner.pool, prev, src, dst, *inputs, **static
             )
             prev = res.token_ids
