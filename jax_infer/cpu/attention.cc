@@ -369,13 +369,12 @@ void prefill_heads(const float* q, const int32_t* pos, int64_t nq, const float* 
   ::operator delete(acc, std::align_val_t(alignof(vf)));
 }
 
-// q[P * Q, N, H] (row r's queries at r * Q ..), pools [P_, L, K, H], tables[P, pages],
-// positions[P * Q] (-1: padding) -> out[P * Q, N, H]. Query i of row r sees keys 0..pos
-// (window > 0: only those at positions > pos - window).
-// Row r's queries are q[starts[r] .. starts[r + 1]) (starts i32[P + 1], nondecreasing, in
-// [0, T]): the flat prefill region of a ragged step as it is, chunks back to back, so the
-// caller neither gathers q into padded [P, Q] rows nor scatters the output back. Queries
-// outside every row get a zero output, as padding queries (position -1) do.
+// q[T, N, H], pools [P_, L, K, H], tables[P, pages], positions[T] (-1: padding),
+// starts[P + 1] -> out[T, N, H]. Row r's queries are q[starts[r] .. starts[r + 1]) (starts
+// nondecreasing, in [0, T]): the flat prefill region of a ragged step as it is, chunks back
+// to back, so the caller neither gathers q into padded [P, Q] rows nor scatters the output
+// back. Query i of row r sees keys 0..pos (window > 0: only those at positions > pos -
+// window); queries outside every row get a zero output, as padding queries do.
 ffi::Error PagedPrefillAttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_pages,
                                      ffi::Buffer<ffi::F32> v_pages, ffi::Buffer<ffi::S32> tables,
                                      ffi::Buffer<ffi::S32> positions,
